@@ -1,0 +1,187 @@
+"""The one configuration schema of fxpasses, its validation and every source it is read from.
+
+Sources, in increasing priority: defaults < vllm-ascend environment switches (migration path) <
+vLLM `additional_config["fxpasses"]` < `FXPASSES_CONFIG` (inline JSON, or a path to a .json/.toml
+file) < explicit keyword arguments. `FXPASSES_DUMP_DIR` sets `dump_dir`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from fxpasses.errors import ConfigError
+
+log = logging.getLogger("fxpasses")
+
+STRATEGIES = ("flashcomm1", "flashcomm2", "otp", "mlp_tp")
+ALIASES = {"sp": "flashcomm1", "fc1": "flashcomm1", "sequence_parallel": "flashcomm1",
+           "fc2": "flashcomm2", "oproj_tp": "otp", "o_proj_tp": "otp", "mlp": "mlp_tp", "mlptp": "mlp_tp"}
+# strategies whose original graph is TP=1 per rank (DP attention) cannot share a graph with the
+# vanilla-TP strategies
+DP_STRATEGIES = ("otp", "mlp_tp")
+TP_STRATEGIES = ("flashcomm1", "flashcomm2")
+
+
+def parse_strategies(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'flashcomm1+flashcomm2' / ['sp'] -> ('flashcomm1', 'flashcomm2'), order canonical."""
+    items = spec.split("+") if isinstance(spec, str) else list(spec)
+    out = []
+    for raw in items:
+        name = str(raw).strip().lower().replace("-", "_")
+        if not name:
+            continue
+        name = ALIASES.get(name, name)
+        if name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {raw!r}; choose from {', '.join(STRATEGIES)} "
+                              f"(aliases {', '.join(sorted(ALIASES))}), combined with '+'")
+        if name not in out:
+            out.append(name)
+    return tuple(s for s in STRATEGIES if s in out)
+
+
+@dataclass(frozen=True)
+class FxPassesConfig:
+    """What to rewrite and how. See README "Configuration" for each key."""
+
+    strategies: tuple[str, ...] = ()
+    flashcomm2_oproj_tp_size: int = 1      # K of FlashComm2 (1 <= K < tp, K | tp)
+    otp_size: int = 0                      # K of o_proj TP (DP attention); 0 = world size
+    mlp_tp_size: int = 0                   # K of MLP TP (DP attention); 0 = world size
+    min_tokens: int = 0                    # apply only to graphs compiled for >= this many tokens
+    patterns: tuple[str, ...] = ("default",)  # pattern-set names shipped in the package, or file paths
+    strict: bool = False                   # raise instead of skipping a site / keeping the graph
+    dump_dir: str | None = None            # before/after graphs + site report, one folder per rank
+    module_prefix: str = "model"           # prefix of the compiled module (vLLM compiles `model.`)
+    check_token_counts: bool = False       # debug: check equal token counts across a group at run time
+
+    def __post_init__(self):
+        object.__setattr__(self, "strategies", parse_strategies(self.strategies))
+        object.__setattr__(self, "patterns", tuple(self.patterns) if not isinstance(self.patterns, str)
+                           else (self.patterns,))
+        for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size", "min_tokens"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{k} must be a non-negative integer, got {v!r}")
+        if self.flashcomm2_oproj_tp_size < 1:
+            raise ConfigError("flashcomm2_oproj_tp_size must be >= 1")
+        if set(self.strategies) & set(DP_STRATEGIES) and set(self.strategies) & set(TP_STRATEGIES):
+            raise ConfigError(f"strategies {'+'.join(self.strategies)} cannot be combined: otp/mlp_tp rewrite "
+                              "DP-attention graphs (TP=1 per rank), flashcomm1/flashcomm2 rewrite TP graphs; "
+                              "pick one family")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FxPassesConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown fxpasses config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["strategies"] = list(self.strategies)
+        d["patterns"] = list(self.patterns)
+        return d
+
+    def key(self) -> str:
+        """Stable text of every value (for cache keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **kw) -> "FxPassesConfig":
+        return replace(self, **kw)
+
+    def validate_for(self, tp: int, world: int | None = None) -> None:
+        """Raise ConfigError for a combination that cannot run at this tp / world size."""
+        world = world or tp
+        if not self.strategies:
+            return
+        if set(self.strategies) & set(TP_STRATEGIES) and tp <= 1:
+            raise ConfigError(f"{'+'.join(self.strategies)} needs tensor parallelism, but tp={tp}; "
+                              "run with tensor_parallel_size >= 2 or disable the strategy")
+        if "flashcomm2" in self.strategies:
+            k = self.flashcomm2_oproj_tp_size
+            if not (1 <= k < tp) or tp % k:
+                raise ConfigError(f"flashcomm2_oproj_tp_size={k} must divide tp={tp} and be smaller than it; "
+                                  f"valid values: {[d for d in range(1, tp) if tp % d == 0]}")
+        for key, name in (("otp_size", "otp"), ("mlp_tp_size", "mlp_tp")):
+            k = getattr(self, key) or world
+            if name in self.strategies and (k < 2 or world % k):
+                raise ConfigError(f"{key}={k} must be >= 2 and divide the world size {world}; "
+                                  f"valid values: {[d for d in range(2, world + 1) if world % d == 0]}")
+
+
+def _load_text_or_file(value: str, what: str) -> dict[str, Any]:
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what} is not valid JSON: {e}") from None
+    p = Path(value)
+    if not p.is_file():
+        raise ConfigError(f"{what}={value!r} is neither inline JSON nor an existing .json/.toml file")
+    if p.suffix == ".toml":
+        import tomllib
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+        return data.get("fxpasses", data)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is not valid JSON: {e}") from None
+
+
+def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str, Any] | None = None
+                         ) -> dict[str, Any]:
+    """Map vllm-ascend's switches onto fxpasses keys, logging each mapping."""
+    out: dict[str, Any] = {}
+    strategies: list[str] = []
+    if env.get("VLLM_ASCEND_ENABLE_FLASHCOMM1", "0") == "1":
+        strategies.append("flashcomm1")
+        log.info("fxpasses: VLLM_ASCEND_ENABLE_FLASHCOMM1=1 mapped to strategy flashcomm1")
+    fc2 = env.get("VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE", "0")
+    if fc2 not in ("", "0"):
+        try:
+            k = int(fc2)
+        except ValueError:
+            raise ConfigError(f"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE={fc2!r} is not an integer") from None
+        strategies.append("flashcomm2")
+        out["flashcomm2_oproj_tp_size"] = k
+        log.info("fxpasses: VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE=%d mapped to flashcomm2 with "
+                 "flashcomm2_oproj_tp_size=%d", k, k)
+    if env.get("VLLM_ASCEND_ENABLE_MLP_OPTIMIZE", "0") == "1":
+        strategies.append("mlp_tp")
+        log.info("fxpasses: VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1 mapped to strategy mlp_tp")
+    if additional_config and additional_config.get("oproj_tensor_parallel_size"):
+        k = int(additional_config["oproj_tensor_parallel_size"])
+        strategies.append("otp")
+        out["otp_size"] = k
+        log.info("fxpasses: additional_config.oproj_tensor_parallel_size=%d mapped to otp with otp_size=%d", k, k)
+    if strategies:
+        out["strategies"] = strategies
+    return out
+
+
+def load_config(additional_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                **overrides: Any) -> FxPassesConfig:
+    """Merge every source (see module docstring) into one validated FxPassesConfig."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    merged.update(ascend_env_overrides(env, additional_config))
+    if additional_config and "fxpasses" in additional_config:
+        sub = additional_config["fxpasses"]
+        if not isinstance(sub, Mapping):
+            raise ConfigError('additional_config["fxpasses"] must be a mapping of fxpasses keys')
+        merged.update(sub)
+    if env.get("FXPASSES_CONFIG"):
+        merged.update(_load_text_or_file(env["FXPASSES_CONFIG"], "FXPASSES_CONFIG"))
+    if env.get("FXPASSES_DUMP_DIR"):
+        merged["dump_dir"] = env["FXPASSES_DUMP_DIR"]
+    merged.update(overrides)
+    return FxPassesConfig.from_dict(merged)

@@ -1,0 +1,123 @@
+"""Real multi-process TP over gloo on CPU: a pool of rank processes that live as long as the pool.
+
+Each worker initialises vLLM's distributed state (`init_distributed_environment` +
+`initialize_model_parallel`) over gloo, inside a `VllmConfig` context, then serves calls
+`fn(state, *args)` where `fn` is an importable function and `state` a per-process dict for caches
+(captured graphs, models). `allreduce_form` picks the TP all-reduce the traced graphs contain:
+"c10d" (`_c10d_functional.all_reduce` + `wait_tensor`), "shm" (vLLM's CPU shared-memory
+`_C.shm_allreduce`) or "vllm" (`vllm.all_reduce` custom op, as on CUDA/NPU).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import uuid
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+ALLREDUCE_FORMS = ("c10d", "shm", "vllm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_vllm_tp(world: int, rank: int, port: int, tp: int | None = None, allreduce_form: str = "c10d",
+                 ident: str = "fxpasses"):
+    """Initialise vLLM's distributed environment on this process (gloo, CPU) and return the
+    entered `set_current_vllm_config` context (kept open for the process lifetime)."""
+    if allreduce_form not in ALLREDUCE_FORMS:
+        raise ValueError(f"allreduce_form must be one of {ALLREDUCE_FORMS}, got {allreduce_form!r}")
+    # same identity on all ranks -> vLLM's shared-memory all-reduce; distinct -> torch.distributed
+    os.environ["VLLM_DIST_IDENT"] = ident if allreduce_form == "shm" else f"{ident}-r{rank}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import get_tp_group
+
+    ctx = set_current_vllm_config(VllmConfig())
+    ctx.__enter__()
+    init_distributed_environment(world, rank, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=rank,
+                                 backend="gloo")
+    initialize_model_parallel(tensor_model_parallel_size=tp or world)
+    if allreduce_form == "vllm":
+        get_tp_group().use_custom_op_call = True
+    return ctx
+
+
+def _worker(rank: int, world: int, port: int, allreduce_form: str, ident: str, conn):
+    state: dict[str, Any] = {"rank": rank, "world": world, "allreduce_form": allreduce_form}
+    try:
+        state["vllm_ctx"] = init_vllm_tp(world, rank, port, allreduce_form=allreduce_form, ident=ident)
+        conn.send(("ok", None))
+    except BaseException:
+        conn.send(("err", traceback.format_exc()))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        fn, args, kwargs = msg
+        try:
+            conn.send(("ok", fn(state, *args, **kwargs)))
+        except BaseException as e:  # report, keep serving
+            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class RankError(RuntimeError):
+    pass
+
+
+class TPPool:
+    """`world` gloo ranks in spawned processes; `pool.run(fn, *args)` returns one result per rank."""
+
+    def __init__(self, world: int, allreduce_form: str = "c10d"):
+        self.world, self.allreduce_form = world, allreduce_form
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        ident = f"fxp-{uuid.uuid4().hex[:8]}"
+        self.conns, self.procs = [], []
+        for r in range(world):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(r, world, port, allreduce_form, ident, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        errs = [c.recv() for c in self.conns]
+        bad = [e for s, e in errs if s != "ok"]
+        if bad:
+            self.close()
+            raise RankError(f"rank initialisation failed:\n{bad[0]}")
+
+    def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
+        for c in self.conns:
+            c.send((fn, args, kwargs))
+        res = [c.recv() for c in self.conns]
+        errs = [(r, v) for r, (s, v) in enumerate(res) if s != "ok"]
+        if errs:
+            r, v = errs[0]
+            raise RankError(f"rank {r} failed: {v}")
+        return [v for _, v in res]
+
+    def close(self):
+        for c in self.conns:
+            try:
+                c.send(None)
+            except Exception:
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,33 @@
+"""Before/after artifacts of a pass run: graph code files and the site report per rank, plus
+`torch._logging.trace_structured` artifacts so TORCH_TRACE + tlparse show both graphs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.fx as fx
+from torch._logging import trace_structured
+
+from fxpasses.report import PassReport
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+def emit_trace(name: str, text: str) -> None:
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+                     payload_fn=lambda: text)
+
+
+def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, after: str,
+                tag: str = "graph") -> Path:
+    """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py, site_report.json/.txt; return the folder."""
+    out = Path(dump_dir) / f"rank{report.rank}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.before.py").write_text(before)
+    (out / f"{tag}.after.py").write_text(after)
+    (out / f"{tag}.site_report.json").write_text(report.to_json())
+    (out / "site_report.json").write_text(report.to_json())  # the latest graph of this rank
+    (out / "site_report.txt").write_text(report.to_text() + "\n")
+    return out

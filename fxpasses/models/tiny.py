@@ -1,0 +1,262 @@
+"""A dense decoder (Llama / Mistral / Qwen2 / Qwen3 shapes) built from real vLLM TP layers.
+
+VocabParallelEmbedding -> N x [RMSNorm, QKVParallelLinear, causal SDPA over the local heads,
+RowParallelLinear o_proj, fused-residual RMSNorm, MergedColumnParallelLinear gate_up + SiluAndMul,
+RowParallelLinear down_proj] -> final RMSNorm. Weights are random (seeded, identical on every rank
+before sharding), nothing is downloaded. Must be built after vLLM's model-parallel groups exist.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxpasses.errors import ConfigError
+
+BUNDLED_CONFIG = Path(__file__).with_name("tiny_llama.json")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The few fields of an HF config.json that shape a dense decoder."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "DecoderSpec":
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "vocab_size") if k not in cfg]
+        if missing:
+            raise ConfigError(f"model config lacks {missing}; a dense decoder config.json "
+                              "(Llama, Mistral, Qwen2, Qwen3) has them")
+        if cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"):
+            raise ConfigError("MoE configs are not supported by the tiny-model builder; "
+                              "give a dense decoder config")
+        mt = str(cfg.get("model_type", "llama"))
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            qkv_bias=attention_bias or mt == "qwen2",
+            o_proj_bias=attention_bias and mt not in ("qwen2", "qwen3"),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+            model_type=mt,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "DecoderSpec":
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"model config {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        return cls.from_hf_config(cfg)
+
+    def replace(self, **kw) -> "DecoderSpec":
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(kw)
+        return DecoderSpec(**d)
+
+    def check_tp(self, tp: int) -> None:
+        for name, val in (("num_attention_heads", self.num_attention_heads),
+                          ("intermediate_size", self.intermediate_size),
+                          ("vocab_size", self.vocab_size)):
+            if val % tp:
+                raise ConfigError(f"{name}={val} is not divisible by tp={tp}; choose a tp that divides it")
+        if self.num_key_value_heads % tp and tp % self.num_key_value_heads:
+            raise ConfigError(f"num_key_value_heads={self.num_key_value_heads} and tp={tp}: one must divide the other")
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, prefix: str):
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+        tp = get_tensor_model_parallel_world_size()
+        self.head_dim = spec.head_dim
+        self.num_heads = spec.num_attention_heads // tp
+        self.num_kv_heads = max(1, spec.num_key_value_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_attention_heads,
+                                          spec.num_key_value_heads, bias=spec.qkv_bias,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(spec.num_attention_heads * spec.head_dim, spec.hidden_size,
+                                        bias=spec.o_proj_bias, prefix=f"{prefix}.o_proj")
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, eps=spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, eps=spec.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=True,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = out.transpose(0, 1).reshape(t, self.q_size)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.activation import SiluAndMul
+        from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2,
+                                                       bias=spec.mlp_bias, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias,
+                                           prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(gate_up))
+        return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.layernorm import RMSNorm
+
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
+        self.self_attn = Attention(spec, prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
+        self.mlp = MLP(spec, prefix=f"{prefix}.mlp")
+
+    def forward(self, hidden, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class TinyDecoder(nn.Module):
+    """The compiled module (vLLM's `model.`): input ids [T] -> final hidden states [T, H]."""
+
+    prefix = "model"
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        self.spec = spec
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size,
+                                                   prefix=f"{self.prefix}.embed_tokens")
+        self.layers = nn.ModuleList(DecoderLayer(spec, f"{self.prefix}.layers.{i}")
+                                    for i in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+def _plain_linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                       pack_weights: bool = False) -> TinyDecoder:
+    """Build the model on this rank with seeded full weights sharded exactly as vLLM's loaders do.
+
+    pack_weights=False keeps each linear an ATen matmul with a visible weight; True applies vLLM's
+    CPU GEMM dispatch (oneDNN packing) as the real engine does, hiding the weight in `_C.onednn_mm`.
+    """
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    spec.check_tp(get_tensor_model_parallel_world_size())
+    with torch.device("cpu"):
+        model = TinyDecoder(spec).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    h, hd = spec.hidden_size, spec.head_dim
+
+    def rnd(*shape, scale=None):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
+
+    def load(param, full, *shard_id):
+        loader = getattr(param, "weight_loader")
+        loader(param, full, *shard_id)
+
+    load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
+    for layer in model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
+                           ("v", spec.num_key_value_heads * hd)):
+            load(att.qkv_proj.weight, rnd(rows, h), name)
+            if spec.qkv_bias:
+                load(att.qkv_proj.bias, rnd(rows, scale=0.1), name)
+        load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
+        if spec.o_proj_bias:
+            load(att.o_proj.bias, rnd(h, scale=0.1))
+        for i in range(2):
+            load(mlp.gate_up_proj.weight, rnd(spec.intermediate_size, h), i)
+            if spec.mlp_bias:
+                load(mlp.gate_up_proj.bias, rnd(spec.intermediate_size, scale=0.1), i)
+        load(mlp.down_proj.weight, rnd(h, spec.intermediate_size))
+        if spec.mlp_bias:
+            load(mlp.down_proj.bias, rnd(h, scale=0.1))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
+        if spec.qk_norm:
+            att.q_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
+            att.k_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
+    model.norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
+
+    for mod in model.modules():
+        if hasattr(mod, "quant_method") and hasattr(mod, "weight") and mod.weight.ndim == 2 \
+                and not hasattr(mod, "num_embeddings_padded"):
+            if pack_weights:
+                mod.quant_method.process_weights_after_loading(mod)
+            else:
+                mod.cpu_linear = _plain_linear
+    return model.eval()

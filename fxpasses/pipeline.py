@@ -1,0 +1,157 @@
+"""The pass pipeline: find sites -> plan -> rewrite -> propagate -> verify, transactionally.
+
+`run_passes(graph, config, ctx)` is the one entry point (used by the vLLM pass, the CLI and the
+tests). The rewrite happens on a copy of the graph; only a copy that verifies replaces the
+original, so a failure leaves the graph exactly as it was (and, with `strict`, raises).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch.fx as fx
+
+from fxpasses import dump as dumps
+from fxpasses import graph_forms as gf
+from fxpasses.comm import CommBackend
+from fxpasses.config import FxPassesConfig
+from fxpasses.context import TPContext
+from fxpasses.errors import FxPassesError, RewriteError, VerificationError
+from fxpasses.patterns_loader import PatternSet, load_patterns
+from fxpasses.plan import plan_sites
+from fxpasses.report import PassReport, collective_counts
+from fxpasses.rewriter import LayoutRewriter
+from fxpasses.sites import find_sites
+from fxpasses.strategies import flashcomm1
+from fxpasses.verify import check_fingerprint_across_ranks, output_signature, verify
+
+log = logging.getLogger("fxpasses")
+_graph_ids = itertools.count()
+
+STRATEGY_MODULES = {"flashcomm1": flashcomm1}
+
+
+def copy_graph(graph: fx.Graph, owning_module=None) -> fx.Graph:
+    g = fx.Graph(owning_module=owning_module)
+    out = g.graph_copy(graph, {})
+    g.output(out)
+    return g
+
+
+def replace_graph_contents(dst: fx.Graph, src: fx.Graph) -> None:
+    """Make `dst` (the object Inductor holds) contain `src`'s nodes."""
+    for n in reversed(list(dst.nodes)):
+        dst.erase_node(n)
+    out = dst.graph_copy(src, {})
+    dst.output(out)
+
+
+def _token_count(plans, rw_probe_T=None):
+    """The token count T: dim 0 of the first row/embedding site's all-reduced tensor."""
+    for p in plans:
+        ar = p.site.all_reduce
+        if p.strategy and ar is not None:
+            v = gf.val(ar.input)
+            if v is not None and v.dim() >= 1:
+                return v.shape[0]
+    return None
+
+
+def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
+               patterns: PatternSet | None = None, cross_rank_check: bool = False,
+               tag: str | None = None) -> PassReport:
+    t0 = time.perf_counter()
+    report = PassReport(ctx.rank, ctx.tp, list(config.strategies))
+    gm = graph.owning_module
+    before_counts = collective_counts(graph)
+    report.before = report.after = before_counts
+    timings = report.extra.setdefault("timings_ms", {})
+
+    def done(reason: str = "") -> PassReport:
+        report.reason = reason or report.reason
+        timings["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        log.info("%s", report.to_text().splitlines()[0] + (f" | {report.diff}" if report.applied else ""))
+        return report
+
+    if not config.strategies:
+        return done("no strategy enabled")
+    tp_strats = [s for s in config.strategies if s in STRATEGY_MODULES]
+    if not tp_strats:
+        return done(f"strategies {config.strategies} are not implemented in this version")
+    if ctx.tp < 2 or ctx.tp_group is None:
+        return done(f"tp={ctx.tp}: nothing to rewrite")
+
+    patterns = patterns or load_patterns(config.patterns)
+    t = time.perf_counter()
+    work = copy_graph(graph, gm)
+    sites = find_sites(work, patterns, config.module_prefix)
+    timings["find_sites"] = round((time.perf_counter() - t) * 1e3, 3)
+    t = time.perf_counter()
+    plans = plan_sites(sites, config, patterns)
+    report.sites = plans
+    timings["plan"] = round((time.perf_counter() - t) * 1e3, 3)
+    if not any(p.strategy for p in plans):
+        return done("no site is owned by an enabled strategy" if sites else "the graph has no linear sites")
+
+    T = _token_count(plans)
+    if T is None:
+        return done("no owned site has a TP all-reduce; nothing to rewrite")
+    if config.min_tokens and isinstance(T, int) and T < config.min_tokens:
+        for p in plans:
+            if p.strategy:
+                p.status, p.reason = "skipped", f"graph compiled for {T} tokens < min_tokens={config.min_tokens}"
+        return done(f"graph compiled for {T} tokens < min_tokens={config.min_tokens}")
+
+    forms = {p.site.all_reduce.form for p in plans if p.site.all_reduce is not None}
+    comm = CommBackend.for_forms(forms)
+    before_sig = output_signature(graph)
+    try:
+        t = time.perf_counter()
+        rw = LayoutRewriter(work, ctx.tp_group, ctx.rank, comm, T)
+        for name in tp_strats:
+            STRATEGY_MODULES[name].rewrite(rw, plans, ctx)
+        rw.propagate()
+        work.eliminate_dead_code()
+        timings["rewrite"] = round((time.perf_counter() - t) * 1e3, 3)
+        if not any(p.status == "rewritten" for p in plans):
+            return done("every owned site was skipped")
+        t = time.perf_counter()
+        work_gm = fx.GraphModule(gm if gm is not None else {}, work)
+        ver = verify(work_gm, rw, before_sig)
+        timings["verify"] = round((time.perf_counter() - t) * 1e3, 3)
+        if cross_rank_check:
+            check_fingerprint_across_ranks(ver.digest)
+    except FxPassesError as e:
+        for p in plans:
+            if p.status == "rewritten":
+                p.status, p.reason = "skipped", f"graph kept unchanged: {e}"
+        if config.strict:
+            raise
+        return done(f"rewrite abandoned, original graph kept: {e}")
+    except Exception as e:  # an unexpected failure must not leave a half-rewritten graph either
+        if config.strict:
+            raise RewriteError(f"rewrite failed: {type(e).__name__}: {e}") from e
+        log.exception("fxpasses: rewrite failed; original graph kept")
+        return done(f"rewrite failed, original graph kept: {type(e).__name__}: {e}")
+    if config.strict:
+        skipped = [p for p in plans if p.status == "skipped"]
+        if skipped:
+            raise RewriteError("strict mode: sites could not be rewritten: " +
+                               "; ".join(f"{p.site.prefix}: {p.reason}" for p in skipped))
+
+    before_text = dumps.graph_text(gm) if (config.dump_dir and gm is not None) else ""
+    replace_graph_contents(graph, work)
+    if gm is not None:
+        gm.recompile()
+    report.applied = True
+    report.after = collective_counts(graph)
+    report.fingerprint, report.digest = ver.fingerprint, ver.digest
+    gid = tag or f"graph{next(_graph_ids)}"
+    if gm is not None:
+        after_text = dumps.graph_text(gm)
+        dumps.emit_trace(f"fxpasses_{gid}_rank{ctx.rank}_before", before_text or "")
+        dumps.emit_trace(f"fxpasses_{gid}_rank{ctx.rank}_after", after_text)
+        if config.dump_dir:
+            dumps.write_dumps(config.dump_dir, report, before_text, after_text, gid)
+    return done()

@@ -1,0 +1,169 @@
+"""The layout rewriter: materialise layout changes as explicit nodes and propagate Shard0.
+
+Strategies call `to_shard0_from_partial` (pad + reduce_scatter), `gather` (all_gather + unpad,
+once per value), `local_shard` (pad + this rank's slice, no communication) and `mark_shard0`;
+then `propagate()` walks the graph once: a node with a Shard0 input runs sharded when the
+token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
+Replicate inputs (gathered once per value). Graph outputs always get Replicate. Padding is
+symbolic: T_pad = T + ((-T) mod n) computed from the graph's own token count.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxpasses import graph_forms as gf
+from fxpasses import layouts
+from fxpasses.comm import CommBackend
+from fxpasses.context import GroupRef
+from fxpasses.errors import RewriteError
+from fxpasses.tokenwise import shape_arg_fix, token_aligned_args
+
+aten = torch.ops.aten
+
+
+def _tag(node: fx.Node, role: str) -> fx.Node:
+    node.meta.setdefault("fxpasses", {})["role"] = role
+    return node
+
+
+class LayoutRewriter:
+    def __init__(self, graph: fx.Graph, group: GroupRef, rank_in_group: int, comm: CommBackend,
+                 token_count):
+        self.graph, self.group, self.rank, self.comm = graph, group, rank_in_group, comm
+        self.n = group.size
+        self.T = token_count                 # int or SymInt of the original graph
+        self._T_node: fx.Node | int | None = None
+        self.layout: dict[fx.Node, object] = {}
+        self._gathered: dict[fx.Node, fx.Node] = {}
+        self._local: dict[fx.Node, fx.Node] = {}
+        self.force_replicate: set[fx.Node] = set()
+        self.created: list[fx.Node] = []
+
+    # ---- token count -------------------------------------------------------------------------
+    def is_token(self, n) -> bool:
+        v = gf.val(n)
+        return isinstance(v, torch.Tensor) and v.dim() >= 1 and gf.same_size(v.shape[0], self.T)
+
+    def token_count_node(self):
+        """A graph value holding T (an int when static), defined right after the placeholders."""
+        if self._T_node is not None:
+            return self._T_node
+        if not isinstance(self.T, torch.SymInt):
+            self._T_node = int(self.T)
+            return self._T_node
+        phs = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for ph in phs:
+            v = gf.val(ph)
+            if isinstance(v, torch.SymInt) and gf.same_size(v, self.T):
+                self._T_node = ph
+                return ph
+        src = next((ph for ph in phs if self.is_token(ph)), None)
+        if src is None:
+            raise RewriteError("cannot recover the token count from the graph inputs (no input has a "
+                               "token-sized dim 0); the graph cannot be padded symbolically")
+        with self.graph.inserting_before(phs[-1].next):
+            self._T_node = self._new(self.graph.call_function(aten.sym_size.int, (src, 0)), "token_count")
+        return self._T_node
+
+    def _new(self, node: fx.Node, role: str) -> fx.Node:
+        self.created.append(node)
+        return _tag(node, role)
+
+    def _sym(self, fn, *args, role="sym"):
+        if not any(isinstance(a, fx.Node) for a in args):
+            return fn(*args)
+        return self._new(self.graph.call_function(fn, args), role)
+
+    def padded_count(self):
+        t = self.token_count_node()
+        pad = self._sym(operator.mod, self._sym(operator.neg, t), self.n)
+        return pad, self._sym(operator.add, t, pad)
+
+    # ---- primitive layout changes (insert right after `value`) --------------------------------
+    def _pad(self, x: fx.Node) -> fx.Node:
+        pad, _ = self.padded_count()
+        nd = gf.val(x).dim()
+        return self._new(self.graph.call_function(aten.constant_pad_nd.default,
+                                                  (x, [0, 0] * (nd - 1) + [0, pad], 0.0)), "pad")
+
+    def to_shard0_from_partial(self, partial: fx.Node) -> fx.Node:
+        """Partial -> Shard0: pad + reduce_scatter."""
+        with self.graph.inserting_before(partial.next):
+            padded = self._pad(partial)
+        with self.graph.inserting_before(padded.next):
+            rs = self.comm.reduce_scatter(self.graph, padded, self.group)
+        self._record_collective(padded, rs)
+        self.layout[rs] = layouts.SHARD0
+        return rs
+
+    def _record_collective(self, first: fx.Node, last: fx.Node) -> None:
+        n = first.next
+        while True:
+            if n not in self.created:
+                self.created.append(n)
+            if n is last:
+                break
+            n = n.next
+
+    def gather(self, value: fx.Node) -> fx.Node:
+        """Shard0 -> Replicate: all_gather + unpad (slice to T rows). Once per value."""
+        if value in self._gathered:
+            return self._gathered[value]
+        t = self.token_count_node()
+        with self.graph.inserting_before(value.next):
+            ag = self.comm.all_gather(self.graph, value, self.group)
+        self._record_collective(value, ag)
+        with self.graph.inserting_before(ag.next):
+            out = self._new(self.graph.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
+        self.layout[out] = layouts.REPLICATE
+        self._gathered[value] = out
+        return out
+
+    def local_shard(self, value: fx.Node) -> fx.Node:
+        """Replicate -> Shard0 without communication: pad + this rank's chunk. Once per value."""
+        if value in self._local:
+            return self._local[value]
+        with self.graph.inserting_before(value.next):
+            padded = self._pad(value)
+        with self.graph.inserting_before(padded.next):
+            _, tpad = self.padded_count()
+            chunk = self._sym(operator.floordiv, tpad, self.n)
+            start = self._sym(operator.mul, chunk, self.rank)
+            out = self._new(self.graph.call_function(aten.narrow.default, (padded, 0, start, chunk)),
+                            "local_shard")
+        self.layout[out] = layouts.SHARD0
+        self._local[value] = out
+        return out
+
+    # ---- propagation -------------------------------------------------------------------------
+    def propagate(self) -> None:
+        created = set(self.created)
+        for node in list(self.graph.nodes):
+            if node in created or node.meta.get("fxpasses", {}).get("role"):
+                continue
+            sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
+            if not sharded:
+                continue
+            if node.op == "output":
+                self._replicate_inputs(node, sharded)
+                continue
+            if gf.op_name(node) == "aten::sym_size" and node.args[1] == 0:
+                node.replace_all_uses_with(self.token_count_node())
+                continue
+            aligned = None if node in self.force_replicate else token_aligned_args(node, self.is_token)
+            if aligned is None or not set(sharded) <= set(aligned):
+                self._replicate_inputs(node, sharded)
+                continue
+            for a in aligned:
+                if self.layout.get(a) is not layouts.SHARD0:
+                    node.replace_input_with(a, self.local_shard(a))
+            shape_arg_fix(node)
+            self.layout[node] = layouts.SHARD0
+            created = set(self.created)
+
+    def _replicate_inputs(self, node: fx.Node, sharded: list[fx.Node]) -> None:
+        for a in sharded:
+            node.replace_input_with(a, self.gather(a))

