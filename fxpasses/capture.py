@@ -41,6 +41,7 @@ class _Capture:
         self.graphs: list[fx.GraphModule] = []
         self.originals: list[fx.GraphModule] = []
         self.use_original = False  # run the untouched post-grad graphs instead of the rewritten ones
+        self.first_args: list[Any] | None = None  # AOT's flat runtime args of the first call
 
     def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
         from torch._dynamo.backends.common import aot_autograd
@@ -64,6 +65,8 @@ class _Capture:
             self.graphs.append(fgm)
 
             def run(*a):
+                if self.first_args is None:
+                    self.first_args = list(a)
                 return (original if self.use_original else fgm)(*a)
 
             run._boxed_call = False
@@ -82,3 +85,19 @@ def compile_with_pass(module: torch.nn.Module, on_graph: Callable[[fx.GraphModul
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=cap.backend, dynamic=dynamic, fullgraph=True)
     return compiled, cap
+
+
+def rebind_token_args(first_args: list[Any], tokens0: torch.Tensor, tokens: torch.Tensor) -> list[Any]:
+    """AOT's flat args of a first call with token tensor `tokens0`, re-bound to `tokens`: the token
+    tensor is swapped and every int equal to the old token count (the symbolic size) replaced."""
+    t0, t = tokens0.shape[0], tokens.shape[0]
+    out = []
+    for a in first_args:
+        if a is tokens0 or (isinstance(a, torch.Tensor) and a.dtype == tokens0.dtype and a.shape == tokens0.shape
+                            and torch.equal(a, tokens0)):
+            out.append(tokens)
+        elif isinstance(a, int) and not isinstance(a, bool) and a == t0:
+            out.append(t)
+        else:
+            out.append(a)
+    return out

@@ -43,6 +43,7 @@ def replace_graph_contents(dst: fx.Graph, src: fx.Graph) -> None:
     """Make `dst` (the object Inductor holds) contain `src`'s nodes."""
     for n in reversed(list(dst.nodes)):
         dst.erase_node(n)
+    dst._graph_namespace = type(dst._graph_namespace)()  # reuse the original node names
     out = dst.graph_copy(src, {})
     dst.output(out)
 

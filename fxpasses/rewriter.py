@@ -41,11 +41,20 @@ class LayoutRewriter:
         self._local: dict[fx.Node, fx.Node] = {}
         self.force_replicate: set[fx.Node] = set()
         self.created: list[fx.Node] = []
+        self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
 
     # ---- token count -------------------------------------------------------------------------
     def is_token(self, n) -> bool:
+        if n in self.layout:  # created or re-laid-out by us: token-major by construction
+            return True
         v = gf.val(n)
         return isinstance(v, torch.Tensor) and v.dim() >= 1 and gf.same_size(v.shape[0], self.T)
+
+    def ndim(self, n) -> int | None:
+        if n in self._ndim:
+            return self._ndim[n]
+        v = gf.val(n)
+        return v.dim() if isinstance(v, torch.Tensor) else None
 
     def token_count_node(self):
         """A graph value holding T (an int when static), defined right after the placeholders."""
@@ -85,7 +94,7 @@ class LayoutRewriter:
     # ---- primitive layout changes (insert right after `value`) --------------------------------
     def _pad(self, x: fx.Node) -> fx.Node:
         pad, _ = self.padded_count()
-        nd = gf.val(x).dim()
+        nd = self.ndim(x)
         return self._new(self.graph.call_function(aten.constant_pad_nd.default,
                                                   (x, [0, 0] * (nd - 1) + [0, pad], 0.0)), "pad")
 
@@ -97,6 +106,7 @@ class LayoutRewriter:
             rs = self.comm.reduce_scatter(self.graph, padded, self.group)
         self._record_collective(padded, rs)
         self.layout[rs] = layouts.SHARD0
+        self._ndim[rs] = self.ndim(partial)
         return rs
 
     def _record_collective(self, first: fx.Node, last: fx.Node) -> None:
@@ -119,6 +129,7 @@ class LayoutRewriter:
         with self.graph.inserting_before(ag.next):
             out = self._new(self.graph.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
         self.layout[out] = layouts.REPLICATE
+        self._ndim[out] = self.ndim(value)
         self._gathered[value] = out
         return out
 
@@ -135,6 +146,7 @@ class LayoutRewriter:
             out = self._new(self.graph.call_function(aten.narrow.default, (padded, 0, start, chunk)),
                             "local_shard")
         self.layout[out] = layouts.SHARD0
+        self._ndim[out] = self.ndim(value)
         self._local[value] = out
         return out
 
@@ -153,7 +165,7 @@ class LayoutRewriter:
             if gf.op_name(node) == "aten::sym_size" and node.args[1] == 0:
                 node.replace_all_uses_with(self.token_count_node())
                 continue
-            aligned = None if node in self.force_replicate else token_aligned_args(node, self.is_token)
+            aligned = None if node in self.force_replicate else token_aligned_args(node, self.is_token, self.ndim)
             if aligned is None or not set(sharded) <= set(aligned):
                 self._replicate_inputs(node, sharded)
                 continue

@@ -43,7 +43,7 @@ def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def _ndim(n) -> int | None:
+def _val_ndim(n) -> int | None:
     v = gf.val(n)
     return v.dim() if isinstance(v, torch.Tensor) else None
 
@@ -55,10 +55,10 @@ def _out_val(node: fx.Node):
     return v
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
+def _tensor_args(node: fx.Node, ndim) -> list[fx.Node]:
     args = node.args[1:] if gf.is_auto_functionalized(node) else node.args
     flat, _ = tree_flatten((args, node.kwargs))
-    return [a for a in flat if isinstance(a, fx.Node) and gf.is_tensor_node(a)]
+    return [a for a in flat if isinstance(a, fx.Node) and ndim(a) is not None]
 
 
 def _dim_arg(node: fx.Node, pos: int, name: str, default=None):
@@ -67,8 +67,13 @@ def _dim_arg(node: fx.Node, pos: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool]) -> list[fx.Node] | None:
-    """Inputs whose dim 0 is the token dim if `node` is token-wise; None if it is not."""
+def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool],
+                       ndim: Callable[[fx.Node], int | None] = _val_ndim) -> list[fx.Node] | None:
+    """Inputs whose dim 0 is the token dim if `node` is token-wise; None if it is not.
+
+    `is_token(n)`: n's dim 0 is the token dim; `ndim(n)`: n's rank (None for non-tensors). Both
+    come from the rewriter, which knows them for the nodes it created (no fake value yet)."""
+    _ndim = ndim
     if node.op != "call_function":
         return None
     if gf.is_getitem(node):
@@ -77,24 +82,22 @@ def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool]) -> li
     target = node.args[0] if gf.is_auto_functionalized(node) else node.target
     ns, _, short = name.partition("::")
     if ns in CUSTOM_NAMESPACES and short.endswith(CUSTOM_TOKENWISE_SUFFIXES):
-        return [a for a in _tensor_args(node) if is_token(a)]
+        return [a for a in _tensor_args(node, ndim) if is_token(a)]
     out = _out_val(node)
     if not isinstance(out, torch.Tensor) or out.dim() == 0:
         return None
     x = node.args[0] if node.args else None
     if isinstance(target, torch._ops.OpOverload) and (torch.Tag.pointwise in target.tags or name in COPY_LIKE):
         aligned = []
-        for a in _tensor_args(node):
+        for a in _tensor_args(node, ndim):
             if _ndim(a) == out.dim() and is_token(a):
                 aligned.append(a)
             elif is_token(a):  # token dim broadcast into another position
                 return None
         return aligned
     if name in VIEW_LIKE:
-        xv = gf.val(x)
-        if isinstance(xv, torch.Tensor) and xv.dim() >= 1 and is_token(x) and gf.same_size(out.shape[0], xv.shape[0]):
-            return [x]
-        return None
+        # a row-major view keeps rows iff dim 0 is the token count before and after
+        return [x] if is_token(x) and is_token(node) else None
     if name == "aten::permute":
         return [x] if _norm_dim(node.args[1][0], out.dim()) == 0 else None
     if name == "aten::transpose":
@@ -141,7 +144,7 @@ def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool]) -> li
     if name == "aten::embedding":
         return [node.args[1]]
     if name.endswith("onednn_mm") and gf.is_auto_functionalized(node):
-        return [a for a in _tensor_args(node) if is_token(a)]
+        return [a for a in _tensor_args(node, ndim) if is_token(a)]
     return None
 
 

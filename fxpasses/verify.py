@@ -116,10 +116,12 @@ def _sym_equal(a, b) -> bool:
 def check_fingerprint_across_ranks(digest: str, group=None) -> None:
     """Raise unless every rank of `group` produced the same collective fingerprint."""
     import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     world = dist.get_world_size(group)
     got: list = [None] * world
-    dist.all_gather_object(got, digest, group=group)
+    with unset_fake_temporarily():  # the pass runs inside the compiler's fake mode
+        dist.all_gather_object(got, digest, group=group)
     if len(set(got)) != 1:
         raise VerificationError(f"collective sequences differ across ranks: {got}; a rank would wait on a "
                                 "collective another rank never issues")

@@ -16,6 +16,7 @@ if ! .venv/bin/python -c "import vllm, torch, hypothesis, pytest" >/dev/null 2>&
     "transformers>=5.16.1,<5.20" aiohttp "requests>=2.33" oss-harmony openai pillow pybase64 \
     cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client "fastapi>=0.133,<0.137" \
     partial_json_parser "llguidance>=1.7,<1.8" einops "compressed-tensors==0.17.0" apache-tvm-ffi \
-    hypothesis pytest tomli "torch==2.13.0"
+    hypothesis pytest "torch==2.13.0"
 fi
-$PIP install -q --no-deps --no-build-isolation -e . 2>/dev/null || $PIP install -q --no-deps -e .
+$PIP install -q --no-deps -e . >/dev/null 2>&1 || $PIP install --no-deps -e .
+.venv/bin/python -c "import fxpasses.cli"  # fails loudly if the editable install did not work

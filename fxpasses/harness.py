@@ -1,0 +1,83 @@
+"""Equivalence harness: trace a model once per shape on every rank, rewrite it, and compare the
+rewritten graph with the original graph on the same weights and inputs for many token counts.
+
+Functions named `rank_*` run inside `TPPool` workers (`pool.run(rank_capture, ...)`); they keep
+their captured graphs in the worker's state, so one capture (with a symbolic token count) serves
+every token count that follows. Used by the demo, the `fxpasses dump` CLI and the tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from fxpasses.capture import compile_with_pass, rebind_token_args
+from fxpasses.config import FxPassesConfig
+from fxpasses.context import TPContext
+from fxpasses.dump import graph_text
+from fxpasses.models.tiny import DecoderSpec, build_tiny_decoder
+from fxpasses.pipeline import run_passes
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def capture_key(spec: dict, config: dict, dtype: str, pack: bool) -> str:
+    return hashlib.sha1(json.dumps([spec, config, dtype, pack], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(seed * 7919 + T))
+
+
+def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", pack: bool = False,
+                 first_tokens: int = 7, seed: int = 0) -> dict[str, Any]:
+    """Build the model on this rank, compile it once with the pass, return the report and graphs."""
+    key = capture_key(spec, config, dtype, pack)
+    cache = state.setdefault("captures", {})
+    if key in cache:
+        return cache[key]["summary"]
+    ds = DecoderSpec(**spec)
+    cfg = FxPassesConfig.from_dict(config)
+    model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed, pack_weights=pack)
+    ctx = TPContext.from_vllm()
+    reports = []
+    compiled, cap = compile_with_pass(model, lambda g: reports.append(
+        run_passes(g, cfg, ctx, cross_rank_check=True, tag=f"graph{len(reports)}")))
+    ids0 = _tokens(first_tokens, ds.vocab_size, seed)
+    torch._dynamo.mark_dynamic(ids0, 0)
+    with torch.no_grad():
+        compiled(ids0)
+    if len(cap.graphs) != 1:
+        raise RuntimeError(f"expected one captured graph, got {len(cap.graphs)} (graph breaks?)")
+    summary = {"key": key, "report": reports[0].to_dict(), "before": graph_text(cap.originals[0]),
+               "after": graph_text(cap.graphs[0])}
+    cache[key] = {"cap": cap, "ids0": ids0, "spec": ds, "summary": summary}
+    return summary
+
+
+def rank_compare(state: dict, key: str, token_counts: list[int], seed: int = 0) -> list[dict[str, float]]:
+    """Run original and rewritten graphs on the same inputs for each token count."""
+    entry = state["captures"][key]
+    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
+    out = []
+    with torch.no_grad():
+        for T in token_counts:
+            ids = _tokens(T, ds.vocab_size, seed)
+            args = rebind_token_args(cap.first_args, ids0, ids)
+            ref = cap.originals[0](*list(args))
+            new = cap.graphs[0](*list(args))
+            ref, new = ref[0], new[0]
+            if ref.shape != new.shape:
+                out.append({"T": T, "shape_ok": False, "max_abs": float("inf"), "rel": float("inf")})
+                continue
+            diff = (new.double() - ref.double()).abs().max().item()
+            scale = ref.double().abs().max().item() or 1.0
+            out.append({"T": T, "shape_ok": True, "max_abs": diff, "rel": diff / scale})
+    return out
+
+
+def rank_drop(state: dict, key: str) -> None:
+    state.get("captures", {}).pop(key, None)
+    torch._dynamo.reset()

@@ -1,0 +1,35 @@
+"""Shared fixtures: one gloo TP pool per (world, all-reduce form), alive for the whole session
+(spawning ranks or re-compiling per example would not fit 2 cores), and the hypothesis profile."""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=list(HealthCheck))
+settings.register_profile("dev", deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class Pools:
+    def __init__(self):
+        self._pools = {}
+
+    def get(self, world: int, form: str = "c10d"):
+        from fxpasses.distributed import TPPool
+
+        key = (world, form)
+        if key not in self._pools:
+            self._pools[key] = TPPool(world, form)
+        return self._pools[key]
+
+    def close(self):
+        for p in self._pools.values():
+            p.close()
+
+
+@pytest.fixture(scope="session")
+def pools():
+    p = Pools()
+    yield p
+    p.close()

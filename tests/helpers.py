@@ -1,0 +1,18 @@
+"""Small shared helpers for the tests (model specs, running a capture on a pool)."""
+import dataclasses
+
+from fxpasses.harness import rank_capture, rank_compare
+from fxpasses.models.tiny import BUNDLED_CONFIG, DecoderSpec
+
+
+def bundled_spec(**kw) -> dict:
+    return dataclasses.asdict(DecoderSpec.from_file(BUNDLED_CONFIG).replace(**kw))
+
+
+def capture(pool, spec: dict, strategies=("flashcomm1",), dtype="float64", pack=False, **cfg):
+    config = {"strategies": list(strategies), **cfg}
+    return pool.run(rank_capture, spec, config, dtype, pack)
+
+
+def compare(pool, summaries, tokens):
+    return pool.run(rank_compare, summaries[0]["key"], list(tokens))
