@@ -7,6 +7,7 @@ other collectives, and the module-stack -> vLLM prefix translation.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ def match_all_reduce(node: fx.Node) -> AllReduce | None:
 _INDEX_RE = re.compile(r"\[(\d+)\]")
 
 
+@functools.lru_cache(maxsize=65536)
 def module_path(stack_entry_path: str) -> str:
     """Dynamo's module path -> dotted attribute path.
 

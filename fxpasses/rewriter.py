@@ -42,6 +42,7 @@ class LayoutRewriter:
         self.force_replicate: set[fx.Node] = set()
         self.created: list[fx.Node] = []
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
+        self.touched: set[fx.Node] = set()    # original nodes whose inputs/args a rewrite changed
 
     # ---- token count -------------------------------------------------------------------------
     def is_token(self, n) -> bool:
@@ -163,6 +164,8 @@ class LayoutRewriter:
                 self._replicate_inputs(node, sharded)
                 continue
             if gf.op_name(node) == "aten::sym_size" and node.args[1] == 0:
+                for u in list(node.users):
+                    self.touched.add(u)
                 node.replace_all_uses_with(self.token_count_node())
                 continue
             aligned = None if node in self.force_replicate else token_aligned_args(node, self.is_token, self.ndim)
@@ -172,6 +175,7 @@ class LayoutRewriter:
             for a in aligned:
                 if self.layout.get(a) is not layouts.SHARD0:
                     node.replace_input_with(a, self.local_shard(a))
+                    self.touched.add(node)
             shape_arg_fix(node)
             self.layout[node] = layouts.SHARD0
             created = set(self.created)
@@ -179,3 +183,8 @@ class LayoutRewriter:
     def _replicate_inputs(self, node: fx.Node, sharded: list[fx.Node]) -> None:
         for a in sharded:
             node.replace_input_with(a, self.gather(a))
+        self.touched.add(node)
+
+    def dirty_nodes(self) -> set[fx.Node]:
+        """Nodes whose fake values may be stale: created, re-laid-out or re-wired by a rewrite."""
+        return set(self.created) | set(self.layout) | self.touched

@@ -66,6 +66,7 @@ def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
         else:
             ar = site.all_reduce
             rs = rw.to_shard0_from_partial(ar.input)
+            rw.touched.update(ar.result.users)
             ar.result.replace_all_uses_with(rs)
             for n in reversed(ar.nodes):
                 if not n.users:
