@@ -1,0 +1,81 @@
+"""A stand-in for vLLM's `_C.shm_allreduce` (the CPU shared-memory all-reduce), used only because
+this project's AVX2 machines ship a vLLM `_C` without it. It has the real op's schema and
+mutating signature, so Dynamo/AOT produce the real graph form
+(`auto_functionalized_v2(_C.shm_allreduce.default, handle=..., _all_bases=[data])`); its body
+is a gloo all-reduce over vLLM's TP group."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ensure_standin_op() -> bool:
+    """Register `_C::shm_allreduce` if this vLLM build lacks it; True when the stand-in is used."""
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's _C)
+    if hasattr(torch.ops._C, "shm_allreduce"):
+        return False
+
+    @torch.library.custom_op("_C::shm_allreduce", mutates_args=("data",))
+    def shm_allreduce(handle: int, data: torch.Tensor) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+        torch.distributed.all_reduce(data, group=get_tp_group().device_group)
+
+    return True
+
+
+class RowParallelLinear(nn.Module):
+    """Named like vLLM's class so the default pattern set sees a row site; computes this rank's
+    partial product of a seeded full weight, then the (stand-in) shm all-reduce."""
+
+    def __init__(self, full: torch.Tensor, rank: int, tp: int):
+        super().__init__()
+        k = full.shape[1] // tp
+        self.weight = nn.Parameter(full[:, rank * k:(rank + 1) * k].clone(), requires_grad=False)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight)
+        torch.ops._C.shm_allreduce(0, out)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, rank, tp, d=16, h=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.o_proj = RowParallelLinear(torch.randn(h, d, generator=g, dtype=torch.float64), rank, tp)
+        self.scale = nn.Parameter(torch.randn(h, generator=g, dtype=torch.float64), requires_grad=False)
+        self.d, self.tp = d, tp
+
+    def forward(self, x):  # x: [T, d/tp] this rank's feature shard
+        y = self.o_proj(x)
+        return torch.tanh(y * self.scale) + y
+
+
+def rank_run(state, tokens):
+    from fxpasses.capture import compile_with_pass
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.context import TPContext
+    from fxpasses.pipeline import run_passes
+
+    standin = ensure_standin_op()
+    tp, rank = state["world"], state["rank"]
+    block = Block(rank, tp)
+    reports = []
+    compiled, cap = compile_with_pass(block, lambda g: reports.append(
+        run_passes(g, FxPassesConfig(strategies=("flashcomm1",), module_prefix="model.layers.0.self_attn"),
+                   TPContext.from_vllm(), cross_rank_check=True)))
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(7, block.d, generator=g, dtype=torch.float64)
+    xs = x0[:, rank * (block.d // tp):(rank + 1) * (block.d // tp)].contiguous()
+    torch._dynamo.mark_dynamic(xs, 0)
+    compiled(xs)
+    from fxpasses.capture import rebind_token_args
+    errs = []
+    for T in tokens:
+        xf = torch.randn(T, block.d, generator=g, dtype=torch.float64)
+        x = xf[:, rank * (block.d // tp):(rank + 1) * (block.d // tp)].contiguous()
+        args = rebind_token_args(cap.first_args, xs, x)
+        ref = cap.originals[0](*list(args))[0]
+        new = cap.graphs[0](*list(args))[0]
+        errs.append(((new - ref).abs().max() / ref.abs().max()).item())
+    r = reports[0]
+    return {"standin": standin, "report": r.to_dict(), "errs": errs}
