@@ -1,0 +1,231 @@
+"""Strategy advisor: rank TP communication strategies for a model and deployment by a simple cost
+model (a MODEL ESTIMATE, not a measurement).
+
+Per decoder layer and rank: bytes each collective sends (ring accounting, as
+`fxpasses.comm_volume.analytic_layer_bytes`, which is checked against rewritten graphs by
+tools/bench_comm_volume.py), time = sum over collectives of (steps x latency + bytes / bandwidth),
+steps = 2(n-1) for all_reduce and n-1 for reduce_scatter / all_gather / all_to_all; weight memory
+per rank of o_proj + qkv + MLP (FlashComm2 stores o_proj at 1/K instead of 1/tp: "store more,
+send less"). Compute savings (FlashComm1 runs norms on T/tp rows) and overlap are not modelled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fxpasses.comm_volume import padded
+
+
+class AdvisorError(ValueError):
+    """Bad advisor input; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int        # q/k head dim (qkv weight)
+    v_head_dim: int      # o_proj input per head: D = heads * v_head_dim
+    intermediate: int    # dense MLP intermediate size
+    dtype_bytes: int = 2
+
+    @property
+    def attn_out(self) -> int:
+        return self.heads * self.v_head_dim
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, intermediate_size=14336),
+    "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=28672),
+    "qwen2.5-72b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        head_dim=128, intermediate_size=29568),
+    # DeepSeek-V3: MLA (o_proj input 128 heads x v_head_dim 128), dense MLP size of the first layers
+    "deepseek-v3": dict(model_type="deepseek_v3", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        intermediate_size=18432),
+}
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1, "int8": 1}
+
+
+def dims_from_config(cfg: dict[str, Any], name: str = "model", dtype_bytes: int | None = None) -> ModelDims:
+    if not isinstance(cfg, dict):
+        raise AdvisorError("model config must be a JSON object (an HF config.json)")
+    cfg = {**cfg, **cfg.get("text_config", {})} if isinstance(cfg.get("text_config"), dict) else cfg
+    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise AdvisorError(f"model config lacks {missing}; give an HF config.json of a decoder model "
+                           f"or a preset ({', '.join(PRESETS)})")
+    try:
+        H, L, nh = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+        inter = int(cfg["intermediate_size"])
+        nkv = int(cfg.get("num_key_value_heads") or nh)
+        if min(H, L, nh, inter, nkv) <= 0:
+            bad = [k for k, v in (("hidden_size", H), ("num_hidden_layers", L), ("num_attention_heads", nh),
+                                  ("intermediate_size", inter), ("num_key_value_heads", nkv)) if v <= 0]
+            raise AdvisorError(f"model config {bad[0]} must be positive")
+        if "qk_nope_head_dim" in cfg:  # MLA
+            hd = int(cfg["qk_nope_head_dim"]) + int(cfg.get("qk_rope_head_dim", 0))
+            vhd = int(cfg.get("v_head_dim", cfg["qk_nope_head_dim"]))
+        else:
+            hd = int(cfg.get("head_dim") or H // nh)
+            vhd = hd
+    except (TypeError, ValueError) as e:
+        raise AdvisorError(f"model config has a non-integer size: {e}") from None
+    for k, v in (("hidden_size", H), ("num_hidden_layers", L), ("num_attention_heads", nh),
+                 ("intermediate_size", inter), ("num_key_value_heads", nkv)):
+        if v <= 0:
+            raise AdvisorError(f"model config {k}={v} must be positive")
+    if dtype_bytes is None:
+        dtype_bytes = DTYPE_BYTES.get(str(cfg.get("torch_dtype", "bfloat16")), 2)
+    return ModelDims(name, H, L, nh, nkv, hd, vhd, inter, dtype_bytes)
+
+
+def load_model(spec: str, dtype_bytes: int | None = None) -> ModelDims:
+    """A preset name or a path to an HF config.json."""
+    key = spec.lower()
+    if key in PRESETS:
+        return dims_from_config(PRESETS[key], key, dtype_bytes)
+    p = Path(spec)
+    if not p.exists():
+        raise AdvisorError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AdvisorError(f"{spec} is not valid JSON: {e}") from None
+    return dims_from_config(cfg, p.parent.name or p.stem, dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_gbps: float = 100.0   # GB/s per rank, each direction (bytes, not bits)
+    latency_us: float = 10.0        # per collective step
+
+    def time_us(self, steps: int, nbytes: float) -> float:
+        return steps * self.latency_us + nbytes / (self.bandwidth_gbps * 1e3)
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    comm_us_per_layer: float
+    bytes_per_layer: int
+    weight_bytes_per_layer: int
+    collectives: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, group size, bytes)
+    why: str = ""
+    valid: bool = True
+
+    def total_comm_ms(self, layers: int) -> float:
+        return self.comm_us_per_layer * layers / 1e3
+
+
+def _steps(kind: str, n: int) -> int:
+    return 2 * (n - 1) if kind == "all_reduce" else (n - 1)
+
+
+def _ring(kind: str, full: int, n: int) -> int:
+    return 2 * (n - 1) * full // n if kind == "all_reduce" else (n - 1) * full // n
+
+
+def validate(m: ModelDims, tp: int, tokens: int, link: Link, k: int | None = None, dp: int = 1) -> None:
+    if not isinstance(tp, int) or tp < 2:
+        raise AdvisorError(f"tp={tp}: the strategies rewrite tensor-parallel communication, tp must be >= 2")
+    if not isinstance(tokens, int) or tokens < 1:
+        raise AdvisorError(f"tokens={tokens} must be a positive integer (tokens per step on one TP group)")
+    if not link.bandwidth_gbps > 0:
+        raise AdvisorError(f"bandwidth={link.bandwidth_gbps} GB/s must be positive")
+    if not link.latency_us >= 0:
+        raise AdvisorError(f"latency={link.latency_us} us must be >= 0")
+    if m.heads % tp:
+        raise AdvisorError(f"{m.name}: {m.heads} attention heads cannot be split over tp={tp}")
+    if m.intermediate % tp:
+        raise AdvisorError(f"{m.name}: intermediate_size {m.intermediate} is not divisible by tp={tp}")
+    if k is not None and (k < 1 or k >= tp or tp % k):
+        raise AdvisorError(f"K={k}: FlashComm2's o_proj TP size must satisfy 1 <= K < tp and divide tp={tp}")
+    if dp < 1:
+        raise AdvisorError(f"dp={dp} must be >= 1")
+
+
+def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | None = None,
+             dp: int = 1) -> list[Estimate]:
+    """Estimates for vanilla TP, FlashComm1, FlashComm2(K) alone and with FlashComm1, and (dp > 1)
+    OTP / MLP-TP over dp ranks of DP attention, sorted by communication time then weight memory."""
+    ks = ks or [1]
+    validate(m, tp, tokens, link, None, dp)
+    for k in ks:
+        validate(m, tp, tokens, link, k, dp)
+    b, H, D, T = m.dtype_bytes, m.hidden, m.attn_out, tokens
+    Tp = padded(T, tp)
+    qkv_w = H * (m.heads * m.head_dim + 2 * m.kv_heads * m.v_head_dim) * b
+    mlp_w = 3 * H * m.intermediate * b
+    oproj_w = H * D * b
+    base_w = (qkv_w + mlp_w) // tp
+
+    def est(name, colls, weight, why):
+        t = sum(link.time_us(_steps(kd, n), nb) for kd, n, nb in colls)
+        return Estimate(name, t, sum(nb for _, _, nb in colls), weight, colls, why)
+
+    out = []
+    ar = ("all_reduce", tp, _ring("all_reduce", T * H * b, tp))
+    out.append(est("vanilla", [ar, ar], base_w + oproj_w // tp,
+                   "2 all-reduces of [T, H] per layer; every rank runs norms on all T rows"))
+    rs = ("reduce_scatter", tp, _ring("reduce_scatter", Tp * H * b, tp))
+    ag = ("all_gather", tp, _ring("all_gather", Tp * H * b, tp))
+    out.append(est("flashcomm1", [rs, ag, rs, ag], base_w + oproj_w // tp,
+                   "same bytes as all-reduce (rs+ag), twice the collective launches (latency); norms and "
+                   "residual run on T/tp rows (compute not modelled); pads T to a multiple of tp"))
+    for k in ks:
+        n = tp // k
+        a2a = ("all_to_all", n, _ring("all_to_all", Tp * (D // tp) * b, n))
+        otp_rs = [("reduce_scatter", k, _ring("reduce_scatter", (Tp // n) * H * b, k))] if k > 1 else []
+        w = base_w + oproj_w // k
+        fc2_why = (f"o_proj exchange moves [T, D/tp] = {D // tp} features per token over {n} ranks "
+                   f"instead of reducing [T, H] = {H}; o_proj weight stored at 1/{k} (+"
+                   f"{(oproj_w // k - oproj_w // tp) / 2**20:.1f} MiB per layer per rank)")
+        out.append(est(f"flashcomm2(K={k})", [a2a, *otp_rs, ag, ar], w,
+                       fc2_why + "; alone it must all-gather the o_proj output back and keep the MLP all-reduce"))
+        out.append(est(f"flashcomm1+flashcomm2(K={k})", [a2a, *otp_rs, ag, rs, ag], w,
+                       fc2_why + "; the o_proj output chains into FlashComm1's sharded residual"))
+    if dp > 1:
+        B = max(T // dp, 1)  # own tokens per DP rank
+        otp_a2a = ("all_to_all", dp, _ring("all_to_all", B * D * b, dp))
+        otp_rs = ("reduce_scatter", dp, _ring("reduce_scatter", dp * B * H * b, dp))
+        mlp_ag = ("all_gather", dp, _ring("all_gather", dp * B * H * b, dp))
+        out.append(est(f"otp(K={dp})", [otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp,
+                       "DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
+                       "all_to_all of [B, D] + reduce_scatter [K*B, H]"))
+        out.append(est(f"mlp_tp(K={dp})", [mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp,
+                       "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"))
+    # ties: less weight memory first, then the variant that also shards norms/residual (FlashComm1)
+    out.sort(key=lambda e: (round(e.comm_us_per_layer, 6), e.weight_bytes_per_layer,
+                            0 if "flashcomm1" in e.strategy else 1))
+    return out
+
+
+def report(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate]) -> str:
+    van = next(e for e in ests if e.strategy == "vanilla")
+    lines = [f"MODEL ESTIMATE (cost model, not a measurement) -- {m.name}: hidden {m.hidden}, "
+             f"o_proj input D={m.attn_out}, {m.layers} layers, {m.dtype_bytes}-byte activations; tp={tp}, "
+             f"T={tokens} tokens/step; link {link.bandwidth_gbps:g} GB/s, {link.latency_us:g} us/step",
+             f"{'rank':<4} {'strategy':<28} {'comm us/layer':>13} {'MiB/layer':>9} {'vs vanilla':>10} "
+             f"{'model comm ms':>13} {'weights MiB/layer':>17}"]
+    for i, e in enumerate(ests, 1):
+        lines.append(f"{i:<4} {e.strategy:<28} {e.comm_us_per_layer:>13.1f} {e.bytes_per_layer / 2**20:>9.2f} "
+                     f"{e.comm_us_per_layer / van.comm_us_per_layer:>10.3f} {e.total_comm_ms(m.layers):>13.2f} "
+                     f"{e.weight_bytes_per_layer / 2**20:>17.1f}")
+    lines.append("why:")
+    for e in ests:
+        colls = ", ".join(f"{kd}[{n}] {nb / 2**20:.2f} MiB" for kd, n, nb in e.collectives)
+        lines.append(f"  {e.strategy}: {e.why}. Collectives per layer: {colls}")
+    best = ests[0]
+    lines.append(f"recommendation: {best.strategy} ({best.comm_us_per_layer / van.comm_us_per_layer:.2f}x the "
+                 "vanilla all-reduce time in this model)")
+    return "\n".join(lines)

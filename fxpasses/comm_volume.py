@@ -1,0 +1,227 @@
+"""Communication volume read off a (rewritten) graph: bytes each rank sends and receives, per
+collective and per layer, symbolic in the token count.
+
+Every collective node of the graph (`_c10d_functional.*`, `vllm.*`, `_C.shm_allreduce`) is
+measured from its own fake shapes (`meta["val"]`), so the numbers are what the graph will move,
+not what a formula says it should. Accounting (n = group size, B = bytes of the full tensor):
+
+    all_reduce      B = input                       send = recv = 2 (n-1)/n B   (ring)
+    reduce_scatter  B = input (the full, padded)    send = recv =   (n-1)/n B
+    all_gather      B = output (n x input)          send = recv =   (n-1)/n B
+    all_to_all      B = input                       send = recv =   (n-1)/n B   (equal splits)
+
+`fxpasses::odp_weight` (FlashComm2's one-time o_proj weight all-gather) is reported as a
+one-time weight transfer, not per-step traffic. Group sizes come from the node itself
+(reduce_scatter/all_gather carry it), from fxpasses' `meta["fxpasses"]["group_size"]` tag, or
+from `group_sizes` ({group name: size}) for the model's own all-reduces.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fxpasses import graph_forms as gf
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class CollectiveVolume:
+    node: str
+    kind: str            # all_reduce | reduce_scatter | all_gather | all_to_all | weight_gather
+    group: str
+    group_size: int
+    layer: str           # "pre" (before layer 0, e.g. the embedding), "0", "1", ..., "post"
+    site: str            # innermost module prefix near the collective ("" when unknown)
+    full_bytes: Any      # B: sympy expression (or int) in the token-count symbol(s)
+    send_bytes: Any
+    recv_bytes: Any
+    one_time: bool = False
+
+    def at(self, subs: dict) -> dict:
+        return {"send": evaluate(self.send_bytes, subs), "recv": evaluate(self.recv_bytes, subs),
+                "full": evaluate(self.full_bytes, subs)}
+
+
+def _expr(x) -> Any:
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return sympy.Integer(int(x))
+
+
+def numel_bytes(v: torch.Tensor) -> Any:
+    """Symbolic bytes of a (fake) tensor."""
+    e = sympy.Integer(v.element_size())
+    for s in v.shape:
+        e = e * _expr(s)
+    return e
+
+
+def evaluate(expr, subs: dict) -> float:
+    if isinstance(expr, (int, float)):
+        return expr
+    e = expr.subs(subs) if subs else expr
+    try:
+        return int(e)
+    except TypeError:
+        return float(e)
+
+
+def token_symbols(graph: fx.Graph) -> list[sympy.Symbol]:
+    """The free symbols of the graph inputs (the token count is one of them)."""
+    syms: "OrderedDict[sympy.Symbol, None]" = OrderedDict()
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = gf.val(n)
+        vals = [v] if isinstance(v, torch.SymInt) else (list(v.shape) if isinstance(v, torch.Tensor) else [])
+        for s in vals:
+            if isinstance(s, torch.SymInt):
+                for f in s.node.expr.free_symbols:
+                    syms[f] = None
+    return list(syms)
+
+
+def _group_size(node: fx.Node, group_sizes: dict[str, int] | None, default: int | None) -> int:
+    tag = node.meta.get("fxpasses", {})
+    if tag.get("group_size"):
+        return int(tag["group_size"])
+    name = gf.op_name(node)
+    if name in ("_c10d_functional::reduce_scatter_tensor",):
+        return int(node.args[2])
+    if name in ("_c10d_functional::all_gather_into_tensor",):
+        return int(node.args[1])
+    if name in ("vllm::reduce_scatter", "vllm::all_gather"):
+        return int(node.kwargs.get("world_size", node.args[2]))
+    g = gf.collective_group(node)
+    if group_sizes and g in group_sizes:
+        return int(group_sizes[g])
+    if default:
+        return int(default)
+    raise ValueError(f"cannot tell the group size of collective {node.name} (group {g!r}); "
+                     "pass group_sizes={name: size} or default_group_size")
+
+
+def _layer_and_site(node: fx.Node, last: tuple[str, str]) -> tuple[str, str] | None:
+    st = gf.module_stack_last(node)
+    if st is None:
+        return None
+    path = st[0]
+    m = _LAYER_RE.search("." + path)
+    return (m.group(1) if m else None), path
+
+
+def _input_tensor(node: fx.Node) -> torch.Tensor | None:
+    if gf.is_auto_functionalized(node):  # shm_allreduce(data=...)
+        d = node.kwargs.get("data")
+        if d is None and node.kwargs.get("_all_bases") is not None:
+            d = node.kwargs["_all_bases"][node.kwargs.get("_data_base_index", 0)]
+        return gf.val(d)
+    return gf.val(node.args[0]) if node.args else None
+
+
+def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = None,
+                       default_group_size: int | None = None) -> list[CollectiveVolume]:
+    """Every collective of `graph`, in graph order, with its per-rank send/recv bytes."""
+    out: list[CollectiveVolume] = []
+    layer, site, seen_layer = "pre", "", False
+    for node in graph.nodes:
+        ls = _layer_and_site(node, (layer, site)) if node.op == "call_function" else None
+        if ls is not None:
+            lay, path = ls
+            if lay is not None:
+                layer, seen_layer = lay, True
+            elif seen_layer:
+                layer = "post"
+            site = path
+        name = gf.op_name(node)
+        if name == "fxpasses::odp_weight":
+            n = int(node.args[3] if len(node.args) > 3 else node.kwargs["group_size"])
+            full = numel_bytes(gf.val(node))
+            part = full * sympy.Rational(n - 1, n)
+            out.append(CollectiveVolume(node.name, "weight_gather", str(node.args[2]), n, layer, site, full,
+                                        part, part, one_time=True))
+            continue
+        kind = gf.collective_kind(node)
+        if kind is None:
+            continue
+        n = _group_size(node, group_sizes, default_group_size)
+        x = _input_tensor(node)
+        if kind == "all_gather":
+            outv = gf.val(node)
+            full = numel_bytes(outv) if isinstance(outv, torch.Tensor) else numel_bytes(x) * n
+        else:
+            full = numel_bytes(x)
+        factor = sympy.Rational(2 * (n - 1), n) if kind == "all_reduce" else sympy.Rational(n - 1, n)
+        b = sympy.expand(full * factor) if n > 1 else sympy.Integer(0)
+        out.append(CollectiveVolume(node.name, kind, gf.collective_group(node), n, layer, site, full, b, b))
+    return out
+
+
+def per_layer(vols: list[CollectiveVolume], subs: dict) -> "OrderedDict[str, dict]":
+    """{layer: {kind: send bytes, ..., "total": send bytes}} per step (one-time transfers excluded)."""
+    res: "OrderedDict[str, dict]" = OrderedDict()
+    for v in vols:
+        if v.one_time:
+            continue
+        d = res.setdefault(v.layer, {})
+        b = evaluate(v.send_bytes, subs)
+        d[v.kind] = d.get(v.kind, 0) + b
+        d["total"] = d.get("total", 0) + b
+        d.setdefault("ops", []).append(v.kind)
+    return res
+
+
+def totals(vols: list[CollectiveVolume], subs: dict) -> dict:
+    step = sum(evaluate(v.send_bytes, subs) for v in vols if not v.one_time)
+    once = sum(evaluate(v.send_bytes, subs) for v in vols if v.one_time)
+    return {"per_step_send": step, "one_time_send": once}
+
+
+# ---- analytic minima for each layout (bytes each rank sends per decoder layer) ----------------------
+
+def padded(T: int, n: int) -> int:
+    return T + (-T) % n
+
+
+def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
+                         k: int = 1) -> dict[str, int]:
+    """Per-rank bytes sent per decoder layer by the *layout* each strategy produces.
+
+    attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K.
+    vanilla:     2 all_reduce [T, H]                       2 x 2(tp-1)/tp T H b
+    flashcomm1:  rs(o) + ag(gate_up in) + rs(down) + ag(next qkv in), each (tp-1)/tp T_pad H b
+    flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp] + (k>1) rs over OTP of
+                 [T_pad/n, H]; then all_gather [T_pad, H] back to Replicate (alone) ; MLP all_reduce
+    flashcomm1+flashcomm2: FlashComm1 with the o_proj rs replaced by FlashComm2's o_proj exchange.
+    """
+    b, H, D = dtype_bytes, hidden, attn_out
+    Tp = padded(T, tp)
+    n = tp // k
+    ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
+    ar = 2 * (tp - 1) * T * H * b // tp
+    fc1_rs = ring(Tp * H * b, tp)
+    fc2_o = ring(Tp * (D // tp) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
+    if strategy == "vanilla":
+        return {"all_reduce": 2 * ar, "total": 2 * ar}
+    if strategy == "flashcomm1":
+        return {"reduce_scatter": 2 * fc1_rs, "all_gather": 2 * fc1_rs, "total": 4 * fc1_rs}
+    if strategy == "flashcomm2":
+        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
+        if k > 1:
+            d["reduce_scatter"] = ring((Tp // n) * H * b, k)
+        d["total"] = sum(d.values())
+        return d
+    if strategy == "flashcomm1+flashcomm2":
+        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
+                                                                                    if k > 1 else 0),
+             "all_gather": 2 * fc1_rs}
+        d["total"] = fc2_o + 3 * fc1_rs
+        return d
+    raise ValueError(f"no analytic model for strategy {strategy!r}")

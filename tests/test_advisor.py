@@ -1,0 +1,82 @@
+"""The advisor: clear rejection of bad inputs, and cost-model sanity on known settings."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fxpasses import advisor as adv
+from fxpasses.comm_volume import analytic_layer_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINK = adv.Link(100.0, 10.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tp=1), "tp must be >= 2"),
+    (dict(tokens=0), "tokens=0 must be a positive"),
+    (dict(link=adv.Link(0.0, 1.0)), "bandwidth"),
+    (dict(link=adv.Link(10.0, -1.0)), "latency"),
+    (dict(ks=[3]), "K=3"),
+    (dict(ks=[16]), "K=16"),
+    (dict(tp=6), "heads cannot be split"),
+    (dict(dp=0), "dp=0"),
+])
+def test_bad_inputs_are_rejected_clearly(kwargs, match):
+    m = adv.load_model("deepseek-v3")
+    args = dict(tp=16, tokens=8192, link=LINK, ks=[1], dp=1)
+    args.update(kwargs)
+    with pytest.raises(adv.AdvisorError, match=match):
+        adv.estimate(m, args["tp"], args["tokens"], args["link"], args["ks"], args["dp"])
+
+
+def test_bad_model_specs(tmp_path):
+    with pytest.raises(adv.AdvisorError, match="neither a preset"):
+        adv.load_model("no-such-model")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(adv.AdvisorError, match="not valid JSON"):
+        adv.load_model(str(bad))
+    bad.write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(adv.AdvisorError, match="lacks"):
+        adv.load_model(str(bad))
+    bad.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0,
+                               "intermediate_size": 128}))
+    with pytest.raises(adv.AdvisorError, match="must be positive"):
+        adv.load_model(str(bad))
+
+
+def test_hf_config_file(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                             "num_key_value_heads": 8, "intermediate_size": 14336, "torch_dtype": "bfloat16"}))
+    m = adv.load_model(str(p))
+    assert (m.hidden, m.attn_out, m.dtype_bytes) == (4096, 4096, 2)
+    names = [e.strategy for e in adv.estimate(m, 8, 4096, LINK, [1, 2])]
+    assert set(names) == {"vanilla", "flashcomm1", "flashcomm2(K=1)", "flashcomm2(K=2)",
+                          "flashcomm1+flashcomm2(K=1)", "flashcomm1+flashcomm2(K=2)"}
+
+
+def test_bytes_agree_with_the_graph_checked_analytic_model():
+    m = adv.load_model("deepseek-v3")
+    ests = {e.strategy: e for e in adv.estimate(m, 16, 8192, LINK, [1])}
+    kw = dict(T=8192, tp=16, hidden=m.hidden, attn_out=m.attn_out, dtype_bytes=2)
+    assert ests["vanilla"].bytes_per_layer == analytic_layer_bytes("vanilla", **kw)["total"]
+    assert ests["flashcomm1"].bytes_per_layer == analytic_layer_bytes("flashcomm1", **kw)["total"]
+    assert ests["flashcomm1+flashcomm2(K=1)"].bytes_per_layer == \
+        analytic_layer_bytes("flashcomm1+flashcomm2", **kw)["total"]
+    # prefill on DeepSeek TP16: FlashComm2 moves fewer bytes than FlashComm1 and stores more weight
+    assert ests["flashcomm1+flashcomm2(K=1)"].bytes_per_layer < ests["flashcomm1"].bytes_per_layer
+    assert ests["flashcomm1+flashcomm2(K=1)"].weight_bytes_per_layer > ests["flashcomm1"].weight_bytes_per_layer
+
+
+def test_cli_errors_exit_2_with_message():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "deepseek-v3",
+                        "--tp", "16", "--tokens", "-5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "tokens=-5 must be a positive" in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "deepseek-v3",
+                        "--tp", "16", "--tokens", "8192"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "MODEL ESTIMATE" in r.stdout and "recommendation" in r.stdout
