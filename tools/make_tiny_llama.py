@@ -51,7 +51,7 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str =
     cfg_name, model_name = _CONFIG_CLASSES[model_type]
     kw = {**DEFAULT_SHAPE, **shape}
     cfg = getattr(transformers, cfg_name)(**kw)
-    cfg.torch_dtype = dtype
+    cfg.dtype = dtype
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
