@@ -39,16 +39,22 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
     spec = DecoderSpec.from_file(config_path or BUNDLED_CONFIG)
     if layers:
         spec = spec.replace(num_hidden_layers=layers)
-    spec.check_tp(tp)
+    # otp / mlp_tp rewrite DP-attention graphs: vLLM TP=1 on each of `tp` ranks, own tokens per rank
+    dp = bool(set(parse_strategies(strategy)) & {"otp", "mlp_tp"})
+    spec.check_tp(1 if dp else tp)
     cfg = FxPassesConfig(strategies=parse_strategies(strategy), dump_dir=str(Path(out).resolve()),
                          patterns=tuple(patterns or ("default",)))
-    cfg.validate_for(tp)
+    cfg.validate_for(1 if dp else tp, world=tp)
     print(f"fxpasses: {spec.model_type} hidden={spec.hidden_size} layers={spec.num_hidden_layers} "
           f"tp={tp} strategies={'+'.join(cfg.strategies)} dtype={dtype} all-reduce form={allreduce_form}")
-    with TPPool(tp, "c10d" if allreduce_form == "packed" else allreduce_form) as pool:
+    with TPPool(tp, "c10d" if allreduce_form == "packed" else allreduce_form, tp=1 if dp else None) as pool:
         summaries = pool.run(rank_capture, dataclasses.asdict(spec), cfg.to_dict(), dtype,
                              allreduce_form == "packed", max(tokens))
-        results = pool.run(rank_compare, summaries[0]["key"], tokens)
+        if dp:  # every rank feeds its own tokens (same count), compared with its own TP=1 output
+            from fxpasses.dp_harness import rank_compare_own_tokens
+            results = pool.run(rank_compare_own_tokens, summaries[0]["key"], tokens)
+        else:
+            results = pool.run(rank_compare, summaries[0]["key"], tokens)
     tol = TOLERANCE[dtype]
     worst = 0.0
     for rank, (s, res) in enumerate(zip(summaries, results)):
@@ -60,6 +66,10 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
             worst = max(worst, r["rel"])
             print(f"rank {rank}: T={r['T']:>5} max_abs_err={r['max_abs']:.3e} rel_err={r['rel']:.3e}")
     print(f"dumps and site reports: {Path(out).resolve()}/rank*/")
+    digests = {s["report"]["fingerprint_digest"] for s in summaries}
+    if len(digests) != 1:
+        print(f"DIFFERENT collective sequences across ranks ({sorted(digests)}): the rewritten graphs would hang")
+        return 1
     ok = worst <= tol
     print(f"{'EQUAL' if ok else 'DIFFERENT'}: worst relative error {worst:.3e} (tolerance {tol:.0e} for {dtype})")
     return 0 if ok else 1
@@ -71,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tp", type=int, default=2)
     common.add_argument("--strategy", default="flashcomm1",
-                        help="flashcomm1 (alias sp); combinations joined with '+'")
+                        help="flashcomm1 (alias sp), flashcomm2, otp, mlp_tp; combinations joined with '+' "
+                             "(otp/mlp_tp: --tp is the number of DP-attention ranks, each at TP=1)")
     common.add_argument("--tokens", type=_parse_tokens, default=[1, 2, 7, 64, 257],
                         help="token counts to compare, e.g. 1,7,300")
     common.add_argument("--out", default="fxpasses-out")

@@ -44,7 +44,7 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     ctx = TPContext.from_vllm()
     reports = []
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
-        run_passes(g, cfg, ctx, cross_rank_check=True, tag=f"graph{len(reports)}")))
+        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")))
     ids0 = _tokens(first_tokens, ds.vocab_size, seed)
     torch._dynamo.mark_dynamic(ids0, 0)
     with torch.no_grad():

@@ -14,3 +14,4 @@ def test_shm_allreduce_form_is_rewritten_and_equivalent_standin_op(pools):
         assert rep["collectives_before"]["all_reduce"] == 1
         assert rep["collectives_after"] == {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 1, "all_to_all": 0}
         assert max(res["errs"]) <= 1e-12, res["errs"]
+    assert len({res["report"]["fingerprint_digest"] for res in results}) == 1
