@@ -51,9 +51,11 @@ class CommBackend:
         n = graph.call_function(c10d.all_gather_into_tensor.default, (x, group.size, group.c10d_name))
         return self._wait(graph, n, "all_gather", group)
 
-    def all_to_all(self, graph: fx.Graph, x: fx.Node, group: GroupRef) -> fx.Node:
-        """Equal splits along dim 0 (x.shape[0] must be a multiple of the group size)."""
-        n = graph.call_function(c10d.all_to_all_single.default, (x, None, None, group.c10d_name))
+    def all_to_all(self, graph: fx.Graph, x: fx.Node, group: GroupRef, chunk) -> fx.Node:
+        """Equal splits along dim 0: every rank sends and receives `chunk` rows (an int or a SymInt
+        node) to/from each group member, so x.shape[0] == chunk * group.size."""
+        splits = [chunk] * group.size
+        n = graph.call_function(c10d.all_to_all_single.default, (x, splits, list(splits), group.c10d_name))
         return self._wait(graph, n, "all_to_all", group)
 
     def all_reduce(self, graph: fx.Graph, x: fx.Node, group: GroupRef) -> fx.Node:

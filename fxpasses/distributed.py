@@ -51,10 +51,10 @@ def init_vllm_tp(world: int, rank: int, port: int, tp: int | None = None, allred
     return ctx
 
 
-def _worker(rank: int, world: int, port: int, allreduce_form: str, ident: str, conn):
+def _worker(rank: int, world: int, port: int, allreduce_form: str, ident: str, conn, tp: int | None = None):
     state: dict[str, Any] = {"rank": rank, "world": world, "allreduce_form": allreduce_form}
     try:
-        state["vllm_ctx"] = init_vllm_tp(world, rank, port, allreduce_form=allreduce_form, ident=ident)
+        state["vllm_ctx"] = init_vllm_tp(world, rank, port, tp=tp, allreduce_form=allreduce_form, ident=ident)
         conn.send(("ok", None))
     except BaseException:
         conn.send(("err", traceback.format_exc()))
@@ -75,17 +75,18 @@ class RankError(RuntimeError):
 
 
 class TPPool:
-    """`world` gloo ranks in spawned processes; `pool.run(fn, *args)` returns one result per rank."""
+    """`world` gloo ranks in spawned processes; `pool.run(fn, *args)` returns one result per rank.
+    `tp`: vLLM's TP size (default: the world); tp=1 gives DP-attention ranks (OTP / MLP-TP)."""
 
-    def __init__(self, world: int, allreduce_form: str = "c10d"):
-        self.world, self.allreduce_form = world, allreduce_form
+    def __init__(self, world: int, allreduce_form: str = "c10d", tp: int | None = None):
+        self.world, self.allreduce_form, self.tp = world, allreduce_form, tp
         ctx = mp.get_context("spawn")
         port = free_port()
         ident = f"fxp-{uuid.uuid4().hex[:8]}"
         self.conns, self.procs = [], []
         for r in range(world):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(r, world, port, allreduce_form, ident, child), daemon=True)
+            p = ctx.Process(target=_worker, args=(r, world, port, allreduce_form, ident, child, tp), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)

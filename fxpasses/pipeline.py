@@ -15,7 +15,7 @@ import torch.fx as fx
 from fxpasses import dump as dumps
 from fxpasses import graph_forms as gf
 from fxpasses.comm import CommBackend
-from fxpasses.config import FxPassesConfig
+from fxpasses.config import DP_STRATEGIES, FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.errors import FxPassesError, RewriteError, VerificationError
 from fxpasses.patterns_loader import PatternSet, load_patterns
@@ -23,13 +23,13 @@ from fxpasses.plan import plan_sites
 from fxpasses.report import PassReport, collective_counts
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.sites import find_sites
-from fxpasses.strategies import flashcomm1
+from fxpasses.strategies import dp_common, flashcomm1, flashcomm2, mlp_tp, otp
 from fxpasses.verify import check_fingerprint_across_ranks, output_signature, verify
 
 log = logging.getLogger("fxpasses")
 _graph_ids = itertools.count()
 
-STRATEGY_MODULES = {"flashcomm1": flashcomm1}
+STRATEGY_MODULES = {"flashcomm2": flashcomm2, "flashcomm1": flashcomm1, "otp": otp, "mlp_tp": mlp_tp}
 
 
 def copy_graph(graph: fx.Graph, owning_module=None) -> fx.Graph:
@@ -80,8 +80,11 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     tp_strats = [s for s in config.strategies if s in STRATEGY_MODULES]
     if not tp_strats:
         return done(f"strategies {config.strategies} are not implemented in this version")
-    if ctx.tp < 2 or ctx.tp_group is None:
+    dp_mode = all(s in DP_STRATEGIES for s in tp_strats)  # otp/mlp_tp: TP=1 graphs, groups from dp_groups
+    if not dp_mode and (ctx.tp < 2 or ctx.tp_group is None):
         return done(f"tp={ctx.tp}: nothing to rewrite")
+    if dp_mode and ctx.world < 2:
+        return done(f"world={ctx.world}: nothing to rewrite")
 
     patterns = patterns or load_patterns(config.patterns)
     t = time.perf_counter()
@@ -95,7 +98,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     if not any(p.strategy for p in plans):
         return done("no site is owned by an enabled strategy" if sites else "the graph has no linear sites")
 
-    T = _token_count(plans)
+    T = dp_common.token_count(plans) if dp_mode else _token_count(plans)
     if T is None:
         return done("no owned site has a TP all-reduce; nothing to rewrite")
     if config.min_tokens and isinstance(T, int) and T < config.min_tokens:
@@ -109,7 +112,9 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     before_sig = output_signature(graph)
     try:
         t = time.perf_counter()
-        rw = LayoutRewriter(work, ctx.tp_group, ctx.rank, comm, T)
+        group, grank = dp_common.rewriter_group(ctx, config) if dp_mode else (ctx.tp_group, ctx.rank)
+        rw = LayoutRewriter(work, group, grank, comm, T)
+        rw.config = config
         for name in tp_strats:
             STRATEGY_MODULES[name].rewrite(rw, plans, ctx)
         rw.propagate()
@@ -121,6 +126,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
         work_gm = fx.GraphModule(gm if gm is not None else {}, work)
         ver = verify(work_gm, rw, before_sig)
         timings["verify"] = round((time.perf_counter() - t) * 1e3, 3)
+        report.extra["nodes"] = len(work.nodes)
+        report.extra["nodes_repropagated"] = ver.nodes_propagated
         if cross_rank_check:
             check_fingerprint_across_ranks(ver.digest)
     except FxPassesError as e:
@@ -146,6 +153,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     if gm is not None:
         gm.recompile()
     report.applied = True
+    report.notes.extend(getattr(rw, "notes", ()))
+    report.extra.update(getattr(rw, "extra", {}))
     report.after = collective_counts(graph)
     report.fingerprint, report.digest = ver.fingerprint, ver.digest
     gid = tag or f"graph{next(_graph_ids)}"

@@ -43,6 +43,8 @@ class LayoutRewriter:
         self.created: list[fx.Node] = []
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
         self.touched: set[fx.Node] = set()    # original nodes whose inputs/args a rewrite changed
+        self.notes: list[str] = []            # strategy remarks copied into the PassReport
+        self.extra: dict = {}                 # strategy numbers copied into PassReport.extra
 
     # ---- token count -------------------------------------------------------------------------
     def is_token(self, n) -> bool:

@@ -1,0 +1,157 @@
+"""What OTP and MLP-TP share: the DP-attention preconditions, the equal-token-count run-time check,
+in-graph weight slicing and the memory note of the report.
+
+Equal token counts. OTP's all_to_all and MLP-TP's all_gather / reduce_scatter split and join the
+token dimension in K equal parts, so every rank of a group must run the graph with the same token
+count B (vLLM's DP padding gives exactly that: every DP rank pads its batch to the same size). With
+unequal counts the collectives would hang or mix up rows. With `check_token_counts` (or `strict`)
+the rewrite inserts `fxpasses::check_group_tokens` before the first collective of each group: it
+all-gathers the counts (one int per rank) and raises the same clear error on every rank of the group.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxpasses import graph_forms as gf
+from fxpasses.context import GroupRef, TPContext
+from fxpasses.sites import Site
+
+aten = torch.ops.aten
+
+
+class TokenCountMismatch(RuntimeError):
+    pass
+
+
+@torch.library.custom_op("fxpasses::check_group_tokens", mutates_args=())
+def check_group_tokens(x: torch.Tensor, group_name: str, group_size: int, where: str) -> torch.Tensor:
+    """Raise on every rank of the group unless all of them hold the same x.shape[0]; returns a copy
+    of x (so the check stays in the graph's data flow: debug mode only)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group_name)
+    mine = torch.tensor([x.shape[0]], dtype=torch.int64)
+    got = torch.empty(group_size, dtype=torch.int64)
+    dist.all_gather_into_tensor(got, mine, group=pg)
+    counts = got.tolist()
+    if len(set(counts)) != 1:
+        raise TokenCountMismatch(
+            f"fxpasses {where}: token counts differ across the group (ranks {dist.get_process_group_ranks(pg)}): "
+            f"{counts}. o_proj TP / MLP TP need the same number of tokens on every rank of a group; pad each "
+            "data-parallel rank's batch to a common size (vLLM's DP padding does) before the model runs")
+    return x.clone()
+
+
+@check_group_tokens.register_fake
+def _(x, group_name, group_size, where):
+    return torch.empty_like(x)
+
+
+def tag(node: fx.Node, role: str, strategy: str) -> fx.Node:
+    node.meta.setdefault("fxpasses", {})["role"] = role
+    node.meta["fxpasses"]["strategy"] = strategy
+    return node
+
+
+def dp_precheck(site: Site, ctx: TPContext) -> str | None:
+    """Reasons shared by OTP and MLP-TP sites."""
+    if ctx.tp != 1:
+        return (f"o_proj/MLP TP rewrites DP-attention graphs whose linears run at TP=1; this graph was "
+                f"traced at tp={ctx.tp}")
+    if site.all_reduce is not None:
+        return "a TP all-reduce follows this layer; the DP-attention strategies expect the TP=1 graph"
+    if site.matmul is None:
+        return "no matmul found inside the layer"
+    if site.weight is None:
+        return ("the weight is not visible in the graph (packed oneDNN `_C.onednn_mm`); an in-graph "
+                "weight slice is impossible, shard the weight at load time instead")
+    name = gf.op_name(site.matmul)
+    if name not in ("aten::mm", "aten::addmm"):
+        return f"matmul form {name} is not supported (aten.mm / aten.addmm only)"
+    if site.weight.op != "placeholder":
+        return "the weight is computed in the graph, not a graph input"
+    return None
+
+
+def weight_val(site: Site):
+    v = gf.val(site.weight)
+    return v if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
+def matmul_rhs_is_weight_t(site: Site) -> bool:
+    """The matmul's right operand is weight.T (permute [1, 0] / t of the weight placeholder)."""
+    mm = site.matmul
+    rhs = mm.args[1] if gf.op_name(mm) == "aten::mm" else mm.args[2]
+    if rhs is site.weight:
+        return False
+    n = gf.op_name(rhs)
+    return rhs.args[0] is site.weight and (n == "aten::t" or (n == "aten::permute" and list(rhs.args[1]) == [1, 0]))
+
+
+def emit_matmul(graph: fx.Graph, x: fx.Node, w_local: fx.Node, bias: fx.Node | None, strategy: str) -> fx.Node:
+    """x @ w_local.T (+ bias): the same aten form the post-grad graph uses for a linear."""
+    wt = tag(graph.call_function(aten.permute.default, (w_local, [1, 0])), "weight_t", strategy)
+    if bias is not None:
+        return tag(graph.call_function(aten.addmm.default, (bias, x, wt)), "matmul", strategy)
+    return tag(graph.call_function(aten.mm.default, (x, wt)), "matmul", strategy)
+
+
+def maybe_check_tokens(graph: fx.Graph, x: fx.Node, group: GroupRef, config, checked: set, where: str,
+                       strategy: str) -> fx.Node:
+    """Insert the run-time token-count check before the first collective on `group` (debug/strict)."""
+    if not (getattr(config, "check_token_counts", False) or getattr(config, "strict", False)):
+        return x
+    if group.c10d_name in checked:
+        return x
+    checked.add(group.c10d_name)
+    return tag(graph.call_function(torch.ops.fxpasses.check_group_tokens.default,
+                                   (x, group.c10d_name, group.size, where)), "token_check", strategy)
+
+
+def mul_node(graph: fx.Graph, a, b):
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return graph.call_function(operator.mul, (a, b))
+    return a * b
+
+
+def resident_note(strategy: str, k: int, sites: list[tuple[str, int]]) -> tuple[str, dict]:
+    """(note, extra) for the report: the full weight stays resident; what a load-time shard saves."""
+    full = sum(b for _, b in sites)
+    save = full - full // k
+    note = (f"{strategy}: weights are sliced in-graph (aten.slice/narrow, no communication), so the full "
+            f"weight of each of the {len(sites)} rewritten layer(s) stays resident ({full / 2**20:.3f} MiB per "
+            f"rank); sharding them at load time (K={k}) would save {save / 2**20:.3f} MiB per rank "
+            f"((K-1)/K of it)")
+    return note, {"full_weight_bytes": full, "load_time_shard_saving_bytes": save, "k": k,
+                  "layers": [p for p, _ in sites]}
+
+
+def nbytes(v: torch.Tensor) -> int:
+    try:
+        return int(v.numel()) * v.element_size()
+    except Exception:
+        return 0
+
+
+def token_count(plans) -> object | None:
+    """T for the DP strategies: dim 0 of the first owned site's activation (no all-reduce at TP=1)."""
+    for p in plans:
+        if p.strategy and p.site.input is not None:
+            v = gf.val(p.site.input)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                return v.shape[0]
+    return None
+
+
+def rewriter_group(ctx: TPContext, config) -> tuple[GroupRef, int]:
+    """(group, rank in it) the pipeline's LayoutRewriter is built on in DP mode; creates the world's
+    OTP / MLP-TP groups (fixed order) on first use."""
+    from fxpasses.dp_groups import ensure_dp_groups
+
+    groups = ensure_dp_groups(ctx, config)
+    first = next(iter(groups.values()))
+    return first.ref, first.rank

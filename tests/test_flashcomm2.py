@@ -1,0 +1,232 @@
+"""FlashComm2 (o_proj all-to-all over ODP, reduce-scatter over OTP): equivalence with vanilla TP on
+real gloo ranks, collectives per site, the once-per-parameter weight all-gather, skips, and the
+ODP/OTP rank lists against vllm-ascend's formulas.
+
+Each (tp, K, strategies) case is captured once (the capture is cached in the rank workers) and run
+for many token counts; hypothesis draws the token counts and the input seed."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import bundled_spec, capture
+
+FC2 = ("flashcomm2",)
+FC12 = ("flashcomm1", "flashcomm2")
+# (tp, all-reduce form, K, strategies); TP=4 uses the vllm.all_reduce form (as on CUDA/NPU)
+CASES = [(2, "c10d", 1, FC2), (2, "c10d", 1, FC12),
+         (4, "vllm", 1, FC2), (4, "vllm", 1, FC12),
+         (4, "vllm", 2, FC2), (4, "vllm", 2, FC12)]
+IDS = [f"tp{t}-K{k}-{'+'.join(s)}" for t, _, k, s in CASES]
+LAYERS = 2
+
+
+def _spec(**kw):
+    return bundled_spec(num_hidden_layers=LAYERS, **kw)
+
+
+def _capture(pools, tp, form, k, strategies, **kw):
+    pool = pools.get(tp, form)
+    return pool, capture(pool, _spec(**kw), strategies, flashcomm2_oproj_tp_size=k, strict=True)
+
+
+# ---- functions run inside the rank workers ------------------------------------------------------
+
+def rank_compare_seeded(state, key, tokens, seed):
+    from fxpasses.harness import rank_compare
+    return rank_compare(state, key, tokens, seed=seed)
+
+
+def rank_site_collectives(state, key):
+    """{prefix: [(kind, group label, group size), ...]} of the collectives in the rewritten graph
+    attributed to each layer (new nodes carry their layer's nn_module_stack), plus this rank's groups."""
+    from fxpasses import graph_forms as gf
+    from fxpasses import groups as G
+
+    g = state["captures"][key]["cap"].graphs[0].graph
+    per = {}
+    for n in g.nodes:
+        kind = gf.collective_kind(n)
+        last = gf.module_stack_last(n)
+        if kind is None or last is None:
+            continue
+        tag = n.meta.get("fxpasses", {})
+        per.setdefault(last[0], []).append((kind, tag.get("group", gf.collective_group(n)), tag.get("group_size")))
+    grp = {str(k): {"odp": list(v.odp.ranks), "otp": list(v.otp.ranks) if v.otp else None,
+                    "shard": v.shard, "odp_rank": v.odp_rank} for k, v in G._CACHE.items()}
+    return per, grp
+
+
+def rank_weight_gathers(state, key, T=5):
+    """Drop the ODP weight cache, run the rewritten graph twice; weight all-gathers per call."""
+    import torch
+
+    from fxpasses.capture import rebind_token_args
+    from fxpasses.harness import _tokens
+    from fxpasses.strategies import flashcomm2 as fc2
+
+    entry = state["captures"][key]
+    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
+    args = rebind_token_args(cap.first_args, ids0, _tokens(T, ds.vocab_size, 0))
+    fc2.clear_weight_cache()
+    out = []
+    with torch.no_grad():
+        for _ in range(2):
+            before = fc2.weight_stats()
+            cap.graphs[0](*list(args))
+            after = fc2.weight_stats()
+            out.append({k: after[k] - before[k] for k in ("calls", "gathers", "bytes")})
+    return out
+
+
+# ---- equivalence ---------------------------------------------------------------------------------
+
+def token_counts(tp):
+    return st.lists(st.integers(1, 300), min_size=4, max_size=10).map(
+        lambda xs: sorted(set(xs) | {1, max(tp - 1, 1), tp, tp + 1, 3 * tp + 1}))
+
+
+@pytest.mark.parametrize("tp,form,k,strategies", CASES, ids=IDS)
+@settings(max_examples=3)
+@given(data=st.data())
+def test_flashcomm2_matches_vanilla_tp_float64(pools, tp, form, k, strategies, data):
+    pool, summaries = _capture(pools, tp, form, k, strategies)
+    for s in summaries:
+        assert s["report"]["applied"], s["report"]["reason"]
+    tokens = data.draw(token_counts(tp), label="tokens")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    for rank, results in enumerate(pool.run(rank_compare_seeded, summaries[0]["key"], tokens, seed)):
+        assert [r["T"] for r in results] == tokens
+        for r in results:
+            assert r["shape_ok"], (rank, r)
+            assert r["rel"] <= 1e-12, (rank, r)
+
+
+# ---- structure -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp,form,k,strategies", CASES, ids=IDS)
+def test_collectives_per_o_proj_site(pools, tp, form, k, strategies):
+    from fxpasses.groups import flashcomm2_odp_ranks, flashcomm2_otp_ranks
+
+    pool, summaries = _capture(pools, tp, form, k, strategies)
+    n = tp // k
+    per_rank = pool.run(rank_site_collectives, summaries[0]["key"])
+    for rank, (s, (per, grp)) in enumerate(zip(summaries, per_rank)):
+        o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]
+        assert len(o_proj) == LAYERS
+        for x in o_proj:
+            assert x["strategy"] == "flashcomm2" and x["status"] == "rewritten", x
+            path = x["prefix"].removeprefix("model.")
+            colls = per.get(path, [])
+            assert [c for c in colls if c[0] == "all_reduce"] == [], colls
+            assert [c for c in colls if c[0] == "all_to_all"] == [("all_to_all", "odp", n)], colls
+            want_rs = [("reduce_scatter", "otp", k)] if k > 1 else []
+            assert [c for c in colls if c[0] == "reduce_scatter"] == want_rs, colls
+        after, before = s["report"]["collectives_after"], s["report"]["collectives_before"]
+        assert after["all_to_all"] == LAYERS
+        if "flashcomm1" in strategies:
+            assert after["all_reduce"] == 0
+        else:  # only the o_proj all-reduces go; each is followed by all_gather over tp + unpad
+            assert after["all_reduce"] == before["all_reduce"] - LAYERS
+            assert after["all_gather"] == LAYERS
+        # this rank's groups are vllm-ascend's
+        g = next(v for key, v in grp.items() if key.startswith(f"({tp}, {k},"))
+        odp = next(x for x in flashcomm2_odp_ranks(tp, k) if rank in x)
+        assert g["odp"] == odp and g["odp_rank"] == rank % n and g["shard"] == rank // n
+        if k > 1:
+            assert g["otp"] == next(x for x in flashcomm2_otp_ranks(tp, k) if rank in x)
+    assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
+
+
+@pytest.mark.parametrize("tp,form,k", [(2, "c10d", 1), (4, "vllm", 2)])
+def test_odp_weight_gathered_on_first_call_only(pools, tp, form, k):
+    pool, summaries = _capture(pools, tp, form, k, FC12)
+    for first, second in pool.run(rank_weight_gathers, summaries[0]["key"]):
+        assert first["calls"] == LAYERS and first["gathers"] == LAYERS
+        # [H, D/K] float64 per layer
+        spec = _spec()
+        d = spec["num_attention_heads"] * spec["head_dim"]
+        assert first["bytes"] == LAYERS * spec["hidden_size"] * (d // k) * 8
+        assert second == {"calls": LAYERS, "gathers": 0, "bytes": 0}
+    for s in summaries:
+        for x in s["report"]["sites"]:
+            if x["prefix"].endswith("o_proj"):
+                assert "gathered once over odp" in x["reason"]
+
+
+# ---- skips ---------------------------------------------------------------------------------------
+
+def test_o_proj_bias_is_skipped_on_every_rank(pools):
+    """The row bias is in TP rank 0's graph only; every rank must skip the site alike."""
+    pool = pools.get(2, "c10d")
+    summaries = capture(pool, _spec(o_proj_bias=True), FC12, flashcomm2_oproj_tp_size=1)
+    for s in summaries:
+        o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]
+        assert o_proj and all(x["status"] == "skipped" and "bias" in x["reason"] for x in o_proj), o_proj
+        assert s["report"]["collectives_after"]["all_to_all"] == 0
+        assert s["report"]["collectives_after"]["all_reduce"] == LAYERS  # the o_proj ones stay
+    assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
+    for results in pool.run(rank_compare_seeded, summaries[0]["key"], [1, 2, 7, 64], 0):
+        for r in results:
+            assert r["shape_ok"] and r["rel"] <= 1e-12, r
+
+
+def test_packed_weight_is_skipped(pools):
+    pool = pools.get(2, "c10d")
+    summaries = capture(pool, _spec(), FC2, dtype="float32", pack=True)  # oneDNN packs float32, not float64
+    for s in summaries:
+        o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]
+        assert o_proj and all(x["status"] == "skipped" and "not visible" in x["reason"] for x in o_proj), o_proj
+        assert not s["report"]["applied"]
+
+
+# ---- groups (pure) -------------------------------------------------------------------------------
+
+def _ascend_groups(world, tp, k, pp=1):
+    """vllm-ascend's init_ascend_model_parallel FlashComm2 loops, restated (K=1: ODP = the TP groups)."""
+    dp = world // (tp * pp)
+    n = tp // k
+    if k == 1:
+        return [list(range(b * tp, (b + 1) * tp)) for b in range(world // tp)], []
+    otp, odp = [], [[] for _ in range(k * dp * pp)]
+    for dpi in range(dp):
+        for ppi in range(pp):
+            serial = dpi * pp + ppi
+            base, odp_base = serial * tp, serial * k
+            for i in range(n):
+                ranks = []
+                for j in range(k):
+                    r = base + i + j * n
+                    ranks.append(r)
+                    odp[odp_base + j].append(r)
+                otp.append(ranks)
+    return odp, otp
+
+
+@pytest.mark.parametrize("tp", [4, 8, 16])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("dp", [1, 2])
+def test_group_rank_lists_match_vllm_ascend(tp, k, dp):
+    from fxpasses.groups import flashcomm2_odp_ranks, flashcomm2_otp_ranks, flashcomm2_reorder_ids
+
+    if k >= tp:
+        pytest.skip("K must be smaller than tp")
+    world = tp * dp
+    odp, otp = _ascend_groups(world, tp, k)
+    assert flashcomm2_odp_ranks(tp, k, world) == odp
+    assert flashcomm2_otp_ranks(tp, k, world) == otp
+    n = tp // k
+    assert flashcomm2_reorder_ids(tp, k) == [[i + j * n for j in range(k)] for i in range(n)]
+    # every rank is in exactly one ODP group (and one OTP group when K > 1), ODP contiguous
+    assert sorted(r for g in odp for r in g) == list(range(world))
+    assert all(g == list(range(g[0], g[0] + n)) for g in odp)
+    if k > 1:
+        assert sorted(r for g in otp for r in g) == list(range(world))
+
+
+def test_group_sizes_refused():
+    from fxpasses.errors import ConfigError
+    from fxpasses.groups import flashcomm2_odp_ranks
+
+    for tp, k in ((4, 3), (4, 4), (2, 2), (4, 0)):
+        with pytest.raises(ConfigError, match="must divide tp"):
+            flashcomm2_odp_ranks(tp, k)
