@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fxpasses.comm_volume import padded
+from fxpasses.errors import FxPassesError
 
 
-class AdvisorError(ValueError):
+class AdvisorError(FxPassesError, ValueError):
     """Bad advisor input; the message says what to change."""
 
 

@@ -31,7 +31,7 @@ def _parse_tokens(text: str) -> list[int]:
 
 def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int], out: str,
              dtype: str = "float64", allreduce_form: str = "c10d", layers: int | None = None,
-             patterns: list[str] | None = None) -> int:
+             patterns: list[str] | None = None, sizes: dict[str, int] | None = None) -> int:
     from fxpasses.distributed import TPPool
     from fxpasses.harness import rank_capture, rank_compare
     from fxpasses.models.tiny import BUNDLED_CONFIG, DecoderSpec
@@ -43,7 +43,7 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
     dp = bool(set(parse_strategies(strategy)) & {"otp", "mlp_tp"})
     spec.check_tp(1 if dp else tp)
     cfg = FxPassesConfig(strategies=parse_strategies(strategy), dump_dir=str(Path(out).resolve()),
-                         patterns=tuple(patterns or ("default",)))
+                         patterns=tuple(patterns or ("default",)), **(sizes or {}))
     cfg.validate_for(1 if dp else tp, world=tp)
     print(f"fxpasses: {spec.model_type} hidden={spec.hidden_size} layers={spec.num_hidden_layers} "
           f"tp={tp} strategies={'+'.join(cfg.strategies)} dtype={dtype} all-reduce form={allreduce_form}")
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                              "CUDA/NPU), or c10d with oneDNN-packed weights (as the real CPU engine)")
     common.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     common.add_argument("--patterns", action="append", help="pattern set name or file (repeatable)")
+    for flag in ("flashcomm2-oproj-tp-size", "otp-size", "mlp-tp-size"):
+        common.add_argument(f"--{flag}", type=int, default=None, help=f"config key {flag.replace('-', '_')}")
     sub.add_parser("demo", parents=[common], help="the main job on the bundled tiny Llama config")
     d = sub.add_parser("dump", parents=[common], help="the main job on your own HF config.json")
     d.add_argument("--config", required=True, help="HF-style config.json of a dense decoder")
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tp must be >= 2: the strategies rewrite tensor-parallel communication")
     try:
         return run_dump(getattr(args, "config", None), args.tp, args.strategy, args.tokens, args.out,
-                        args.dtype, args.allreduce_form, args.layers, args.patterns)
+                        args.dtype, args.allreduce_form, args.layers, args.patterns,
+                        {k: v for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size")
+                         if (v := getattr(args, k)) is not None})
     except FxPassesError as e:
         print(f"fxpasses: error: {e}", file=sys.stderr)
         return 2
