@@ -47,7 +47,12 @@ def init_vllm_tp(world: int, rank: int, port: int, tp: int | None = None, allred
                                  backend="gloo")
     initialize_model_parallel(tensor_model_parallel_size=tp or world)
     if allreduce_form == "vllm":
-        get_tp_group().use_custom_op_call = True
+        g = get_tp_group()
+        g.use_custom_op_call = True
+        # vLLM's CPU communicator all-reduces in place and returns its input, which a custom op may
+        # not do (torch rejects the alias; DESIGN.md saw wrong results under Inductor): clone first.
+        out_place = g._all_reduce_out_place
+        g._all_reduce_out_place = lambda x: out_place(x.clone())
     return ctx
 
 
