@@ -57,15 +57,20 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     return summary
 
 
+def graph_args(state: dict, key: str, T: int, seed: int = 0):
+    """The capture of `key` on this rank and its graphs' flat args for a T-token input."""
+    entry = state["captures"][key]
+    cap = entry["cap"]
+    ids = _tokens(T, entry["spec"].vocab_size, seed)
+    return cap, rebind_token_args(cap.first_args, entry["ids0"], ids)
+
+
 def rank_compare(state: dict, key: str, token_counts: list[int], seed: int = 0) -> list[dict[str, float]]:
     """Run original and rewritten graphs on the same inputs for each token count."""
-    entry = state["captures"][key]
-    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
     out = []
     with torch.no_grad():
         for T in token_counts:
-            ids = _tokens(T, ds.vocab_size, seed)
-            args = rebind_token_args(cap.first_args, ids0, ids)
+            cap, args = graph_args(state, key, T, seed)
             ref = cap.originals[0](*list(args))
             new = cap.graphs[0](*list(args))
             ref, new = ref[0], new[0]

@@ -26,16 +26,12 @@ def rank_time(state: dict, key: str, token_counts: list[int], iters: int, seed: 
     import torch
     import torch.distributed as dist
 
-    from fxpasses.capture import rebind_token_args
-    from fxpasses.harness import _tokens
+    from fxpasses.harness import graph_args
 
-    entry = state["captures"][key]
-    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
     out = []
     with torch.no_grad():
         for T in token_counts:
-            ids = _tokens(T, ds.vocab_size, seed)
-            args = rebind_token_args(cap.first_args, ids0, ids)
+            cap, args = graph_args(state, key, T, seed)
             cap.originals[0](*list(args))  # warm-up both
             cap.graphs[0](*list(args))
             to, tn = [], []
