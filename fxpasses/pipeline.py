@@ -113,8 +113,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     try:
         t = time.perf_counter()
         group, grank = dp_common.rewriter_group(ctx, config) if dp_mode else (ctx.tp_group, ctx.rank)
-        rw = LayoutRewriter(work, group, grank, comm, T)
-        rw.config = config
+        rw = LayoutRewriter(work, group, grank, comm, T, config)
         for name in tp_strats:
             STRATEGY_MODULES[name].rewrite(rw, plans, ctx)
         rw.propagate()
@@ -153,8 +152,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     if gm is not None:
         gm.recompile()
     report.applied = True
-    report.notes.extend(getattr(rw, "notes", ()))
-    report.extra.update(getattr(rw, "extra", {}))
+    report.notes.extend(rw.notes)
+    report.extra.update(rw.extra)
     report.after = collective_counts(graph)
     report.fingerprint, report.digest = ver.fingerprint, ver.digest
     gid = tag or f"graph{next(_graph_ids)}"

@@ -31,8 +31,9 @@ def _tag(node: fx.Node, role: str) -> fx.Node:
 
 class LayoutRewriter:
     def __init__(self, graph: fx.Graph, group: GroupRef, rank_in_group: int, comm: CommBackend,
-                 token_count):
+                 token_count, config=None):
         self.graph, self.group, self.rank, self.comm = graph, group, rank_in_group, comm
+        self.config = config                  # the pass's FxPassesConfig (strategy sizes, strict, ...)
         self.n = group.size
         self.T = token_count                 # int or SymInt of the original graph
         self._T_node: fx.Node | int | None = None

@@ -182,7 +182,7 @@ def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext, config=No
     mine = [p for p in plans if p.strategy == NAME and p.status == "planned"]
     if not mine:
         return
-    config = config if config is not None else getattr(rw, "config", None)
+    config = config if config is not None else rw.config
     if config is None:
         for p in mine:
             p.status, p.reason = "skipped", "FlashComm2 needs the pass config (flashcomm2_oproj_tp_size)"
@@ -218,12 +218,9 @@ def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext, config=No
                     + (f" + reduce_scatter over otp{list(groups.otp.ranks)}" if k > 1 else "")
                     + (" + all_gather over tp + unpad" if gather_after else " (Shard0 over tp)")
                     + f"; o_proj weight gathered once over odp: +{extra / 1024:.1f} KiB on this rank")
-    notes = getattr(rw, "notes", None)
-    if isinstance(notes, list):
-        notes.append(f"flashcomm2: K={k}, n={groups.n}, extra o_proj weight memory {total / 1024:.1f} KiB per rank")
-    rw.flashcomm2_weight_bytes = getattr(rw, "flashcomm2_weight_bytes", 0) + total
-    if isinstance(getattr(rw, "extra", None), dict):
-        rw.extra["flashcomm2_extra_weight_bytes_per_rank"] = rw.flashcomm2_weight_bytes
+    rw.notes.append(f"flashcomm2: K={k}, n={groups.n}, extra o_proj weight memory {total / 1024:.1f} KiB per rank")
+    key = "flashcomm2_extra_weight_bytes_per_rank"
+    rw.extra[key] = rw.extra.get(key, 0) + total
 
 
 def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool) -> int:
