@@ -113,6 +113,14 @@ class LayoutRewriter:
         self._ndim[rs] = self.ndim(partial)
         return rs
 
+    def replace_all_reduce(self, ar: gf.AllReduce, new: fx.Node) -> None:
+        """Route every user of a TP all-reduce to `new`, then erase the all-reduce's nodes."""
+        self.touched.update(ar.result.users)
+        ar.result.replace_all_uses_with(new)
+        for n in reversed(ar.nodes):
+            if not n.users:
+                self.graph.erase_node(n)
+
     def _record_collective(self, first: fx.Node, last: fx.Node) -> None:
         n = first.next
         while True:

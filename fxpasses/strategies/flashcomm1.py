@@ -66,10 +66,6 @@ def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
         else:
             ar = site.all_reduce
             rs = rw.to_shard0_from_partial(ar.input)
-            rw.touched.update(ar.result.users)
-            ar.result.replace_all_uses_with(rs)
-            for n in reversed(ar.nodes):
-                if not n.users:
-                    rw.graph.erase_node(n)
+            rw.replace_all_reduce(ar, rs)
         plan.status, plan.reason = "rewritten", ("all_reduce -> pad + reduce_scatter" if site.kind != "column"
                                                  else "input all_gather + unpad (Replicate) before the matmul")

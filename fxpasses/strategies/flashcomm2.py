@@ -273,10 +273,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     rw.layout[res] = layouts.SHARD0
     rw._ndim[res] = 2
     final = rw.gather(res) if gather_after else res
-    ar.result.replace_all_uses_with(final)
-    for node in reversed(ar.nodes):
-        if not node.users:
-            g.erase_node(node)
+    rw.replace_all_reduce(ar, final)
     for node in (mm, mm.args[1]):
         if isinstance(node, fx.Node) and not node.users:
             g.erase_node(node)
