@@ -15,6 +15,13 @@ def graph_text(gm: fx.GraphModule) -> str:
     return gm.print_readable(print_output=False, include_stride=False, include_device=False)
 
 
+def tracing_enabled() -> bool:
+    """True when structured tracing (TORCH_TRACE / tlparse) has a handler, i.e. when
+    `trace_structured` would call its payload function; graph text is only generated then."""
+    from torch._logging._internal import trace_log
+    return bool(trace_log.handlers)
+
+
 def emit_trace(name: str, text: str) -> None:
     trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
                      payload_fn=lambda: text)

@@ -5,7 +5,9 @@ once per value), `local_shard` (pad + this rank's slice, no communication) and `
 then `propagate()` walks the graph once: a node with a Shard0 input runs sharded when the
 token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
 Replicate inputs (gathered once per value). Graph outputs always get Replicate. Padding is
-symbolic: T_pad = T + ((-T) mod n) computed from the graph's own token count.
+symbolic and computed once per graph, right after the inputs, from the graph's own token count:
+rows = ceil(T / n) = (T + n - 1) // n, T_pad = rows * n, pad = T_pad - T. (The ceil-div form keeps
+the shape expressions small, which keeps FakeTensor propagation of the sharded stream cheap.)
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ class LayoutRewriter:
         self._gathered: dict[fx.Node, fx.Node] = {}
         self._local: dict[fx.Node, fx.Node] = {}
         self.force_replicate: set[fx.Node] = set()
-        self.created: list[fx.Node] = []
+        self.created: dict[fx.Node, None] = {}  # ordered set of the nodes the rewrite inserted
+        self._padding = None                  # (rows, T_pad, pad), built once by padded_count()
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
         self.touched: set[fx.Node] = set()    # original nodes whose inputs/args a rewrite changed
         self.notes: list[str] = []            # strategy remarks copied into the PassReport
@@ -82,18 +85,46 @@ class LayoutRewriter:
         return self._T_node
 
     def _new(self, node: fx.Node, role: str) -> fx.Node:
-        self.created.append(node)
+        self.created[node] = None
         return _tag(node, role)
+
+    def mark_created(self, node: fx.Node) -> None:
+        """Register a node a strategy inserted itself (propagation then leaves it alone)."""
+        self.created[node] = None
 
     def _sym(self, fn, *args, role="sym"):
         if not any(isinstance(a, fx.Node) for a in args):
             return fn(*args)
         return self._new(self.graph.call_function(fn, args), role)
 
-    def padded_count(self):
+    def _padding_values(self):
+        """(rows, T_pad, pad) as graph values (ints when T is static), inserted once, after the
+        inputs (and after the token-count node when the rewrite had to create one)."""
+        if self._padding is not None:
+            return self._padding
         t = self.token_count_node()
-        pad = self._sym(operator.mod, self._sym(operator.neg, t), self.n)
-        return pad, self._sym(operator.add, t, pad)
+        if not isinstance(t, fx.Node):  # static token count: plain ints
+            rows = (t + self.n - 1) // self.n
+            self._padding = (rows, rows * self.n, rows * self.n - t)
+            return self._padding
+        anchor = t  # right after T (after the run of inputs it belongs to, if it is an input)
+        while anchor.op == "placeholder" and anchor.next.op == "placeholder":
+            anchor = anchor.next
+        with self.graph.inserting_before(anchor.next):  # keeps insertion order: rows, T_pad, pad
+            rows = self._sym(operator.floordiv, self._sym(operator.add, t, self.n - 1), self.n)
+            tpad = self._sym(operator.mul, rows, self.n)
+            pad = self._sym(operator.sub, tpad, t)
+        self._padding = (rows, tpad, pad)
+        return self._padding
+
+    def padded_count(self):
+        """(pad, T_pad): the rows to append so the token count divides by the group size."""
+        _, tpad, pad = self._padding_values()
+        return pad, tpad
+
+    def shard_rows(self):
+        """Rows of a Shard0 value: ceil(T / n)."""
+        return self._padding_values()[0]
 
     # ---- primitive layout changes (insert right after `value`) --------------------------------
     def _pad(self, x: fx.Node) -> fx.Node:
@@ -124,8 +155,7 @@ class LayoutRewriter:
     def _record_collective(self, first: fx.Node, last: fx.Node) -> None:
         n = first.next
         while True:
-            if n not in self.created:
-                self.created.append(n)
+            self.created[n] = None
             if n is last:
                 break
             n = n.next
@@ -152,8 +182,7 @@ class LayoutRewriter:
         with self.graph.inserting_before(value.next):
             padded = self._pad(value)
         with self.graph.inserting_before(padded.next):
-            _, tpad = self.padded_count()
-            chunk = self._sym(operator.floordiv, tpad, self.n)
+            chunk = self.shard_rows()
             start = self._sym(operator.mul, chunk, self.rank)
             out = self._new(self.graph.call_function(aten.narrow.default, (padded, 0, start, chunk)),
                             "local_shard")
@@ -164,9 +193,8 @@ class LayoutRewriter:
 
     # ---- propagation -------------------------------------------------------------------------
     def propagate(self) -> None:
-        created = set(self.created)
         for node in list(self.graph.nodes):
-            if node in created or node.meta.get("fxpasses", {}).get("role"):
+            if node in self.created or node.meta.get("fxpasses", {}).get("role"):
                 continue
             sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
             if not sharded:
@@ -189,7 +217,6 @@ class LayoutRewriter:
                     self.touched.add(node)
             shape_arg_fix(node)
             self.layout[node] = layouts.SHARD0
-            created = set(self.created)
 
     def _replicate_inputs(self, node: fx.Node, sharded: list[fx.Node]) -> None:
         for a in sharded:

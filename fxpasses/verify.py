@@ -21,38 +21,63 @@ from fxpasses import layouts
 from fxpasses.errors import VerificationError
 
 
+def _dims(seq) -> tuple:
+    """Sizes/strides as hashable, comparable values (a SymInt by its sympy expression)."""
+    return tuple(x.node.expr if isinstance(x, torch.SymInt) else x for x in seq)
+
+
 def _same_meta(a, b) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return (a.dtype == b.dtype and [str(x) for x in a.shape] == [str(x) for x in b.shape]
-                and [str(x) for x in a.stride()] == [str(x) for x in b.stride()])
+        return (a.dtype == b.dtype and _dims(a.shape) == _dims(b.shape)
+                and _dims(a.stride()) == _dims(b.stride()))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
+    if isinstance(a, torch.SymInt | torch.SymFloat | torch.SymBool) and type(a) is type(b):
+        return a.node.expr == b.node.expr
     return str(a) == str(b)
 
 
-def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None) -> int:
+def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None, *,
+                   graph: fx.Graph | None = None) -> int:
     """FakeTensor shape propagation; returns how many nodes were re-executed.
+
+    `graph` (default `gm.graph`) is the graph to run; `gm` only provides attributes, so a
+    rewritten copy can be checked without generating Python code for it.
 
     With `dirty` (the nodes a rewrite created or changed), only those nodes and the nodes whose
     inputs' fake values really changed (shape, stride or dtype) are re-executed; every other node
-    keeps its recorded value. The result equals a full propagation at a fraction of the cost."""
+    keeps its recorded value. Re-executions are memoised on (operator, input metadata): a decoder
+    layer's ops see the same shapes in every layer, so a result already computed in this run is
+    rebuilt as a fresh fake tensor of the same size/stride/dtype instead of running the operator's
+    fake kernel again. Only results that own fresh storage (no aliasing of an input), carry no
+    unbacked symbols and come from ops that cannot change their inputs' metadata are memoised;
+    everything else runs for real. The result equals a full propagation at a fraction of the cost."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = graph if graph is not None else gm.graph
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in phs]
     if any(v is None for v in vals):
         raise VerificationError("a graph input has no recorded fake value; cannot propagate shapes")
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is None:
         raise VerificationError("graph inputs carry no FakeTensorMode; cannot propagate shapes")
+    memo: dict = {}
 
     class _Prop(FakeTensorProp):
         executed = 0
         changed: set = set()
+
+        def __init__(self):
+            torch.fx.Interpreter.__init__(self, gm, graph=graph)
+            self._mode = mode
+            mode.epoch += 1
+            mode.reset_nt_tensor_id_counter()
+            self.seen_subgraphs = set()
 
         def run_node(self, n):
             if n.op in ("placeholder", "output") or dirty is None:
@@ -62,16 +87,107 @@ def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None) -> int
             if not stale and "val" in n.meta:
                 return n.meta["val"]
             old = n.meta.get("val", _MISSING)
-            out = super().run_node(n)
+            key = _memo_key(n, self.env)
+            hit = memo.get(key) if key is not None else None
+            if hit is not None:
+                # a fresh tensor with the memoised metadata (recorded as is: FakeTensorProp's
+                # detached snapshot only guards against later in-place metadata changes, which
+                # _memo_key rules out by refusing nodes with an aten in-place user)
+                out = old if _same_meta(old, hit) else _fresh_like(hit, mode)
+                n.meta["val"] = out
+            else:
+                out = super().run_node(n)
+                if key is not None:
+                    if key not in memo:
+                        memo[key] = out if _memoisable(n, self.env, out) else None
+                    if memo[key] is not None and _same_meta(old, out):
+                        out = n.meta["val"] = old
+            # (a fresh result with the metadata the node had keeps its earlier value: it owns its
+            # storage, and views downstream that were not re-run still alias it)
             self.executed += 1
             if old is _MISSING or not _same_meta(old, n.meta.get("val")):
                 self.changed.add(n)
             return out
 
-    prop = _Prop(gm, mode)
+    prop = _Prop()
     with mode, enable_python_dispatcher():
         prop.propagate_dont_convert_inputs(*vals)
     return prop.executed
+
+
+def _meta_key(v):
+    if isinstance(v, torch.Tensor):
+        return ("T", v.dtype, v.device, _dims(v.shape), _dims(v.stride()), _dims((v.storage_offset(),)),
+                v.requires_grad)
+    if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return ("S", type(v).__name__, v.node.expr)
+    if isinstance(v, list | tuple):
+        return (type(v).__name__, *(_meta_key(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", *((k, _meta_key(x)) for k, x in sorted(v.items())))
+    if v is None or isinstance(v, bool | int | float | str | torch.dtype | torch.device | torch.layout |
+                                 torch.memory_format):
+        return (type(v).__name__, v)  # 1, 1.0 and True hash alike; the type keeps them apart
+    raise TypeError  # anything else (e.g. an opaque object): not memoised
+
+
+def _memo_key(n: fx.Node, env: dict):
+    """(operator, metadata of every argument) for an OpOverload call, or None when not memoisable."""
+    t = n.target
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    if _aten_mutable(t) or any(_aten_mutable(u.target) for u in n.users):  # may change metadata
+        return None
+    try:
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        return (t, _meta_key(args))
+    except TypeError:
+        return None
+
+
+def _aten_mutable(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and target._schema.is_mutable
+
+
+def _memoisable(n: fx.Node, env: dict, out) -> bool:
+    """True when `out` is a fresh result: fake tensors with their own storage at offset 0 and no
+    unbacked symbols (so an equal fresh tensor is exactly what re-running the kernel gives)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    outs = list(out) if isinstance(out, tuple | list) else [out]
+    if not outs or not all(isinstance(o, FakeTensor) and o.storage_offset() == 0 for o in outs):
+        return False
+    if free_unbacked_symbols(outs):
+        return False
+    ins = [a for a in torch.utils._pytree.tree_leaves(
+        torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])) if isinstance(a, torch.Tensor)]
+    seen = {StorageWeakRef(a.untyped_storage()) for a in ins}
+    for o in outs:
+        ref = StorageWeakRef(o.untyped_storage())
+        if ref in seen:
+            return False
+        seen.add(ref)
+    return True
+
+
+def _fresh_like(template, mode):
+    """New fake tensors with `template`'s size, stride and dtype and storage of their own.
+
+    Built directly (a meta tensor wrapped as a FakeTensor of `mode`, as the mode itself does)
+    rather than by dispatching `empty_strided`, which costs about twice as much with symbolic sizes."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    def one(o):
+        with unset_fake_temporarily():
+            m = torch.empty(o.shape, dtype=o.dtype, device="meta")
+            if _dims(m.stride()) != _dims(o.stride()):
+                m = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device="meta")
+        return FakeTensor(mode, m, o.device)
+    if isinstance(template, tuple | list):
+        return type(template)(one(o) for o in template)
+    return one(template)
 
 
 _MISSING = object()
@@ -112,21 +228,23 @@ class Verification:
     nodes_propagated: int = 0
 
 
-def verify(gm: fx.GraphModule, rewriter, before_outputs: list) -> Verification:
+def verify(gm: torch.nn.Module, rewriter, before_outputs: list, graph: fx.Graph | None = None) -> Verification:
+    """Verify `graph` (default `gm.graph`; `gm` supplies attributes) after a rewrite."""
+    graph = graph if graph is not None else gm.graph
     try:
-        gm.graph.lint()
+        graph.lint()
     except Exception as e:
         raise VerificationError(f"graph.lint failed after the rewrite: {e}") from e
     try:
         dirty = None if rewriter is None else rewriter.dirty_nodes()
-        executed = fake_propagate(gm, dirty)
+        executed = fake_propagate(gm, dirty, graph=graph)
     except VerificationError:
         raise
     except Exception as e:
         raise VerificationError(f"fake-tensor shape propagation failed after the rewrite: "
                                 f"{type(e).__name__}: {e}") from e
     if rewriter is not None:
-        live = set(gm.graph.nodes)  # erased (dead) nodes keep .graph but are gone
+        live = set(graph.nodes)  # erased (dead) nodes keep .graph but are gone
         for node, lay in rewriter.layout.items():
             if node not in live:
                 continue
@@ -137,13 +255,13 @@ def verify(gm: fx.GraphModule, rewriter, before_outputs: list) -> Verification:
             if lay is layouts.REPLICATE and not gf.same_size(rows, rewriter.T):
                 raise VerificationError(f"{node.name} should be Replicate with {rewriter.T} rows, has {rows}")
             if lay is layouts.SHARD0:
-                expect = (rewriter.T + (-rewriter.T) % rewriter.n) // rewriter.n
+                expect = (rewriter.T + rewriter.n - 1) // rewriter.n  # ceil(T / n), as the rewriter pads
                 if not _sym_equal(rows, expect):
                     raise VerificationError(f"{node.name} should be Shard0 with {expect} rows, has {rows}")
-    after = output_signature(gm.graph)
+    after = output_signature(graph)
     if after != before_outputs:
         raise VerificationError(f"graph outputs changed shape/dtype: {before_outputs} -> {after}")
-    fp = collective_fingerprint(gm.graph)
+    fp = collective_fingerprint(graph)
     return Verification(fp, fingerprint_digest(fp), executed)
 
 

@@ -264,7 +264,7 @@ class FxPassesInductorPass(InductorPass):
                        "this platform/mode), so min_tokens=%d cannot select sizes at compile time; the "
                        "rewrite applies to all token counts (a graph traced for a fixed size below "
                        "min_tokens is left unchanged)", cfg.min_tokens)
-        report = run_passes(graph, cfg, ctx)
+        report = run_passes(graph, cfg, ctx, recompile=False)  # Inductor recompiles after post-grad passes
         statuses: dict[str, int] = {}
         for s in getattr(report, "sites", []):
             statuses[s.status] = statuses.get(s.status, 0) + 1

@@ -40,7 +40,7 @@ import torch.fx as fx
 from fxpasses import graph_forms as gf
 from fxpasses import layouts
 from fxpasses.context import TPContext
-from fxpasses.errors import ConfigError
+from fxpasses.errors import ConfigError, RewriteError
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
 
@@ -234,10 +234,12 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
+    if rw.n != tp:
+        raise RewriteError(f"FlashComm2 needs the rewriter on the TP group (size {tp}), got size {rw.n}")
     first = mm.prev
     with g.inserting_before(mm):
-        pad, tpad = rw.padded_count()
-        b = rw._sym(operator.floordiv, tpad, tp)             # rows per TP chunk = T_pad / tp
+        pad, _ = rw.padded_count()
+        b = rw.shard_rows()                                   # rows per TP chunk = T_pad / tp
         kb = rw._sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
         xp = call(aten.constant_pad_nd.default, x, [0, 0, 0, pad], 0.0)
         if k > 1:
@@ -264,8 +266,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     stack = mm.meta.get("nn_module_stack")
     node = first.next
     while node is not mm:
-        if node not in rw.created:
-            rw.created.append(node)
+        rw.mark_created(node)
         node.meta.setdefault("fxpasses", {}).setdefault("role", "flashcomm2")
         if stack is not None:
             node.meta.setdefault("nn_module_stack", stack)
