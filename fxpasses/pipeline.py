@@ -167,6 +167,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             raise RewriteError("strict mode: sites could not be rewritten: " +
                                "; ".join(f"{p.site.prefix}: {p.reason}" for p in skipped))
 
+    t = time.perf_counter()
     want_text = gm is not None and (bool(config.dump_dir) or dumps.tracing_enabled())
     before_text = dumps.graph_text(gm) if want_text else ""
     replace_graph_contents(graph, work)
@@ -177,6 +178,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     report.extra.update(rw.extra)
     report.after = collective_counts(graph)
     report.fingerprint, report.digest = ver.fingerprint, ver.digest
+    timings["apply"] = round((time.perf_counter() - t) * 1e3, 3)
     gid = tag or f"graph{next(_graph_ids)}"
     if want_text:
         after_text = dumps.graph_text(gm)
