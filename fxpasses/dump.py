@@ -16,10 +16,11 @@ def graph_text(gm: fx.GraphModule) -> str:
 
 
 def tracing_enabled() -> bool:
-    """True when structured tracing (TORCH_TRACE / tlparse) has a handler, i.e. when
-    `trace_structured` would call its payload function; graph text is only generated then."""
-    from torch._logging._internal import trace_log
-    return bool(trace_log.handlers)
+    """True when structured tracing has somewhere to write (TORCH_TRACE set, or a handler someone
+    attached); graph text is only generated then. torch always attaches a LazyTraceHandler to the
+    trace log, which stays inert without a directory, so that one alone does not count."""
+    from torch._logging._internal import LazyTraceHandler, trace_log
+    return any(not (isinstance(h, LazyTraceHandler) and h.root_dir is None) for h in trace_log.handlers)
 
 
 def emit_trace(name: str, text: str) -> None:

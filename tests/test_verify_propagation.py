@@ -119,3 +119,54 @@ def test_rewritten_graph_object_is_consistent(strategies):
     assert len(found) == sum(rep.after.get(k, 0) for k in ("reduce_scatter", "all_to_all")) > 0
     assert not graph.find_nodes(op="call_function", target=c10d.all_reduce.default)
     assert "reduce_scatter_tensor" in gm.code or "all_to_all_single" in gm.code
+
+
+def test_trace_artifacts_only_when_tracing():
+    """With a structured-trace handler attached (what TORCH_TRACE installs), the before/after graph
+    text is emitted as `trace_structured` artifacts for tlparse; without one no text is made."""
+    import logging
+
+    from torch._logging._internal import LazyTraceHandler, trace_log
+
+    from fxpasses import dump
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    def run():
+        with enable_python_dispatcher():
+            gm = build_graph(small(1, False), 2)
+            rep = run_passes(gm.graph, FxPassesConfig.from_dict({"strategies": "flashcomm1"}), tp_context(2),
+                             tag="traced")
+        assert rep.applied
+        return rep
+
+    made = []
+    real_text, saved, level = dump.graph_text, list(trace_log.handlers), trace_log.level
+    dump.graph_text = lambda gm: made.append(1) or real_text(gm)
+    grab = Grab()
+    try:
+        trace_log.handlers = [LazyTraceHandler(None)]  # what torch installs without TORCH_TRACE
+        assert not dump.tracing_enabled()
+        run()
+        assert made == []
+        trace_log.handlers = [grab]
+        trace_log.setLevel(logging.DEBUG)
+        assert dump.tracing_enabled()
+        run()
+        assert len(made) == 2  # before and after text
+    finally:
+        dump.graph_text = real_text
+        trace_log.handlers = saved
+        trace_log.setLevel(level)
+    arts = {r.metadata["artifact"]["name"]: r.payload for r in grab.records
+            if "artifact" in getattr(r, "metadata", {})}
+    assert set(arts) >= {"fxpasses_traced_rank0_before", "fxpasses_traced_rank0_after"}
+    assert "all_reduce" in arts["fxpasses_traced_rank0_before"]
+    assert "all_reduce" not in arts["fxpasses_traced_rank0_after"]
+    assert "reduce_scatter_tensor" in arts["fxpasses_traced_rank0_after"]
