@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpasses.capture import rebind_token_args
+from fxpasses.harness import compare_outputs, graph_args
 
 
 def own_tokens(T: int, vocab: int, seed: int, rank: int) -> torch.Tensor:
@@ -18,34 +18,22 @@ def own_tokens(T: int, vocab: int, seed: int, rank: int) -> torch.Tensor:
 
 
 def rank_compare_own_tokens(state: dict, key: str, token_counts: list[int], seed: int = 0) -> list[dict]:
-    entry = state["captures"][key]
-    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
-    rank = state["rank"]
+    ds, rank = state["captures"][key]["spec"], state["rank"]
     out = []
     with torch.no_grad():
         for T in token_counts:
             ids = own_tokens(T, ds.vocab_size, seed, rank)
-            args = rebind_token_args(cap.first_args, ids0, ids)
-            ref = cap.originals[0](*list(args))[0]
-            new = cap.graphs[0](*list(args))[0]
-            if ref.shape != new.shape:
-                out.append({"T": T, "shape_ok": False, "max_abs": float("inf"), "rel": float("inf")})
-                continue
-            diff = (new.double() - ref.double()).abs().max().item()
-            scale = ref.double().abs().max().item() or 1.0
-            out.append({"T": T, "shape_ok": True, "max_abs": diff, "rel": diff / scale,
-                        "ids_digest": int(ids.sum().item())})
+            res = compare_outputs(*graph_args(state, key, T, ids=ids), T)
+            out.append({**res, "ids_digest": int(ids.sum().item())})  # ranks really fed different tokens
     return out
 
 
 def rank_run_rewritten(state: dict, key: str, counts_by_rank: list[int], seed: int = 0) -> str:
     """Run only the rewritten graph with a per-rank token count; returns "ok" or the error text
     (used to show the equal-token-count check fires instead of hanging)."""
-    entry = state["captures"][key]
-    cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
-    rank = state["rank"]
+    ds, rank = state["captures"][key]["spec"], state["rank"]
     ids = own_tokens(counts_by_rank[rank], ds.vocab_size, seed, rank)
-    args = rebind_token_args(cap.first_args, ids0, ids)
+    cap, args = graph_args(state, key, counts_by_rank[rank], ids=ids)
     try:
         with torch.no_grad():
             cap.graphs[0](*list(args))

@@ -57,30 +57,30 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     return summary
 
 
-def graph_args(state: dict, key: str, T: int, seed: int = 0):
-    """The capture of `key` on this rank and its graphs' flat args for a T-token input."""
+def graph_args(state: dict, key: str, T: int, seed: int = 0, ids: torch.Tensor | None = None):
+    """The capture of `key` on this rank and its graphs' flat args for a T-token input
+    (`ids` if given, else the harness's seeded tokens)."""
     entry = state["captures"][key]
     cap = entry["cap"]
-    ids = _tokens(T, entry["spec"].vocab_size, seed)
+    ids = ids if ids is not None else _tokens(T, entry["spec"].vocab_size, seed)
     return cap, rebind_token_args(cap.first_args, entry["ids0"], ids)
+
+
+def compare_outputs(cap, args, T: int) -> dict[str, float]:
+    """Run the original and the rewritten graph on `args`; shape check and max abs / relative error."""
+    ref = cap.originals[0](*list(args))[0]
+    new = cap.graphs[0](*list(args))[0]
+    if ref.shape != new.shape:
+        return {"T": T, "shape_ok": False, "max_abs": float("inf"), "rel": float("inf")}
+    diff = (new.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() or 1.0
+    return {"T": T, "shape_ok": True, "max_abs": diff, "rel": diff / scale}
 
 
 def rank_compare(state: dict, key: str, token_counts: list[int], seed: int = 0) -> list[dict[str, float]]:
     """Run original and rewritten graphs on the same inputs for each token count."""
-    out = []
     with torch.no_grad():
-        for T in token_counts:
-            cap, args = graph_args(state, key, T, seed)
-            ref = cap.originals[0](*list(args))
-            new = cap.graphs[0](*list(args))
-            ref, new = ref[0], new[0]
-            if ref.shape != new.shape:
-                out.append({"T": T, "shape_ok": False, "max_abs": float("inf"), "rel": float("inf")})
-                continue
-            diff = (new.double() - ref.double()).abs().max().item()
-            scale = ref.double().abs().max().item() or 1.0
-            out.append({"T": T, "shape_ok": True, "max_abs": diff, "rel": diff / scale})
-    return out
+        return [compare_outputs(*graph_args(state, key, T, seed), T) for T in token_counts]
 
 
 def rank_drop(state: dict, key: str) -> None:
