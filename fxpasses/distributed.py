@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 import uuid
 from typing import Any, Callable
@@ -101,10 +102,26 @@ class TPPool:
             self.close()
             raise RankError(f"rank initialisation failed:\n{bad[0]}")
 
+    #: seconds a call may take on a rank before the pool is declared hung (FXPASSES_POOL_TIMEOUT)
+    timeout = float(os.environ.get("FXPASSES_POOL_TIMEOUT", "900"))
+    broken = False
+
     def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
+        if self.broken:
+            raise RankError("this pool was shut down after a hang; start a new TPPool")
         for c in self.conns:
             c.send((fn, args, kwargs))
-        res = [c.recv() for c in self.conns]
+        deadline = time.monotonic() + self.timeout
+        res = []
+        for r, c in enumerate(self.conns):
+            if not c.poll(max(deadline - time.monotonic(), 0.0)):
+                silent = [q for q, cc in enumerate(self.conns[r:], r) if not cc.poll(0)]
+                self.broken = True
+                self.close()
+                raise RankError(f"ranks {silent} did not answer {getattr(fn, '__name__', fn)} within "
+                                f"{self.timeout:.0f} s: most likely waiting in a collective another rank "
+                                "never issued (or raise FXPASSES_POOL_TIMEOUT); the pool was shut down")
+            res.append(c.recv())
         errs = [(r, v) for r, (s, v) in enumerate(res) if s != "ok"]
         if errs:
             r, v = errs[0]

@@ -131,3 +131,18 @@ def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
     res = FlashComm2Groups(ctx.tp, k, n, odp, otp, r % n, r // n)
     _CACHE[key] = res
     return res
+
+
+def prepare_process_groups(config, ctx: TPContext) -> None:
+    """Create every process group `config` will need on this rank (FlashComm2's ODP/OTP for K > 1,
+    OTP / MLP-TP groups), now, outside any compilation.
+
+    The passes create them lazily on first use, which is correct when every rank compiles the same
+    graphs in the same order (vLLM's workers do), but it puts a collective (`new_group`) inside the
+    compiler. Callers that can, call this first on every rank: the harness does before capturing."""
+    from fxpasses import dp_groups
+
+    if "flashcomm2" in config.strategies and config.flashcomm2_oproj_tp_size > 1 and ctx.tp >= 2:
+        flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size)
+    if any(s in config.strategies for s in ("otp", "mlp_tp")) and ctx.world >= 2:
+        dp_groups.ensure_dp_groups(ctx, config)

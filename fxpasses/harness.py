@@ -17,6 +17,7 @@ from fxpasses.capture import compile_with_pass, rebind_token_args
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.dump import graph_text
+from fxpasses.groups import prepare_process_groups
 from fxpasses.models.tiny import DecoderSpec, build_tiny_decoder
 from fxpasses.pipeline import run_passes
 
@@ -42,6 +43,7 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     cfg = FxPassesConfig.from_dict(config)
     model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed, pack_weights=pack)
     ctx = TPContext.from_vllm()
+    prepare_process_groups(cfg, ctx)  # collective group creation before compiling, not inside it
     reports = []
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
         run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")))

@@ -152,15 +152,17 @@ def _aten_mutable(target) -> bool:
 
 
 def _memoisable(n: fx.Node, env: dict, out) -> bool:
-    """True when `out` is a fresh result: fake tensors with their own storage at offset 0 and no
+    """True when `out` is a fresh result: plain fake tensors with their own storage at offset 0 and no
     unbacked symbols (so an equal fresh tensor is exactly what re-running the kernel gives)."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
     from torch.multiprocessing.reductions import StorageWeakRef
 
     outs = list(out) if isinstance(out, tuple | list) else [out]
-    if not outs or not all(isinstance(o, FakeTensor) and o.storage_offset() == 0 for o in outs):
-        return False
+    plain = (lambda o: isinstance(o, FakeTensor) and _dims((o.storage_offset(),)) == (0,)  # noqa: E731
+             and o.layout == torch.strided and not (o.requires_grad or o.is_conj() or o.is_neg()))
+    if not outs or not all(plain(o) for o in outs):
+        return False  # only what _fresh_like rebuilds exactly: plain strided tensors at offset 0
     if free_unbacked_symbols(outs):
         return False
     ins = [a for a in torch.utils._pytree.tree_leaves(

@@ -19,7 +19,7 @@ class Pools:
         from fxpasses.distributed import TPPool
 
         key = (world, form)
-        if key not in self._pools:
+        if key not in self._pools or self._pools[key].broken:  # a pool shut down after a hang is replaced
             self._pools[key] = TPPool(world, form)
         return self._pools[key]
 
