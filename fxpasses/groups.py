@@ -144,5 +144,5 @@ def prepare_process_groups(config, ctx: TPContext) -> None:
 
     if "flashcomm2" in config.strategies and config.flashcomm2_oproj_tp_size > 1 and ctx.tp >= 2:
         flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size)
-    if any(s in config.strategies for s in ("otp", "mlp_tp")) and ctx.world >= 2:
-        dp_groups.ensure_dp_groups(ctx, config)
+    if ctx.world >= 2:
+        dp_groups.ensure_dp_groups(ctx, config)  # creates only what otp / mlp_tp in the config need

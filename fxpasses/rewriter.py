@@ -85,7 +85,7 @@ class LayoutRewriter:
         return self._T_node
 
     def _new(self, node: fx.Node, role: str) -> fx.Node:
-        self.created[node] = None
+        self.mark_created(node)
         return _tag(node, role)
 
     def mark_created(self, node: fx.Node) -> None:
@@ -155,7 +155,7 @@ class LayoutRewriter:
     def _record_collective(self, first: fx.Node, last: fx.Node) -> None:
         n = first.next
         while True:
-            self.created[n] = None
+            self.mark_created(n)
             if n is last:
                 break
             n = n.next

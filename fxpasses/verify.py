@@ -89,19 +89,20 @@ def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None, *,
             if not stale and "val" in n.meta:
                 return n.meta["val"]
             old = n.meta.get("val", _MISSING)
-            key = _memo_key(n, self.env)
+            args = _memo_args(n, self.env)
+            key = _memo_key(n, args)
             hit = memo.get(key) if key is not None else None
             if hit is not None:
                 # a fresh tensor with the memoised metadata (recorded as is: FakeTensorProp's
                 # detached snapshot only guards against later in-place metadata changes, which
-                # _memo_key rules out by refusing nodes with an aten in-place user)
+                # _memo_args rules out by refusing nodes with an aten in-place user)
                 out = old if _same_meta(old, hit) else _fresh_like(hit, mode)
                 n.meta["val"] = out
             else:
                 out = super().run_node(n)
                 if key is not None:
                     if key not in memo:
-                        memo[key] = out if _memoisable(n, self.env, out) else None
+                        memo[key] = out if _memoisable(args, out) else None
                     if memo[key] is not None and _same_meta(old, out):
                         out = n.meta["val"] = old
             # (a fresh result with the metadata the node had keeps its earlier value: it owns its
@@ -133,16 +134,24 @@ def _meta_key(v):
     raise TypeError  # anything else (e.g. an opaque object): not memoised
 
 
-def _memo_key(n: fx.Node, env: dict):
-    """(operator, metadata of every argument) for an OpOverload call, or None when not memoisable."""
+def _memo_args(n: fx.Node, env: dict):
+    """(args, kwargs) with their current values, for an OpOverload call that may be memoised;
+    None for anything else (other node kinds, aten in-place ops or nodes with an aten in-place
+    user, which may change metadata)."""
     t = n.target
     if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
         return None
-    if _aten_mutable(t) or any(_aten_mutable(u.target) for u in n.users):  # may change metadata
+    if _aten_mutable(t) or any(_aten_mutable(u.target) for u in n.users):
+        return None
+    return torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+
+
+def _memo_key(n: fx.Node, args):
+    """(operator, metadata of every argument), or None when not memoisable."""
+    if args is None:
         return None
     try:
-        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
-        return (t, _meta_key(args))
+        return (n.target, _meta_key(args))
     except TypeError:
         return None
 
@@ -151,7 +160,7 @@ def _aten_mutable(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and target._schema.is_mutable
 
 
-def _memoisable(n: fx.Node, env: dict, out) -> bool:
+def _memoisable(args, out) -> bool:
     """True when `out` is a fresh result: plain fake tensors with their own storage at offset 0 and no
     unbacked symbols (so an equal fresh tensor is exactly what re-running the kernel gives)."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -165,8 +174,7 @@ def _memoisable(n: fx.Node, env: dict, out) -> bool:
         return False  # only what _fresh_like rebuilds exactly: plain strided tensors at offset 0
     if free_unbacked_symbols(outs):
         return False
-    ins = [a for a in torch.utils._pytree.tree_leaves(
-        torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])) if isinstance(a, torch.Tensor)]
+    ins = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
     seen = {StorageWeakRef(a.untyped_storage()) for a in ins}
     for o in outs:
         ref = StorageWeakRef(o.untyped_storage())
@@ -249,6 +257,7 @@ def verify(gm: torch.nn.Module, rewriter, before_outputs: list, graph: fx.Graph 
                                 f"{type(e).__name__}: {e}") from e
     if rewriter is not None:
         live = set(graph.nodes)  # erased (dead) nodes keep .graph but are gone
+        shard_rows = (rewriter.T + rewriter.n - 1) // rewriter.n  # ceil(T / n), as the rewriter pads
         for node, lay in rewriter.layout.items():
             if node not in live:
                 continue
@@ -259,9 +268,8 @@ def verify(gm: torch.nn.Module, rewriter, before_outputs: list, graph: fx.Graph 
             if lay is layouts.REPLICATE and not gf.same_size(rows, rewriter.T):
                 raise VerificationError(f"{node.name} should be Replicate with {rewriter.T} rows, has {rows}")
             if lay is layouts.SHARD0:
-                expect = (rewriter.T + rewriter.n - 1) // rewriter.n  # ceil(T / n), as the rewriter pads
-                if not _sym_equal(rows, expect):
-                    raise VerificationError(f"{node.name} should be Shard0 with {expect} rows, has {rows}")
+                if not _sym_equal(rows, shard_rows):
+                    raise VerificationError(f"{node.name} should be Shard0 with {shard_rows} rows, has {rows}")
     after = output_signature(graph)
     if after != before_outputs:
         raise VerificationError(f"graph outputs changed shape/dtype: {before_outputs} -> {after}")

@@ -332,8 +332,7 @@ def run_pass(gm: fx.GraphModule, strategy: str, tp: int):
     from fxpasses.config import FxPassesConfig
     from fxpasses.pipeline import copy_graph, run_passes
     work = fx.GraphModule(gm, copy_graph(gm.graph))
-    cfg = FxPassesConfig.from_dict({"strategies": strategy}) if hasattr(FxPassesConfig, "from_dict") \
-        else FxPassesConfig(strategies=(strategy,))
+    cfg = FxPassesConfig.from_dict({"strategies": strategy})
     t = time.perf_counter()
     # as the vLLM pass calls it: Inductor regenerates the module's code after its post-grad passes
     rep = run_passes(work.graph, cfg, tp_context(tp), recompile=False)

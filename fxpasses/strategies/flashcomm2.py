@@ -207,6 +207,8 @@ def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext, config=No
     if not todo:
         return
     groups = flashcomm2_groups(ctx, k)
+    if rw.n != groups.tp:  # the token padding (rw.shard_rows) is per TP rank
+        raise RewriteError(f"FlashComm2 needs the rewriter on the TP group (size {groups.tp}), got size {rw.n}")
     gather_after = not _fc1_enabled(config)
     total = 0
     for p in todo:
@@ -234,8 +236,6 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
-    if rw.n != tp:
-        raise RewriteError(f"FlashComm2 needs the rewriter on the TP group (size {tp}), got size {rw.n}")
     first = mm.prev
     with g.inserting_before(mm):
         pad, _ = rw.padded_count()
