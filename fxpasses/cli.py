@@ -32,9 +32,9 @@ def _parse_tokens(text: str) -> list[int]:
 def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int], out: str,
              dtype: str = "float64", allreduce_form: str = "c10d", layers: int | None = None,
              patterns: list[str] | None = None, sizes: dict[str, int] | None = None) -> int:
-    from fxpasses.distributed import TPPool
-    from fxpasses.harness import rank_capture, rank_compare
-    from fxpasses.models.tiny import BUNDLED_CONFIG, DecoderSpec
+    from fxpasses.testing.harness import rank_capture, rank_compare
+    from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
+    from fxpasses.testing.pool import TPPool
 
     spec = DecoderSpec.from_file(config_path or BUNDLED_CONFIG)
     if layers:
@@ -51,7 +51,7 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
         summaries = pool.run(rank_capture, dataclasses.asdict(spec), cfg.to_dict(), dtype,
                              False, max(tokens))
         if dp:  # every rank feeds its own tokens (same count), compared with its own TP=1 output
-            from fxpasses.dp_harness import rank_compare_own_tokens
+            from fxpasses.testing.dp_harness import rank_compare_own_tokens
             results = pool.run(rank_compare_own_tokens, summaries[0]["key"], tokens)
         else:
             results = pool.run(rank_compare, summaries[0]["key"], tokens)

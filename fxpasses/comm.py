@@ -1,6 +1,6 @@
 """The comm-backend seam: the one place that emits collective nodes into a graph.
 
-`CommBackend.for_graph(graph)` mirrors the form the traced graph already uses: vLLM's custom ops
+`CommBackend.for_forms(forms)` (the forms of the graph's TP all-reduces) mirrors the form the traced graph already uses: vLLM's custom ops
 (`vllm.reduce_scatter` / `vllm.all_gather`) where the graph's TP all-reduce is `vllm.all_reduce`
 and the vLLM group exists, torch's functional collectives (`_c10d_functional.*` + `wait_tensor`)
 otherwise, and always for all_to_all (vLLM has none). Every emitted node is tagged

@@ -14,33 +14,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fxpasses.errors import ConfigError
+from fxpasses.strategies import base as strategy_registry
 
 log = logging.getLogger("fxpasses")
 
-STRATEGIES = ("flashcomm1", "flashcomm2", "otp", "mlp_tp")
-ALIASES = {"sp": "flashcomm1", "fc1": "flashcomm1", "sequence_parallel": "flashcomm1",
-           "fc2": "flashcomm2", "oproj_tp": "otp", "o_proj_tp": "otp", "mlp": "mlp_tp", "mlptp": "mlp_tp"}
-# strategies whose original graph is TP=1 per rank (DP attention) cannot share a graph with the
-# vanilla-TP strategies
-DP_STRATEGIES = ("otp", "mlp_tp")
-TP_STRATEGIES = ("flashcomm1", "flashcomm2")
-
 
 def parse_strategies(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """'flashcomm1+flashcomm2' / ['sp'] -> ('flashcomm1', 'flashcomm2'), order canonical."""
+    """'flashcomm1+flashcomm2' / ['sp'] -> ('flashcomm1', 'flashcomm2'): names resolved through the
+    strategy registry (aliases included), ordered canonically."""
     items = spec.split("+") if isinstance(spec, str) else list(spec)
-    out = []
-    for raw in items:
-        name = str(raw).strip().lower().replace("-", "_")
-        if not name:
-            continue
-        name = ALIASES.get(name, name)
-        if name not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {raw!r}; choose from {', '.join(STRATEGIES)} "
-                              f"(aliases {', '.join(sorted(ALIASES))}), combined with '+'")
-        if name not in out:
-            out.append(name)
-    return tuple(s for s in STRATEGIES if s in out)
+    return strategy_registry.canonical([i for i in items if str(i).strip()])
 
 
 @dataclass(frozen=True)
@@ -68,10 +51,12 @@ class FxPassesConfig:
                 raise ConfigError(f"{k} must be a non-negative integer, got {v!r}")
         if self.flashcomm2_oproj_tp_size < 1:
             raise ConfigError("flashcomm2_oproj_tp_size must be >= 1")
-        if set(self.strategies) & set(DP_STRATEGIES) and set(self.strategies) & set(TP_STRATEGIES):
-            raise ConfigError(f"strategies {'+'.join(self.strategies)} cannot be combined: otp/mlp_tp rewrite "
-                              "DP-attention graphs (TP=1 per rank), flashcomm1/flashcomm2 rewrite TP graphs; "
-                              "pick one family")
+        families = {strategy_registry.get(n).family for n in self.strategies}
+        if len(families) > 1:
+            by = {f.name: [n for n in self.strategies if strategy_registry.get(n).family is f] for f in families}
+            raise ConfigError(f"strategies {'+'.join(self.strategies)} cannot be combined: they rewrite different "
+                              "kinds of graph (" + "; ".join(f"{'/'.join(v)}: {k} graphs" for k, v in sorted(by.items()))
+                              + "); pick one family")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FxPassesConfig":
@@ -99,19 +84,14 @@ class FxPassesConfig:
         world = world or tp
         if not self.strategies:
             return
-        if set(self.strategies) & set(TP_STRATEGIES) and tp <= 1:
-            raise ConfigError(f"{'+'.join(self.strategies)} needs tensor parallelism, but tp={tp}; "
-                              "run with tensor_parallel_size >= 2 or disable the strategy")
-        if "flashcomm2" in self.strategies:
-            k = self.flashcomm2_oproj_tp_size
-            if not (1 <= k < tp) or tp % k:
-                raise ConfigError(f"flashcomm2_oproj_tp_size={k} must divide tp={tp} and be smaller than it; "
-                                  f"valid values: {[d for d in range(1, tp) if tp % d == 0]}")
-        for key, name in (("otp_size", "otp"), ("mlp_tp_size", "mlp_tp")):
-            k = getattr(self, key) or world
-            if name in self.strategies and (k < 2 or world % k):
-                raise ConfigError(f"{key}={k} must be >= 2 and divide the world size {world}; "
-                                  f"valid values: {[d for d in range(2, world + 1) if world % d == 0]}")
+        strategies = [strategy_registry.get(n) for n in self.strategies]
+        strategies[0].family.validate(self, tp, world)
+        for s in strategies:
+            s.validate(self, tp, world)
+
+    def family(self):
+        """The graph family of the enabled strategies (None when none is enabled)."""
+        return strategy_registry.get(self.strategies[0]).family if self.strategies else None
 
 
 def _load_text_or_file(value: str, what: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 `TPContext.from_vllm()` reads vLLM's live groups; `TPContext.from_process_group()` uses a plain
 torch.distributed group. Strategies that need further groups (FlashComm2's ODP/OTP, OTP, MLP-TP)
-get them from `fxpasses.groups`, keyed by this context.
+get them from `fxpasses.topology`, keyed by this context.
 """
 from __future__ import annotations
 

@@ -28,6 +28,27 @@ def emit_trace(name: str, text: str) -> None:
                      payload_fn=lambda: text)
 
 
+def wanted(graph: fx.Graph, config) -> bool:
+    """Graph text is generated only for a dump directory or structured tracing (it costs time)."""
+    return graph.owning_module is not None and (bool(config.dump_dir) or tracing_enabled())
+
+
+def before_text(graph: fx.Graph, config) -> str:
+    """The graph's code before the rewrite is committed, or "" when nobody will read it."""
+    return graph_text(graph.owning_module) if wanted(graph, config) else ""
+
+
+def emit(graph: fx.Graph, report: PassReport, config, before: str, tag: str) -> None:
+    """After a committed rewrite: trace artifacts (TORCH_TRACE) and the dump directory's files."""
+    if not wanted(graph, config):
+        return
+    after = graph_text(graph.owning_module)
+    emit_trace(f"fxpasses_{tag}_rank{report.rank}_before", before)
+    emit_trace(f"fxpasses_{tag}_rank{report.rank}_after", after)
+    if config.dump_dir:
+        write_dumps(config.dump_dir, report, before, after, tag)
+
+
 def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, after: str,
                 tag: str = "graph") -> Path:
     """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py, site_report.json/.txt; return the folder."""

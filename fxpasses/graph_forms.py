@@ -1,4 +1,4 @@
-"""Recognisers for the op forms vLLM's post-grad graphs contain (see DESIGN.md "Graph forms").
+"""Recognisers for the op forms vLLM's post-grad graphs contain (measured on vLLM 0.32 / torch 2.13).
 
 Everything that asks "what kind of node is this?" lives here: matmuls (aten mm/addmm/linear/bmm,
 `_C.onednn_mm` inside `auto_functionalized[_v2]`), TP all-reduces (`vllm.all_reduce`,
@@ -64,6 +64,13 @@ class AllReduce:
     result: fx.Node
     nodes: list[fx.Node]
     group_name: str | None  # vLLM unique name ("tp:0") for "vllm", c10d group name for "c10d"
+
+    def runs_on(self, group) -> bool:
+        """Does this all-reduce reduce over `group` (a GroupRef)? The shm form names no group: vLLM
+        creates its shared-memory all-reduce on the TP/PP groups only, so it is taken as TP's."""
+        if self.form == "shm":
+            return True
+        return self.group_name in (group.c10d_name, group.vllm_name)
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -142,10 +149,6 @@ def class_names(cls: Any) -> list[str]:
 def val(node: Any):
     """The FakeTensor (or SymInt/...) recorded for a node, or None."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def is_tensor_node(node: Any) -> bool:
-    return isinstance(val(node), torch.Tensor)
 
 
 COLLECTIVE_OPS = {

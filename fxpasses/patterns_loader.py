@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fxpasses.errors import PatternError
+from fxpasses.strategies import base as strategy_registry
+from fxpasses.strategies.base import SITE_KINDS
 
-SITE_KINDS = ("row", "column", "embedding", "replicated")
-STRATEGY_KEYS = ("flashcomm1", "flashcomm2", "otp", "mlp_tp")
 _STRATEGY_FIELDS = ("row", "column", "embedding", "exclude")
 
 
@@ -53,6 +53,13 @@ class PatternSet:
     def excluded(self, prefix: str) -> str | None:
         return next((p for p in self.exclude if p in prefix), None)
 
+    def for_strategy(self, strategy) -> StrategyPatterns:
+        """The strategy's table in this set, else the strategy's own `default_patterns`."""
+        sp = self.strategies.get(strategy.name)
+        if sp is not None:
+            return sp
+        return StrategyPatterns(**{k: list(v) for k, v in strategy.default_patterns.items()})
+
     def fingerprint(self) -> str:
         return json.dumps({"classes": self.classes, "exclude": self.exclude,
                            "strategies": {k: vars(v) for k, v in self.strategies.items()}}, sort_keys=True)
@@ -65,7 +72,8 @@ def _str_list(v: Any, where: str) -> list[str]:
 
 
 def parse_pattern_dict(d: dict[str, Any], source: str) -> PatternSet:
-    allowed = {"name", "description", "classes", "exclude", *STRATEGY_KEYS}
+    strategy_keys = strategy_registry.registered_names()
+    allowed = {"name", "description", "classes", "exclude", *strategy_keys}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise PatternError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -79,7 +87,7 @@ def parse_pattern_dict(d: dict[str, Any], source: str) -> PatternSet:
         raise PatternError(f"{source}: exclude must be a table with one key 'prefixes'")
     exclude = _str_list(ex.get("prefixes", []), f"{source}: exclude.prefixes")
     strategies = {}
-    for s in STRATEGY_KEYS:
+    for s in strategy_keys:
         if s not in d:
             continue
         t = d[s]

@@ -1,24 +1,31 @@
-"""Decide which strategy owns which site: pattern sets + configuration + the seed's precedence.
+"""Decide which strategy owns which site: pattern sets + configuration + strategy precedence.
 
-Row site:    MLP-TP (down_proj) > OTP (o_proj) > FlashComm2 (o_proj/out_proj) > FlashComm1.
-Column site: MLP-TP (gate_up_proj) > FlashComm1.
-Embedding:   FlashComm1.
-Global exclusions (vision towers, MTP blocks...) and per-strategy exclusions (shared_expert)
-win over everything. Every site gets a SitePlan with the owning strategy or the reason it has none.
+For each site, the enabled strategies that own its kind are tried from the highest precedence down
+(`fxpasses.strategies.base.by_precedence`; with the built-in strategies: row site MLP-TP > OTP >
+FlashComm2 > FlashComm1, column site MLP-TP > FlashComm1, embedding FlashComm1); the first whose
+pattern table matches the prefix owns the site. Global exclusions (vision towers, MTP blocks...) and
+per-strategy exclusions (shared_expert) win over everything. Every site gets a SitePlan with the
+owning strategy or the reason it has none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from fxpasses.config import FxPassesConfig
 from fxpasses.patterns_loader import PatternSet
 from fxpasses.sites import Site
+from fxpasses.strategies.base import by_precedence
 
-ROW_PRECEDENCE = ("mlp_tp", "otp", "flashcomm2", "flashcomm1")
-COLUMN_PRECEDENCE = ("mlp_tp", "flashcomm1")
-EMBEDDING_PRECEDENCE = ("flashcomm1",)
-PRECEDENCE = {"row": ROW_PRECEDENCE, "column": COLUMN_PRECEDENCE, "embedding": EMBEDDING_PRECEDENCE,
-              "replicated": ()}
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from fxpasses.config import FxPassesConfig
+
+
+class SiteStatus(StrEnum):
+    PLANNED = "planned"        # owned by a strategy, not rewritten yet
+    REWRITTEN = "rewritten"
+    SKIPPED = "skipped"        # owned, but the strategy (or the pipeline) could not rewrite it
+    UNTOUCHED = "untouched"    # no enabled strategy owns it
 
 
 @dataclass
@@ -26,37 +33,43 @@ class SitePlan:
     site: Site
     strategy: str | None
     reason: str = ""
-    status: str = "planned"    # planned -> rewritten | skipped ; "untouched" when no strategy owns it
+    status: SiteStatus = SiteStatus.PLANNED
+
+    def skip(self, reason: str) -> None:
+        self.status, self.reason = SiteStatus.SKIPPED, reason
+
+    def done(self, how: str) -> None:
+        self.status, self.reason = SiteStatus.REWRITTEN, how
 
     def to_dict(self) -> dict:
-        return {**self.site.describe(), "strategy": self.strategy, "status": self.status, "reason": self.reason}
+        return {**self.site.describe(), "strategy": self.strategy, "status": str(self.status),
+                "reason": self.reason}
 
 
-def plan_sites(sites: list[Site], config: FxPassesConfig, patterns: PatternSet) -> list[SitePlan]:
+def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet) -> list[SitePlan]:
     plans = []
     enabled = set(config.strategies)
     for site in sites:
         ex = patterns.excluded(site.prefix)
         if ex:
-            plans.append(SitePlan(site, None, f"excluded by pattern set (prefix contains {ex!r})", "untouched"))
+            plans.append(SitePlan(site, None, f"excluded by pattern set (prefix contains {ex!r})",
+                                  SiteStatus.UNTOUCHED))
             continue
         chosen, why_not = None, []
-        for strat in PRECEDENCE[site.kind]:
-            if strat not in enabled:
-                continue
-            sp = patterns.strategies.get(strat)
-            if sp is None or not sp.matches(site.kind, site.prefix):
+        for strat in by_precedence(site.kind, enabled):
+            sp = patterns.for_strategy(strat)
+            if not sp.matches(site.kind, site.prefix):
                 continue
             ex = sp.excluded(site.prefix)
             if ex:
-                why_not.append(f"{strat} excludes prefixes containing {ex!r}")
+                why_not.append(f"{strat.name} excludes prefixes containing {ex!r}")
                 continue
-            chosen = strat
+            chosen = strat.name
             break
         if chosen:
             plans.append(SitePlan(site, chosen))
         else:
             reason = "; ".join(why_not) or ("no enabled strategy matches this prefix" if enabled
                                             else "no strategy enabled")
-            plans.append(SitePlan(site, None, reason, "untouched"))
+            plans.append(SitePlan(site, None, reason, SiteStatus.UNTOUCHED))
     return plans

@@ -24,21 +24,12 @@ import logging
 import os
 from typing import Any, Mapping
 
+from fxpasses.logs import bridge_logging
+
 log = logging.getLogger("fxpasses")
 
 PASS_KEY = "post_grad_custom_post_pass"
 _installed = False
-
-
-def bridge_logging() -> None:
-    """Route the `fxpasses` logger's records through vLLM's logger (same handlers, format and level),
-    so the mapping / registration / site lines appear in vLLM's log. vLLM configures its handlers
-    lazily, so the records are forwarded by parentage rather than by copying handlers. No-op when
-    the user configured the `fxpasses` logger."""
-    fx = logging.getLogger("fxpasses")
-    if fx.handlers or fx.parent is not logging.getLogger():
-        return
-    fx.parent = logging.getLogger("vllm")
 
 
 def _config_requested(additional_config: Mapping[str, Any] | None, env: Mapping[str, str]) -> bool:
@@ -133,6 +124,10 @@ def register() -> None:
         return
     from vllm.config import VllmConfig
 
+    import fxpasses
+    from fxpasses.vllm_pass import vllm_pass_instance
+
+    fxpasses.vllm_pass_instance = vllm_pass_instance  # the string route's target (see vllm_pass)
     bridge_logging()
 
     original = VllmConfig.__post_init__

@@ -3,7 +3,9 @@ before/after, the op-count diff line (`all_reduce: 9 -> 0, reduce_scatter: 0 -> 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -36,6 +38,26 @@ class PassReport:
     digest: str = ""
     notes: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, step: str):
+        """Time a step of the pass into extra["timings_ms"][step] (also when it returns early)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.extra.setdefault("timings_ms", {})[step] = round((time.perf_counter() - t) * 1e3, 3)
+
+    def record_applied(self, rewriter, verification, after: dict, nodes: int) -> None:
+        """The rewrite was committed: take the rewriter's notes and numbers and the verification's
+        fingerprint."""
+        self.applied = True
+        self.after = after
+        self.notes.extend(rewriter.notes)
+        self.extra.update(rewriter.extra)
+        self.extra["nodes"] = nodes
+        self.extra["nodes_repropagated"] = verification.nodes_propagated
+        self.fingerprint, self.digest = verification.fingerprint, verification.digest
 
     @property
     def diff(self) -> str:

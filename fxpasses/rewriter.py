@@ -1,8 +1,11 @@
 """The layout rewriter: materialise layout changes as explicit nodes and propagate Shard0.
 
-Strategies call `to_shard0_from_partial` (pad + reduce_scatter), `gather` (all_gather + unpad,
-once per value), `local_shard` (pad + this rank's slice, no communication) and `mark_shard0`;
-then `propagate()` walks the graph once: a node with a Shard0 input runs sharded when the
+Strategies call `to_shard0_from_partial` (pad + reduce_scatter), `replace_all_reduce`, `gather`
+(all_gather + unpad, once per value), `local_shard` (pad + this rank's slice, no communication),
+`mark_shard0` (a value a strategy built is Shard0), `require_replicate` (a node must see all tokens),
+`sym` (symbolic size arithmetic as graph values), `padded_count` / `shard_rows` /
+`token_count_node`, and keep per-strategy state in `state(name)`; then `propagate()` walks the
+graph once: a node with a Shard0 input runs sharded when the
 token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
 Replicate inputs (gathered once per value). Graph outputs always get Replicate. Padding is
 symbolic and computed once per graph, right after the inputs, from the graph's own token count:
@@ -33,7 +36,7 @@ def _tag(node: fx.Node, role: str) -> fx.Node:
 
 class LayoutRewriter:
     def __init__(self, graph: fx.Graph, group: GroupRef, rank_in_group: int, comm: CommBackend,
-                 token_count, config=None):
+                 token_count, config):
         self.graph, self.group, self.rank, self.comm = graph, group, rank_in_group, comm
         self.config = config                  # the pass's FxPassesConfig (strategy sizes, strict, ...)
         self.n = group.size
@@ -42,13 +45,18 @@ class LayoutRewriter:
         self.layout: dict[fx.Node, object] = {}
         self._gathered: dict[fx.Node, fx.Node] = {}
         self._local: dict[fx.Node, fx.Node] = {}
-        self.force_replicate: set[fx.Node] = set()
+        self.force_replicate: set[fx.Node] = set()  # nodes that get Replicate inputs (require_replicate)
         self.created: dict[fx.Node, None] = {}  # ordered set of the nodes the rewrite inserted
         self._padding = None                  # (rows, T_pad, pad), built once by padded_count()
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
         self.touched: set[fx.Node] = set()    # original nodes whose inputs/args a rewrite changed
         self.notes: list[str] = []            # strategy remarks copied into the PassReport
         self.extra: dict = {}                 # strategy numbers copied into PassReport.extra
+        self._state: dict[str, dict] = {}     # per-strategy scratch space (state())
+
+    def state(self, strategy: str) -> dict:
+        """A dict private to one strategy for the length of this rewrite (e.g. values it built once)."""
+        return self._state.setdefault(strategy, {})
 
     # ---- token count -------------------------------------------------------------------------
     def is_token(self, n) -> bool:
@@ -92,7 +100,8 @@ class LayoutRewriter:
         """Register a node a strategy inserted itself (propagation then leaves it alone)."""
         self.created[node] = None
 
-    def _sym(self, fn, *args, role="sym"):
+    def sym(self, fn, *args, role="sym"):
+        """fn(*args) as a graph value when an argument is one (symbolic sizes), else the plain result."""
         if not any(isinstance(a, fx.Node) for a in args):
             return fn(*args)
         return self._new(self.graph.call_function(fn, args), role)
@@ -111,9 +120,9 @@ class LayoutRewriter:
         while anchor.op == "placeholder" and anchor.next.op == "placeholder":
             anchor = anchor.next
         with self.graph.inserting_before(anchor.next):  # keeps insertion order: rows, T_pad, pad
-            rows = self._sym(operator.floordiv, self._sym(operator.add, t, self.n - 1), self.n)
-            tpad = self._sym(operator.mul, rows, self.n)
-            pad = self._sym(operator.sub, tpad, t)
+            rows = self.sym(operator.floordiv, self.sym(operator.add, t, self.n - 1), self.n)
+            tpad = self.sym(operator.mul, rows, self.n)
+            pad = self.sym(operator.sub, tpad, t)
         self._padding = (rows, tpad, pad)
         return self._padding
 
@@ -125,6 +134,15 @@ class LayoutRewriter:
     def shard_rows(self):
         """Rows of a Shard0 value: ceil(T / n)."""
         return self._padding_values()[0]
+
+    def mark_shard0(self, node: fx.Node, ndim: int) -> None:
+        """Declare a value a strategy built as Shard0 over the rewriter's group, of rank `ndim`."""
+        self.layout[node] = layouts.SHARD0
+        self._ndim[node] = ndim
+
+    def require_replicate(self, node: fx.Node) -> None:
+        """`node` must see every token: propagation gives it Replicate inputs."""
+        self.force_replicate.add(node)
 
     # ---- primitive layout changes (insert right after `value`) --------------------------------
     def _pad(self, x: fx.Node) -> fx.Node:
@@ -183,7 +201,7 @@ class LayoutRewriter:
             padded = self._pad(value)
         with self.graph.inserting_before(padded.next):
             chunk = self.shard_rows()
-            start = self._sym(operator.mul, chunk, self.rank)
+            start = self.sym(operator.mul, chunk, self.rank)
             out = self._new(self.graph.call_function(aten.narrow.default, (padded, 0, start, chunk)),
                             "local_shard")
         self.layout[out] = layouts.SHARD0

@@ -3,7 +3,10 @@
 An op is token-wise when row i of its output depends only on row i of its token-dim inputs.
 `token_aligned_args(node, is_token)` returns the inputs whose dim 0 is the token dim (they must
 all be Shard0 for the op to run sharded), or None when the op is not token-wise (unknown ops
-included) -- the rewriter then gives it Replicate inputs. Rules:
+included) -- the rewriter then gives it Replicate inputs. `RULES` maps an op name to its rule (in
+the spirit of DTensor's per-op sharding strategies); vLLM's custom norms/activations and aten ops
+tagged pointwise are the two fallbacks. A rule takes an `OpFacts` and returns the aligned inputs
+or None, so each can be tested alone. Rules:
   * aten ops tagged `torch.Tag.pointwise` (broadcasting respected: an input is token-aligned when
     it has the output's rank and a token-sized dim 0), plus copies/casts;
   * views/reshapes/expands that keep dim 0; permute/transpose/unsqueeze/squeeze/select/slice/
@@ -13,6 +16,7 @@ included) -- the rewriter then gives it Replicate inputs. Rules:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -55,16 +59,174 @@ def _out_val(node: fx.Node):
     return v
 
 
-def _tensor_args(node: fx.Node, ndim) -> list[fx.Node]:
-    args = node.args[1:] if gf.is_auto_functionalized(node) else node.args
-    flat, _ = tree_flatten((args, node.kwargs))
-    return [a for a in flat if isinstance(a, fx.Node) and ndim(a) is not None]
-
-
 def _dim_arg(node: fx.Node, pos: int, name: str, default=None):
     if len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name, default)
+
+
+@dataclass
+class OpFacts:
+    """What a rule may ask about one node: its name, output, first argument, and the rewriter's
+    view of any input (`is_token`: dim 0 is the token dim; `ndim`: rank, None for non-tensors)."""
+
+    node: fx.Node
+    name: str
+    is_token: Callable[[fx.Node], bool]
+    ndim: Callable[[fx.Node], "int | None"]
+
+    @property
+    def out(self):
+        return _out_val(self.node)
+
+    @property
+    def x(self):
+        return self.node.args[0] if self.node.args else None
+
+    def tensor_args(self) -> list[fx.Node]:
+        n = self.node
+        args = n.args[1:] if gf.is_auto_functionalized(n) else n.args
+        flat, _ = tree_flatten((args, n.kwargs))
+        return [a for a in flat if isinstance(a, fx.Node) and self.ndim(a) is not None]
+
+    def token_tensor_args(self) -> list[fx.Node]:
+        return [a for a in self.tensor_args() if self.is_token(a)]
+
+
+Rule = Callable[[OpFacts], "list[fx.Node] | None"]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str):
+    """Register a rule for the given op names ("aten::view", ...)."""
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return deco
+
+
+def custom_tokenwise(f: OpFacts):
+    """vLLM norms / activations / rotary: every tensor argument with a token-sized dim 0."""
+    return f.token_tensor_args()
+
+
+def pointwise(f: OpFacts):
+    """Broadcasting respected: an input is token-aligned when it has the output's rank and a
+    token-sized dim 0; a token dim broadcast into another position is not token-wise."""
+    out_dim = f.out.dim()
+    aligned = []
+    for a in f.tensor_args():
+        if f.ndim(a) == out_dim and f.is_token(a):
+            aligned.append(a)
+        elif f.is_token(a):
+            return None
+    return aligned
+
+
+rule(*COPY_LIKE)(pointwise)
+
+
+@rule(*VIEW_LIKE)
+def view(f: OpFacts):
+    """A row-major view keeps rows iff dim 0 is the token count before and after."""
+    return [f.x] if f.is_token(f.x) and f.is_token(f.node) else None
+
+
+@rule("aten::permute")
+def permute(f: OpFacts):
+    return [f.x] if _norm_dim(f.node.args[1][0], f.out.dim()) == 0 else None
+
+
+@rule("aten::transpose")
+def transpose(f: OpFacts):
+    nd = f.ndim(f.x)
+    return [f.x] if 0 not in (_norm_dim(f.node.args[1], nd), _norm_dim(f.node.args[2], nd)) else None
+
+
+@rule("aten::cat")
+def cat(f: OpFacts):
+    dim = _norm_dim(_dim_arg(f.node, 1, "dim", 0), f.out.dim())
+    return [t for t in f.node.args[0] if f.is_token(t)] if dim != 0 else None
+
+
+@rule(*DIM_OPS)
+def along_other_dim(f: OpFacts):
+    """select/slice/split/... on a dim other than 0."""
+    nd = f.out.dim() if f.name == "aten::unsqueeze" else f.ndim(f.x)
+    dim = _dim_arg(f.node, 2 if f.name in ("aten::split", "aten::split_with_sizes", "aten::chunk",
+                                           "aten::repeat_interleave") else 1, "dim", 0)
+    if f.name == "aten::squeeze" and dim is None:
+        return None
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if any(d is None or _norm_dim(d, nd) == 0 for d in dims):
+        return None
+    return [f.x]
+
+
+@rule(*REDUCTIONS)
+def reduction(f: OpFacts):
+    """Reductions over non-token dims."""
+    nd = f.ndim(f.x)
+    dim = _dim_arg(f.node, 1, "dim")
+    if dim is None:
+        return None
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if not dims or any(_norm_dim(d, nd) == 0 for d in dims):
+        return None
+    return [f.x]
+
+
+@rule("aten::mm", "aten::matmul")
+def mm(f: OpFacts):
+    """Matmul against a non-token (replicated) weight."""
+    return [f.x] if not f.is_token(f.node.args[1]) and f.ndim(f.x) == 2 else None
+
+
+@rule("aten::addmm")
+def addmm(f: OpFacts):
+    bias, a, w = f.node.args[:3]
+    if f.is_token(w):
+        return None
+    return [a] + ([bias] if f.ndim(bias) == 2 and f.is_token(bias) else [])
+
+
+@rule("aten::linear")
+def linear(f: OpFacts):
+    return None if f.is_token(f.node.args[1]) else [f.x]
+
+
+@rule("aten::embedding")
+def embedding(f: OpFacts):
+    """Embedding lookups of token ids."""
+    return [f.node.args[1]]
+
+
+@rule("_C::onednn_mm")
+def onednn_mm(f: OpFacts):
+    return f.token_tensor_args() if gf.is_auto_functionalized(f.node) else None
+
+
+def _is_custom_tokenwise(name: str) -> bool:
+    ns, _, short = name.partition("::")
+    return ns in CUSTOM_NAMESPACES and short.endswith(CUSTOM_TOKENWISE_SUFFIXES)
+
+
+def _is_pointwise(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def rule_for(node: fx.Node) -> Rule | None:
+    """The rule that decides `node`, or None (not token-wise). Call only on call_function nodes
+    with a tensor output (`token_aligned_args` checks)."""
+    name = gf.op_name(node)
+    if _is_custom_tokenwise(name):
+        return custom_tokenwise
+    r = RULES.get(name)
+    if r is not None:
+        return r
+    target = node.args[0] if gf.is_auto_functionalized(node) else node.target
+    return pointwise if _is_pointwise(target) else None
 
 
 def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool],
@@ -73,79 +235,18 @@ def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool],
 
     `is_token(n)`: n's dim 0 is the token dim; `ndim(n)`: n's rank (None for non-tensors). Both
     come from the rewriter, which knows them for the nodes it created (no fake value yet)."""
-    _ndim = ndim
     if node.op != "call_function":
         return None
     if gf.is_getitem(node):
         return [node.args[0]]
-    name = gf.op_name(node)
-    target = node.args[0] if gf.is_auto_functionalized(node) else node.target
-    ns, _, short = name.partition("::")
-    if ns in CUSTOM_NAMESPACES and short.endswith(CUSTOM_TOKENWISE_SUFFIXES):
-        return [a for a in _tensor_args(node, ndim) if is_token(a)]
-    out = _out_val(node)
+    f = OpFacts(node, gf.op_name(node), is_token, ndim)
+    if _is_custom_tokenwise(f.name):
+        return custom_tokenwise(f)
+    out = f.out
     if not isinstance(out, torch.Tensor) or out.dim() == 0:
         return None
-    x = node.args[0] if node.args else None
-    if isinstance(target, torch._ops.OpOverload) and (torch.Tag.pointwise in target.tags or name in COPY_LIKE):
-        aligned = []
-        for a in _tensor_args(node, ndim):
-            if _ndim(a) == out.dim() and is_token(a):
-                aligned.append(a)
-            elif is_token(a):  # token dim broadcast into another position
-                return None
-        return aligned
-    if name in VIEW_LIKE:
-        # a row-major view keeps rows iff dim 0 is the token count before and after
-        return [x] if is_token(x) and is_token(node) else None
-    if name == "aten::permute":
-        return [x] if _norm_dim(node.args[1][0], out.dim()) == 0 else None
-    if name == "aten::transpose":
-        nd = _ndim(x)
-        return [x] if 0 not in (_norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)) else None
-    if name == "aten::cat":
-        tensors = node.args[0]
-        dim = _norm_dim(_dim_arg(node, 1, "dim", 0), out.dim())
-        return [t for t in tensors if is_token(t)] if dim != 0 else None
-    if name in DIM_OPS:
-        nd = _ndim(x)
-        if name == "aten::unsqueeze":
-            nd = out.dim()
-        dim = _dim_arg(node, 2 if name in ("aten::split", "aten::split_with_sizes", "aten::chunk",
-                                           "aten::repeat_interleave") else 1, "dim", 0)
-        if name == "aten::squeeze" and dim is None:
-            return None
-        dims = dim if isinstance(dim, (list, tuple)) else [dim]
-        if any(d is None or _norm_dim(d, nd) == 0 for d in dims):
-            return None
-        aligned = [x]
-        if name == "aten::index_select":
-            return aligned
-        return aligned
-    if name in REDUCTIONS:
-        nd = _ndim(x)
-        dim = _dim_arg(node, 1, "dim")
-        if dim is None:
-            return None
-        dims = dim if isinstance(dim, (list, tuple)) else [dim]
-        if not dims or any(_norm_dim(d, nd) == 0 for d in dims):
-            return None
-        return [x]
-    if name in ("aten::mm", "aten::matmul"):
-        return [x] if not is_token(node.args[1]) and _ndim(x) == 2 else None
-    if name == "aten::addmm":
-        bias, a, w = node.args[:3]
-        if is_token(w):
-            return None
-        return [a] + ([bias] if _ndim(bias) == 2 and is_token(bias) else [])
-    if name == "aten::linear":
-        w = node.args[1]
-        return None if is_token(w) else [x]
-    if name == "aten::embedding":
-        return [node.args[1]]
-    if name.endswith("onednn_mm") and gf.is_auto_functionalized(node):
-        return [a for a in _tensor_args(node, ndim) if is_token(a)]
-    return None
+    r = rule_for(node)
+    return r(f) if r is not None else None
 
 
 def shape_arg_fix(node: fx.Node) -> None:

@@ -238,7 +238,7 @@ class FxPassesInductorPass(InductorPass):
     def __call__(self, graph) -> None:
         from fxpasses.context import TPContext
         from fxpasses.pipeline import run_passes
-        from fxpasses.plugin import bridge_logging
+        from fxpasses.logs import bridge_logging
 
         bridge_logging()
         cfg = self.resolve_config()
@@ -266,11 +266,10 @@ class FxPassesInductorPass(InductorPass):
                        "min_tokens is left unchanged)", cfg.min_tokens)
         report = run_passes(graph, cfg, ctx, recompile=False)  # Inductor recompiles after post-grad passes
         statuses: dict[str, int] = {}
-        for s in getattr(report, "sites", []):
-            statuses[s.status] = statuses.get(s.status, 0) + 1
+        for s in report.sites:
+            statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
         log.info("fxpasses: rank %d/%d %s: applied=%s sites=%s%s", ctx.rank, ctx.tp, "+".join(cfg.strategies),
-                 getattr(report, "applied", None), json.dumps(statuses, sort_keys=True),
-                 f" ({report.reason})" if getattr(report, "reason", "") else "")
+                 report.applied, json.dumps(statuses, sort_keys=True), f" ({report.reason})" if report.reason else "")
         return None
 
     def _once(self, key: str, level: int, msg: str, *args) -> None:
@@ -306,17 +305,9 @@ class ChainedInductorPass(InductorPass):
         return True
 
 
-def make_pass(**overrides: Any) -> FxPassesInductorPass:
-    return FxPassesInductorPass(**overrides)
-
-
 # The target of the string registration route: vLLM resolves
 # `inductor_passes={"post_grad_custom_post_pass": "fxpasses.vllm_pass_instance"}` as
 # `__import__("fxpasses").__dict__["vllm_pass_instance"]`, so the instance must be an attribute of
-# the top-level package. `fxpasses/__init__.py` imports it eagerly when vLLM is already loaded;
-# importing this module sets it too.
+# the top-level package: `fxpasses/__init__.py` imports it when vLLM is already loaded, and the
+# plugin's `register()` (run by vLLM in every process) sets it otherwise.
 vllm_pass_instance = FxPassesInductorPass()
-
-import fxpasses as _pkg  # noqa: E402
-
-_pkg.vllm_pass_instance = vllm_pass_instance

@@ -16,7 +16,7 @@ class Pools:
         self._pools = {}
 
     def get(self, world: int, form: str = "c10d"):
-        from fxpasses.distributed import TPPool
+        from fxpasses.testing.pool import TPPool
 
         key = (world, form)
         if key not in self._pools or self._pools[key].broken:  # a pool shut down after a hang is replaced

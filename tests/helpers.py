@@ -1,8 +1,8 @@
 """Small shared helpers for the tests (model specs, running a capture on a pool)."""
 import dataclasses
 
-from fxpasses.harness import rank_capture, rank_compare
-from fxpasses.models.tiny import BUNDLED_CONFIG, DecoderSpec
+from fxpasses.testing.harness import rank_capture, rank_compare
+from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
 
 
 def bundled_spec(**kw) -> dict:

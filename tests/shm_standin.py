@@ -51,7 +51,7 @@ class Block(nn.Module):
 
 
 def rank_run(state, tokens):
-    from fxpasses.capture import compile_with_pass
+    from fxpasses.testing.capture import compile_with_pass
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
     from fxpasses.pipeline import run_passes
@@ -68,7 +68,7 @@ def rank_run(state, tokens):
     xs = x0[:, rank * (block.d // tp):(rank + 1) * (block.d // tp)].contiguous()
     torch._dynamo.mark_dynamic(xs, 0)
     compiled(xs)
-    from fxpasses.capture import rebind_token_args
+    from fxpasses.testing.capture import rebind_token_args
     errs = []
     for T in tokens:
         xf = torch.randn(T, block.d, generator=g, dtype=torch.float64)

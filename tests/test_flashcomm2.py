@@ -32,7 +32,7 @@ def _capture(pools, tp, form, k, strategies, **kw):
 # ---- functions run inside the rank workers ------------------------------------------------------
 
 def rank_compare_seeded(state, key, tokens, seed):
-    from fxpasses.harness import rank_compare
+    from fxpasses.testing.harness import rank_compare
     return rank_compare(state, key, tokens, seed=seed)
 
 
@@ -40,7 +40,7 @@ def rank_site_collectives(state, key):
     """{prefix: [(kind, group label, group size), ...]} of the collectives in the rewritten graph
     attributed to each layer (new nodes carry their layer's nn_module_stack), plus this rank's groups."""
     from fxpasses import graph_forms as gf
-    from fxpasses import groups as G
+    from fxpasses import topology
 
     g = state["captures"][key]["cap"].graphs[0].graph
     per = {}
@@ -52,7 +52,7 @@ def rank_site_collectives(state, key):
         tag = n.meta.get("fxpasses", {})
         per.setdefault(last[0], []).append((kind, tag.get("group", gf.collective_group(n)), tag.get("group_size")))
     grp = {str(k): {"odp": list(v.odp.ranks), "otp": list(v.otp.ranks) if v.otp else None,
-                    "shard": v.shard, "odp_rank": v.odp_rank} for k, v in G._CACHE.items()}
+                    "shard": v.shard, "odp_rank": v.odp_rank} for k, v in topology.cached_flashcomm2_groups().items()}
     return per, grp
 
 
@@ -60,9 +60,9 @@ def rank_weight_gathers(state, key, T=5):
     """Drop the ODP weight cache, run the rewritten graph twice; weight all-gathers per call."""
     import torch
 
-    from fxpasses.capture import rebind_token_args
-    from fxpasses.harness import _tokens
     from fxpasses.strategies import flashcomm2 as fc2
+    from fxpasses.testing.capture import rebind_token_args
+    from fxpasses.testing.harness import _tokens
 
     entry = state["captures"][key]
     cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
@@ -105,7 +105,7 @@ def test_flashcomm2_matches_vanilla_tp_float64(pools, tp, form, k, strategies, d
 
 @pytest.mark.parametrize("tp,form,k,strategies", CASES, ids=IDS)
 def test_collectives_per_o_proj_site(pools, tp, form, k, strategies):
-    from fxpasses.groups import flashcomm2_odp_ranks, flashcomm2_otp_ranks
+    from fxpasses.topology import flashcomm2_odp_ranks, flashcomm2_otp_ranks
 
     pool, summaries = _capture(pools, tp, form, k, strategies)
     n = tp // k
@@ -205,7 +205,7 @@ def _ascend_groups(world, tp, k, pp=1):
 @pytest.mark.parametrize("tp,k", [(tp, k) for tp in (4, 8, 16) for k in (1, 2, 4) if k < tp])
 @pytest.mark.parametrize("dp", [1, 2])
 def test_group_rank_lists_match_vllm_ascend(tp, k, dp):
-    from fxpasses.groups import flashcomm2_odp_ranks, flashcomm2_otp_ranks, flashcomm2_reorder_ids
+    from fxpasses.topology import flashcomm2_odp_ranks, flashcomm2_otp_ranks, flashcomm2_reorder_ids
 
     world = tp * dp
     odp, otp = _ascend_groups(world, tp, k)
@@ -222,7 +222,7 @@ def test_group_rank_lists_match_vllm_ascend(tp, k, dp):
 
 def test_group_sizes_refused():
     from fxpasses.errors import ConfigError
-    from fxpasses.groups import flashcomm2_odp_ranks
+    from fxpasses.topology import flashcomm2_odp_ranks
 
     for tp, k in ((4, 3), (4, 4), (2, 2), (4, 0)):
         with pytest.raises(ConfigError, match="must divide tp"):

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from fxpasses.capture import compile_with_pass
 from fxpasses.config import FxPassesConfig, load_config, parse_strategies
 from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, PatternError
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.pipeline import run_passes
+from fxpasses.testing.capture import compile_with_pass
 
 
 def _capture(fn, *args):

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxpasses.dp_groups import dp_group_ranks
-from fxpasses.dp_harness import rank_compare_own_tokens, rank_run_rewritten
+from fxpasses.topology import dp_group_ranks
 from fxpasses.errors import ConfigError
-from fxpasses.harness import rank_capture
+from fxpasses.testing.dp_harness import rank_compare_own_tokens, rank_run_rewritten
+from fxpasses.testing.harness import rank_capture
 from helpers import bundled_spec
 
 # id, world, strategies, config extras, spec extras
@@ -32,7 +32,7 @@ BY_ID = {c[0]: c for c in CASES}
 @pytest.fixture(scope="module")
 def dp_pools():
     """TP=1 gloo pools (DP-attention ranks), one per world size, for this module."""
-    from fxpasses.distributed import TPPool
+    from fxpasses.testing.pool import TPPool
 
     pools = {}
 

@@ -1,13 +1,10 @@
 """The verifier's incremental, memoised FakeTensor propagation must record exactly what a full
 propagation records: for every node the same size/stride/dtype (symbolic expressions compared
 structurally) and the same aliasing (which nodes' values share storage, which Inductor's
-re-inplacing pass reads). Checked on synthetic post-grad graphs (tools/bench_pass_cost.py builds
-them from the real vLLM layer classes, with FakeTensor values and a symbolic token count), one
+re-inplacing pass reads). Checked on synthetic post-grad graphs (fxpasses.testing.synthetic_graphs
+builds them from the real vLLM layer classes, with FakeTensor values and a symbolic token count), one
 process, no collectives run: this is a property of the graph, not of the numbers."""
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 import torch
@@ -17,12 +14,11 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fxpasses.config import FxPassesConfig  # noqa: E402
-from fxpasses.pipeline import copy_graph, run_passes  # noqa: E402
-from fxpasses.verify import fake_propagate  # noqa: E402
-from tools.bench_pass_cost import ModelShape, build_graph, tp_context  # noqa: E402
+from fxpasses.config import FxPassesConfig
+from fxpasses.graph_copy import copy_graph
+from fxpasses.pipeline import run_passes
+from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
+from fxpasses.verify import fake_propagate
 
 
 def _dims(seq):

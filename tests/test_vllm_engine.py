@@ -129,7 +129,7 @@ RUNS = {
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
     pytest.importorskip("vllm")
-    from tools.make_tiny_llama import make_tiny_model  # repo root is put on sys.path above
+    from fxpasses.testing.models.hf_checkpoint import make_tiny_model
 
     tmp = tmp_path_factory.mktemp("engine")
     # another small dense family or an existing local HF checkpoint can be tried without code changes:

@@ -1,7 +1,7 @@
 """Communication volume from the rewritten graph itself, next to the analytic minimum of its layout.
 
 Builds a post-grad-style graph of a real model shape (FakeTensors, no weights; see
-tools/bench_pass_cost.py), rewrites it with each strategy, walks the collective nodes of the result
+fxpasses/testing/synthetic_graphs.py), rewrites it with each strategy, walks the collective nodes of the result
 (`fxpasses.comm_volume`) and prints, per decoder layer, the bytes one rank sends (= receives) per
 collective kind, evaluated at the requested token counts from the symbolic shapes, beside
 `analytic_layer_bytes` for that layout. A mismatch is flagged (and the exit code is 1).
@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench_pass_cost as B  # noqa: E402
 
 from fxpasses import comm_volume as cv  # noqa: E402
+from fxpasses.testing.synthetic_graphs import MODELS, build_graph  # noqa: E402
 
 
 def fmt(b: float) -> str:
@@ -39,13 +40,13 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", default="flashcomm1,flashcomm2,flashcomm1+flashcomm2")
     args = ap.parse_args(argv)
     from torch._dispatch.python import enable_python_dispatcher
-    m = B.MODELS[args.model].cut(args.layers)
+    m = MODELS[args.model].cut(args.layers)
     D = m.heads * (m.v_head_dim if m.mla else m.head_dim)
     tokens = [int(t) for t in args.tokens.split(",")]
     avail = set(B.available_strategies())
     bad = 0
     with enable_python_dispatcher():
-        gm = B.build_graph(m, args.tp)
+        gm = build_graph(m, args.tp)
         syms = cv.token_symbols(gm.graph)
         print(f"{m.name}: TP={args.tp}, hidden {m.hidden}, o_proj input D={D}, bf16; MiB sent per rank per step "
               f"(= received); token symbol(s) {syms}")

@@ -1,6 +1,6 @@
 """CPU runtime check: rewritten vs original step time over gloo at TP=2, measured in the same run.
 
-Two gloo ranks (fxpasses.distributed.TPPool) build a few-layer dense decoder from real vLLM layers,
+Two gloo ranks (fxpasses.testing.pool.TPPool) build a few-layer dense decoder from real vLLM layers,
 capture its post-grad graph once (symbolic token count) with the pass, then time
 `cap.originals[0]` (vanilla TP) and `cap.graphs[0]` (rewritten) on the same inputs, interleaved
 (orig, new, orig, new, ...) so machine noise hits both alike; the ratio new/orig is printed.
@@ -26,7 +26,7 @@ def rank_time(state: dict, key: str, token_counts: list[int], iters: int, seed: 
     import torch
     import torch.distributed as dist
 
-    from fxpasses.harness import graph_args
+    from fxpasses.testing.harness import graph_args
 
     out = []
     with torch.no_grad():
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
-    from fxpasses.distributed import TPPool
-    from fxpasses.harness import rank_capture
+    from fxpasses.testing.harness import rank_capture
+    from fxpasses.testing.pool import TPPool
 
     spec = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                 num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8, vocab_size=1024)

@@ -1,3 +1,4 @@
-"""One module per strategy. Each exposes `rewrite(rw, plans, ctx)`: it rewrites the sites it owns
-with the LayoutRewriter's primitives, marks each SitePlan rewritten or skipped (with the reason),
-and leaves propagation and verification to the pipeline."""
+"""One module per strategy, each defining `STRATEGY`, an instance of `base.Strategy` registered in
+`base`'s registry: it rewrites the sites it owns with the LayoutRewriter's public primitives, marks
+each SitePlan rewritten or skipped (with the reason), and leaves propagation and verification to
+the pipeline. `dp_common` and `mlp_activation` are helpers of the DP-attention strategies."""

@@ -1,5 +1,13 @@
-"""What OTP and MLP-TP share: the DP-attention preconditions, the equal-token-count run-time check,
-in-graph weight slicing and the memory note of the report.
+"""What OTP and MLP-TP share: the DP-attention graph family, its preconditions, the equal-token-count
+run-time check, in-graph weight slicing and the memory note of the report.
+
+DP-attention graphs (`DP_ATTENTION_GRAPHS`) are TP=1 graphs: every rank runs the whole model on its
+own B tokens. OTP and MLP-TP rewrite one site (or one gate_up/down pair) at a time so that it
+enters and leaves in the original layout (this rank's B tokens, Replicate over nothing): the
+collectives they insert are internal to the site, no value outside it changes layout, so the layout
+engine's propagation has nothing to carry. The pipeline still builds its LayoutRewriter on the
+first enabled strategy's group (it supplies the token count, notes and created-node bookkeeping to
+verification).
 
 Equal token counts. OTP's all_to_all and MLP-TP's all_gather / reduce_scatter split and join the
 token dimension in K equal parts, so every rank of a group must run the graph with the same token
@@ -18,8 +26,12 @@ import torch.fx as fx
 from fxpasses import graph_forms as gf
 from fxpasses.context import GroupRef, TPContext
 from fxpasses.sites import Site
+from fxpasses.strategies.base import GraphFamily
 
 aten = torch.ops.aten
+
+
+TOKEN_CHECK_STATE = "dp_token_check"  # LayoutRewriter.state() slot: groups already checked (OTP + MLP-TP)
 
 
 class TokenCountMismatch(RuntimeError):
@@ -103,7 +115,7 @@ def emit_matmul(graph: fx.Graph, x: fx.Node, w_local: fx.Node, bias: fx.Node | N
 def maybe_check_tokens(graph: fx.Graph, x: fx.Node, group: GroupRef, config, checked: set, where: str,
                        strategy: str) -> fx.Node:
     """Insert the run-time token-count check before the first collective on `group` (debug/strict)."""
-    if not (getattr(config, "check_token_counts", False) or getattr(config, "strict", False)):
+    if not (config.check_token_counts or config.strict):
         return x
     if group.c10d_name in checked:
         return x
@@ -137,21 +149,36 @@ def nbytes(v: torch.Tensor) -> int:
         return 0
 
 
-def token_count(plans) -> object | None:
-    """T for the DP strategies: dim 0 of the first owned site's activation (no all-reduce at TP=1)."""
-    for p in plans:
-        if p.strategy and p.site.input is not None:
-            v = gf.val(p.site.input)
-            if isinstance(v, torch.Tensor) and v.dim() >= 1:
-                return v.shape[0]
-    return None
+class _DPAttentionGraphs(GraphFamily):
+    """TP=1 graphs of a DP-attention deployment: the groups are the strategies' own."""
+
+    name = "dp_attention"
+
+    def validate(self, config, tp, world):
+        pass  # each strategy checks its group size against the world
+
+    def nothing_to_do(self, ctx):
+        if ctx.world < 2:
+            return f"world={ctx.world}: nothing to rewrite"
+        return None
+
+    def token_count(self, plans):
+        """dim 0 of the first owned site's activation (no all-reduce at TP=1)."""
+        for p in plans:
+            if p.strategy and p.site.input is not None:
+                v = gf.val(p.site.input)
+                if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                    return v.shape[0]
+        return None
+
+    def rewriter_group(self, ctx, config):
+        """The first enabled strategy's group (every enabled strategy's groups are created here,
+        in canonical order)."""
+        from fxpasses.strategies import base
+
+        groups = [base.get(n).prepare_groups(config, ctx) for n in config.strategies]
+        first = next(g for g in groups if g is not None)
+        return first.ref, first.rank
 
 
-def rewriter_group(ctx: TPContext, config) -> tuple[GroupRef, int]:
-    """(group, rank in it) the pipeline's LayoutRewriter is built on in DP mode; creates the world's
-    OTP / MLP-TP groups (fixed order) on first use."""
-    from fxpasses.dp_groups import ensure_dp_groups
-
-    groups = ensure_dp_groups(ctx, config)
-    first = next(iter(groups.values()))
-    return first.ref, first.rank
+DP_ATTENTION_GRAPHS = _DPAttentionGraphs()

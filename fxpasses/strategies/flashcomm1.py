@@ -18,54 +18,48 @@ demands Replicate, so propagation all-gathers + unpads its input. Graph outputs:
 """
 from __future__ import annotations
 
-from fxpasses import graph_forms as gf
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
-
-NAME = "flashcomm1"
-
-
-def _group_matches(ar: gf.AllReduce, ctx: TPContext) -> bool:
-    g = ctx.tp_group
-    if ar.form == "shm":
-        return True  # the shm all-reduce only exists on the TP/PP groups; the handle is the TP one here
-    return ar.group_name in (g.c10d_name, g.vllm_name)
+from fxpasses.strategies.base import Strategy, register
 
 
-def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
-    """The reason this site cannot be rewritten, or None."""
-    site = plan.site
-    if site.kind in ("row", "embedding"):
-        ar = site.all_reduce
-        if ar is None:
-            return "no TP all-reduce follows this layer (reduce_results=False or already rewritten)"
-        if not _group_matches(ar, ctx):
-            return f"its all-reduce runs on group {ar.group_name!r}, not the TP group"
-        if not rw.is_token(ar.input):
-            return "the all-reduced tensor's dim 0 is not the token dimension"
-        return None
-    if site.kind == "column":
-        if site.matmul is None:
-            return "no matmul found inside the layer"
-        return None
-    return f"FlashComm1 does not rewrite {site.kind} sites"
+class FlashComm1(Strategy):
+    name = "flashcomm1"
+    aliases = ("sp", "fc1", "sequence_parallel")
+    site_kinds = frozenset({"row", "column", "embedding"})
+    precedence = 10
 
-
-def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
-    for plan in plans:
-        if plan.strategy != NAME or plan.status != "planned":
-            continue
-        why = precheck(plan, rw, ctx)
-        if why:
-            plan.status, plan.reason = "skipped", why
-            continue
+    def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         site = plan.site
-        if site.kind == "column":
-            rw.force_replicate.add(site.matmul)
-        else:
+        if site.kind in ("row", "embedding"):
             ar = site.all_reduce
-            rs = rw.to_shard0_from_partial(ar.input)
-            rw.replace_all_reduce(ar, rs)
-        plan.status, plan.reason = "rewritten", ("all_reduce -> pad + reduce_scatter" if site.kind != "column"
-                                                 else "input all_gather + unpad (Replicate) before the matmul")
+            if ar is None:
+                return "no TP all-reduce follows this layer (reduce_results=False or already rewritten)"
+            if not ar.runs_on(ctx.tp_group):
+                return f"its all-reduce runs on group {ar.group_name!r}, not the TP group"
+            if not rw.is_token(ar.input):
+                return "the all-reduced tensor's dim 0 is not the token dimension"
+            return None
+        if site.kind == "column":
+            if site.matmul is None:
+                return "no matmul found inside the layer"
+            return None
+        return f"FlashComm1 does not rewrite {site.kind} sites"
+
+    def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
+        for plan in self.mine(plans):
+            why = self.precheck(plan, rw, ctx)
+            if why:
+                plan.skip(why)
+                continue
+            site = plan.site
+            if site.kind == "column":
+                rw.require_replicate(site.matmul)
+                plan.done("input all_gather + unpad (Replicate) before the matmul")
+            else:
+                rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))
+                plan.done("all_reduce -> pad + reduce_scatter")
+
+
+STRATEGY = register(FlashComm1())

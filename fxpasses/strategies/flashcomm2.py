@@ -2,7 +2,7 @@
 
 K = o_proj TP size (config `flashcomm2_oproj_tp_size`, 1 <= K < tp, K | tp), n = tp / K, r = TP rank,
 ODP = contiguous blocks of n ranks (K=1: the TP group), OTP = strided groups of K ranks
-(see `fxpasses.groups`). This rank computes o_proj columns s = r div n of the weight.
+(see `fxpasses.topology`). This rank computes o_proj columns s = r div n of the weight.
 
 Before (vanilla TP)::
 
@@ -38,13 +38,13 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
-from fxpasses import layouts
+from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, RewriteError
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
+from fxpasses.strategies.base import Strategy, register
 
-NAME = "flashcomm2"
 aten = torch.ops.aten
 
 # ---- the weight op: all-gather over ODP once per parameter ---------------------------------------
@@ -101,16 +101,67 @@ def weight_stats() -> dict:
         return {**STATS, "cached": len(_WEIGHTS)}
 
 
+# ---- the strategy ---------------------------------------------------------------------------------
+
+class FlashComm2(Strategy):
+    name = "flashcomm2"
+    aliases = ("fc2",)
+    site_kinds = frozenset({"row"})
+    precedence = 20
+
+    def validate(self, config, tp, world):
+        topology.check_flashcomm2_sizes(tp, config.flashcomm2_oproj_tp_size)
+
+    def prepare_groups(self, config, ctx):
+        if ctx.tp < 2 or ctx.tp_group is None:
+            return None
+        return topology.flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size)
+
+    def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
+        return _precheck(plan, rw, ctx)
+
+    def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
+        mine = self.mine(plans)
+        if not mine:
+            return
+        k = rw.config.flashcomm2_oproj_tp_size
+        try:
+            topology.check_flashcomm2_sizes(ctx.tp, k)
+        except ConfigError as e:
+            for p in mine:
+                p.skip(str(e))
+            return
+        reasons = _agree({p.site.prefix: self.precheck(p, rw, ctx) for p in mine}, ctx)
+        todo = []
+        for p in mine:
+            why = reasons.get(p.site.prefix)
+            if why:
+                p.skip(why)
+            else:
+                todo.append(p)
+        if not todo:
+            return
+        groups = self.prepare_groups(rw.config, ctx)
+        if rw.n != groups.tp:  # the token padding (rw.shard_rows) is per TP rank
+            raise RewriteError(f"FlashComm2 needs the rewriter on the TP group (size {groups.tp}), got size {rw.n}")
+        gather_after = "flashcomm1" not in rw.config.strategies
+        total = 0
+        for p in todo:
+            extra = _rewrite_site(rw, p, groups, gather_after)
+            total += extra
+            p.done(f"all_reduce -> pad + {'reorder + ' if k > 1 else ''}all_to_all over odp{list(groups.odp.ranks)}"
+                   f" + mm with o_proj columns block {groups.shard}/{k}"
+                   + (f" + reduce_scatter over otp{list(groups.otp.ranks)}" if k > 1 else "")
+                   + (" + all_gather over tp + unpad" if gather_after else " (Shard0 over tp)")
+                   + f"; o_proj weight gathered once over odp: +{extra / 1024:.1f} KiB on this rank")
+        rw.notes.append(f"flashcomm2: K={k}, n={groups.n}, extra o_proj weight memory {total / 1024:.1f} KiB per rank")
+        key = "flashcomm2_extra_weight_bytes_per_rank"
+        rw.extra[key] = rw.extra.get(key, 0) + total
+
+
 # ---- planning checks ----------------------------------------------------------------------------
 
-def _group_matches(ar: gf.AllReduce, ctx: TPContext) -> bool:
-    g = ctx.tp_group
-    if ar.form == "shm":
-        return True
-    return ar.group_name in (g.c10d_name, g.vllm_name)
-
-
-def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
+def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     """The reason this site cannot be rewritten on this rank, or None."""
     site = plan.site
     if site.kind != "row":
@@ -118,7 +169,7 @@ def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     ar = site.all_reduce
     if ar is None:
         return "no TP all-reduce follows this layer (reduce_results=False or already rewritten)"
-    if not _group_matches(ar, ctx):
+    if not ar.runs_on(ctx.tp_group):
         return f"its all-reduce runs on group {ar.group_name!r}, not the TP group"
     mm = site.matmul
     if mm is None:
@@ -147,6 +198,7 @@ def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     return None
 
 
+
 def _agree(reasons: dict[str, str | None], ctx: TPContext) -> dict[str, str | None]:
     """Make every TP rank take the same decision per site (a row bias exists in rank 0's graph
     only, so rank 0 alone sees it): a site is skipped everywhere when any rank skips it."""
@@ -172,58 +224,7 @@ def _agree(reasons: dict[str, str | None], ctx: TPContext) -> dict[str, str | No
     return out
 
 
-# ---- the rewrite --------------------------------------------------------------------------------
-
-def _fc1_enabled(config) -> bool:
-    return config is not None and "flashcomm1" in tuple(getattr(config, "strategies", ()))
-
-
-def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext, config=None) -> None:
-    mine = [p for p in plans if p.strategy == NAME and p.status == "planned"]
-    if not mine:
-        return
-    config = config if config is not None else rw.config
-    if config is None:
-        for p in mine:
-            p.status, p.reason = "skipped", "FlashComm2 needs the pass config (flashcomm2_oproj_tp_size)"
-        return
-    from fxpasses.groups import check_flashcomm2_sizes, flashcomm2_groups
-
-    k = config.flashcomm2_oproj_tp_size
-    try:
-        check_flashcomm2_sizes(ctx.tp, k)
-    except ConfigError as e:
-        for p in mine:
-            p.status, p.reason = "skipped", str(e)
-        return
-    reasons = _agree({p.site.prefix: precheck(p, rw, ctx) for p in mine}, ctx)
-    todo = []
-    for p in mine:
-        why = reasons.get(p.site.prefix)
-        if why:
-            p.status, p.reason = "skipped", why
-        else:
-            todo.append(p)
-    if not todo:
-        return
-    groups = flashcomm2_groups(ctx, k)
-    if rw.n != groups.tp:  # the token padding (rw.shard_rows) is per TP rank
-        raise RewriteError(f"FlashComm2 needs the rewriter on the TP group (size {groups.tp}), got size {rw.n}")
-    gather_after = not _fc1_enabled(config)
-    total = 0
-    for p in todo:
-        extra = _rewrite_site(rw, p, groups, gather_after)
-        total += extra
-        p.status = "rewritten"
-        p.reason = (f"all_reduce -> pad + {'reorder + ' if k > 1 else ''}all_to_all over odp{list(groups.odp.ranks)}"
-                    f" + mm with o_proj columns block {groups.shard}/{k}"
-                    + (f" + reduce_scatter over otp{list(groups.otp.ranks)}" if k > 1 else "")
-                    + (" + all_gather over tp + unpad" if gather_after else " (Shard0 over tp)")
-                    + f"; o_proj weight gathered once over odp: +{extra / 1024:.1f} KiB on this rank")
-    rw.notes.append(f"flashcomm2: K={k}, n={groups.n}, extra o_proj weight memory {total / 1024:.1f} KiB per rank")
-    key = "flashcomm2_extra_weight_bytes_per_rank"
-    rw.extra[key] = rw.extra.get(key, 0) + total
-
+# ---- the rewrite of one site ---------------------------------------------------------------------
 
 def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool) -> int:
     """Rewrite one site; returns the bytes of the ODP weight this rank keeps."""
@@ -240,14 +241,14 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     with g.inserting_before(mm):
         pad, _ = rw.padded_count()
         b = rw.shard_rows()                                   # rows per TP chunk = T_pad / tp
-        kb = rw._sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
+        kb = rw.sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
         xp = call(aten.constant_pad_nd.default, x, [0, 0, 0, pad], 0.0)
         if k > 1:
             # chunk c = j*n + i  ->  order (i, j): ids [[i + j*n for j in range(K)] for i in range(n)]
             v = call(aten.view.default, xp, [k, n, b, dl])
             v = call(aten.permute.default, v, [1, 0, 2, 3])
             v = call(aten.clone.default, v, memory_format=torch.contiguous_format)
-            send = call(aten.view.default, v, [rw._sym(operator.mul, kb, n), dl])
+            send = call(aten.view.default, v, [rw.sym(operator.mul, kb, n), dl])
         else:
             send = xp
         a2a = rw.comm.all_to_all(g, send, groups.odp, kb)     # [n*K*b, D/tp], block p from ODP peer p
@@ -271,11 +272,13 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         if stack is not None:
             node.meta.setdefault("nn_module_stack", stack)
         node = node.next
-    rw.layout[res] = layouts.SHARD0
-    rw._ndim[res] = 2
+    rw.mark_shard0(res, 2)
     final = rw.gather(res) if gather_after else res
     rw.replace_all_reduce(ar, final)
     for node in (mm, mm.args[1]):
         if isinstance(node, fx.Node) and not node.users:
             g.erase_node(node)
     return h * n * dl * wv.element_size()
+
+
+STRATEGY = register(FlashComm2())

@@ -2,7 +2,7 @@
 
 The original graph on every rank is the TP=1 graph: each rank runs attention on its own B tokens
 with all heads and the full o_proj weight. K = `otp_size` (0 = world size); the OTP group is a block
-of K consecutive ranks (`fxpasses.dp_groups`); s = this rank's index in it. B must be the same on
+of K consecutive ranks (`fxpasses.topology`); s = this rank's index in it. B must be the same on
 every rank of the group (see `dp_common`).
 
 Before (TP=1)::
@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import torch
 
-from fxpasses import dp_groups
 from fxpasses import graph_forms as gf
+from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.strategies import dp_common as dc
+from fxpasses.strategies.base import Strategy, register
 
 NAME = "otp"
 aten = torch.ops.aten
 
 
-def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str | None:
+def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str | None:
     site = plan.site
     if site.kind != "row":
         return f"OTP rewrites row-parallel o_proj sites, not {site.kind} sites"
@@ -54,46 +55,63 @@ def precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str 
     return None
 
 
-def rewrite(rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
-    mine = [p for p in plans if p.strategy == NAME and p.status == "planned"]
-    if not mine:
-        return
-    grp = dp_groups.ensure_dp_groups(ctx, rw.config)["otp"]
-    k, s, g = grp.k, grp.rank, rw.graph
-    checked = rw.__dict__.setdefault("_dp_checked_groups", set())
-    done_sites = []
-    for plan in mine:
-        why = precheck(plan, rw, ctx, k)
-        if why:
-            plan.status, plan.reason = "skipped", why
-            continue
-        site = plan.site
-        mm, x, w = site.matmul, site.input, site.weight
-        wv = dc.weight_val(site)
-        d = wv.shape[1]
-        dk = d // k
-        B = rw.token_count_node()
-        with g.inserting_before(mm):
-            xin = dc.maybe_check_tokens(g, x, grp.ref, rw.config, checked, f"o_proj TP at {site.prefix}", NAME)
-            v = dc.tag(g.call_function(aten.view.default, (xin, [B, k, dk])), "otp_view", NAME)
-            p = dc.tag(g.call_function(aten.permute.default, (v, [1, 0, 2])), "otp_transpose", NAME)
-            c = dc.tag(g.call_function(aten.clone.default, (p,), {"memory_format": torch.contiguous_format}),
-                       "otp_pack", NAME)
-            kb = dc.mul_node(g, B, k)
-            send = dc.tag(g.call_function(aten.view.default, (c, [kb, dk])), "otp_send", NAME)
-            recv = rw.comm.all_to_all(g, send, grp.ref, B)
-            ws = dc.tag(g.call_function(aten.slice.Tensor, (w, 1, s * dk, (s + 1) * dk)), "weight_slice", NAME)
-            bias = site.bias if s == 0 else None
-            o = dc.emit_matmul(g, recv, ws, bias, NAME)
-            y = rw.comm.reduce_scatter(g, o, grp.ref)
-        mm.replace_all_uses_with(y)
-        g.erase_node(mm)
-        plan.status = "rewritten"
-        plan.reason = (f"all_to_all + matmul with columns [{s * dk}, {(s + 1) * dk}) + reduce_scatter over "
-                       f"OTP group {list(grp.ref.ranks)}" + (" (bias on group rank 0)" if site.bias is not None else ""))
-        done_sites.append((site.prefix, dc.nbytes(wv)))
-    if done_sites:
-        note, extra = dc.resident_note(NAME, k, done_sites)
-        rw.__dict__.setdefault("notes", []).append(note)
-        rw.__dict__.setdefault("extra", {})[NAME] = {**extra, "group": list(grp.ref.ranks),
-                                                     "equal_token_counts_required": True}
+class OProjTP(Strategy):
+    name = NAME
+    aliases = ("oproj_tp", "o_proj_tp")
+    family = dc.DP_ATTENTION_GRAPHS
+    site_kinds = frozenset({"row"})
+    precedence = 30
+
+    def validate(self, config, tp, world):
+        topology.check_dp_size(world, config.otp_size or world, "otp_size")
+
+    def prepare_groups(self, config, ctx):
+        return topology.dp_group(ctx, "otp", config.otp_size)
+
+    def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
+        return _precheck(plan, rw, ctx, self.prepare_groups(rw.config, ctx).k)
+
+    def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
+        mine = self.mine(plans)
+        if not mine:
+            return
+        grp = self.prepare_groups(rw.config, ctx)
+        k, s, g = grp.k, grp.rank, rw.graph
+        checked = rw.state(dc.TOKEN_CHECK_STATE).setdefault("groups", set())
+        done_sites = []
+        for plan in mine:
+            why = _precheck(plan, rw, ctx, k)
+            if why:
+                plan.skip(why)
+                continue
+            site = plan.site
+            mm, x, w = site.matmul, site.input, site.weight
+            wv = dc.weight_val(site)
+            d = wv.shape[1]
+            dk = d // k
+            B = rw.token_count_node()
+            with g.inserting_before(mm):
+                xin = dc.maybe_check_tokens(g, x, grp.ref, rw.config, checked, f"o_proj TP at {site.prefix}", NAME)
+                v = dc.tag(g.call_function(aten.view.default, (xin, [B, k, dk])), "otp_view", NAME)
+                p = dc.tag(g.call_function(aten.permute.default, (v, [1, 0, 2])), "otp_transpose", NAME)
+                c = dc.tag(g.call_function(aten.clone.default, (p,), {"memory_format": torch.contiguous_format}),
+                           "otp_pack", NAME)
+                kb = dc.mul_node(g, B, k)
+                send = dc.tag(g.call_function(aten.view.default, (c, [kb, dk])), "otp_send", NAME)
+                recv = rw.comm.all_to_all(g, send, grp.ref, B)
+                ws = dc.tag(g.call_function(aten.slice.Tensor, (w, 1, s * dk, (s + 1) * dk)), "weight_slice", NAME)
+                bias = site.bias if s == 0 else None
+                o = dc.emit_matmul(g, recv, ws, bias, NAME)
+                y = rw.comm.reduce_scatter(g, o, grp.ref)
+            mm.replace_all_uses_with(y)
+            g.erase_node(mm)
+            plan.done(f"all_to_all + matmul with columns [{s * dk}, {(s + 1) * dk}) + reduce_scatter over "
+                      f"OTP group {list(grp.ref.ranks)}" + (" (bias on group rank 0)" if site.bias is not None else ""))
+            done_sites.append((site.prefix, dc.nbytes(wv)))
+        if done_sites:
+            note, extra = dc.resident_note(NAME, k, done_sites)
+            rw.notes.append(note)
+            rw.extra[NAME] = {**extra, "group": list(grp.ref.ranks), "equal_token_counts_required": True}
+
+
+STRATEGY = register(OProjTP())

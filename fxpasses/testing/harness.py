@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from fxpasses.capture import compile_with_pass, rebind_token_args
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.dump import graph_text
-from fxpasses.groups import prepare_process_groups
-from fxpasses.models.tiny import DecoderSpec, build_tiny_decoder
+from fxpasses.topology import prepare_process_groups
 from fxpasses.pipeline import run_passes
+from fxpasses.testing.capture import compile_with_pass, rebind_token_args
+from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

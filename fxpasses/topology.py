@@ -1,9 +1,7 @@
-"""Process-group topology for the strategies that need groups beyond TP (FlashComm2's ODP/OTP).
+"""Process-group topology: every group layout a strategy needs beyond TP, the one home of their
+size validation, and their creation.
 
-Pure functions give the rank lists; `flashcomm2_groups(ctx, k)` creates the torch.distributed groups
-once per process and returns this rank's `GroupRef`s.
-
-FlashComm2 with tp ranks per TP block and o_proj TP size K (1 <= K < tp, K | tp), n = tp / K:
+FlashComm2 (tp ranks per TP block, o_proj TP size K, 1 <= K < tp, K | tp, n = tp / K):
 
 * ODP ("o_proj data parallel") = contiguous blocks of n ranks of a TP block: {b + j*n, ..., b + j*n + n-1}
 * OTP ("o_proj tensor parallel") = strided groups {b + i, b + i + n, ..., b + i + (K-1)*n}
@@ -12,6 +10,19 @@ where b is the first global rank of the TP block. Every TP block of the world (d
 pipeline replicas: vLLM lays ranks out as [..., dp, pp, tp], TP innermost) gets its own groups. For
 K = 1 ODP is the TP group itself and there is no OTP group. The lists, and their order, are exactly
 those vllm-ascend's `init_ascend_model_parallel` builds (`_FLASHCOMM2_OTP`, `_FLASHCOMM2_ODP`).
+
+DP attention (every rank runs attention on its own tokens with TP=1; selected linears are split
+across K ranks, K | world, 0 = the world size):
+
+* OTP group (`otp_size`): consecutive blocks of K ranks, {jK, ..., jK + K-1} (vllm-ascend's `_OTP`);
+* MLP-TP group (`mlp_tp_size`): K consecutive ranks by default (the seed's `_MLP_TP` layout), or
+  strided {i, i + world/K, ...} with `layout="strided"`.
+
+Pure functions give the rank lists. `torch.distributed.new_group` is collective over the default
+group, so the groups of the whole world are created on every rank in one fixed order (FlashComm2's
+OTP then ODP groups; then DP-attention OTP, then MLP-TP: canonical strategy order) and cached per
+process:
+`prepare_process_groups(config, ctx)` creates everything a configuration needs.
 """
 from __future__ import annotations
 
@@ -20,6 +31,10 @@ from dataclasses import dataclass
 from fxpasses.context import GroupRef, TPContext
 from fxpasses.errors import ConfigError, RewriteError
 
+LAYOUTS = ("consecutive", "strided")
+
+
+# ---- sizes ----------------------------------------------------------------------------------------
 
 def check_flashcomm2_sizes(tp: int, k: int) -> int:
     """n = tp / K, or ConfigError when K is not a proper divisor of tp."""
@@ -28,6 +43,16 @@ def check_flashcomm2_sizes(tp: int, k: int) -> int:
                           f"valid values: {[d for d in range(1, tp) if tp > 1 and tp % d == 0]}")
     return tp // k
 
+
+def check_dp_size(world: int, k: int, key: str = "k") -> int:
+    """K itself, or ConfigError when K < 2 or K does not divide the world size."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2 or world % k:
+        raise ConfigError(f"{key}={k} must be >= 2 and divide the world size {world}; "
+                          f"valid values: {[d for d in range(2, world + 1) if world % d == 0]}")
+    return k
+
+
+# ---- rank lists -----------------------------------------------------------------------------------
 
 def flashcomm2_odp_ranks(tp: int, k: int, world: int | None = None) -> list[list[int]]:
     """All ODP groups of the world, in vllm-ascend's order (TP block by TP block, then j).
@@ -61,6 +86,19 @@ def group_containing(groups: list[list[int]], rank: int) -> list[int] | None:
     return next((g for g in groups if rank in g), None)
 
 
+def dp_group_ranks(world: int, k: int, layout: str = "consecutive") -> list[list[int]]:
+    """All groups of size K in the world, in creation order."""
+    check_dp_size(world, k)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"group layout {layout!r} unknown; choose from {LAYOUTS}")
+    if layout == "consecutive":
+        return [list(range(j * k, (j + 1) * k)) for j in range(world // k)]
+    n = world // k
+    return [[i + j * n for j in range(k)] for i in range(n)]
+
+
+# ---- this rank's groups ----------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class FlashComm2Groups:
     tp: int
@@ -72,19 +110,30 @@ class FlashComm2Groups:
     shard: int                 # s = r div n: which D/K column block of o_proj this rank computes
 
 
-_CACHE: dict[tuple, FlashComm2Groups] = {}
+@dataclass(frozen=True)
+class DPGroup:
+    kind: str            # "otp" | "mlp_tp"
+    k: int
+    ref: GroupRef        # this rank's group (label = kind)
+    rank: int            # this rank's index in the group (= the weight shard it computes)
+
+
+_FC2_CACHE: dict[tuple, FlashComm2Groups] = {}
+_DP_CACHE: dict[tuple, DPGroup] = {}
 
 
 def _new_groups(rank_lists: list[list[int]], desc: str, backend) -> dict[tuple[int, ...], str]:
     """Create every group in `rank_lists` (all ranks call new_group for all groups, same order);
     return {ranks: c10d group name} for the groups this rank belongs to."""
     import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     mine = {}
-    for i, ranks in enumerate(rank_lists):
-        pg = dist.new_group(ranks, backend=backend, group_desc=f"fxpasses_{desc}_{i}")
-        if dist.get_rank() in ranks:
-            mine[tuple(ranks)] = pg.group_name
+    with unset_fake_temporarily():  # the passes may run inside the compiler's fake mode
+        for i, ranks in enumerate(rank_lists):
+            pg = dist.new_group(ranks, backend=backend, group_desc=f"fxpasses_{desc}_{i}")
+            if dist.get_rank() in ranks:
+                mine[tuple(ranks)] = pg.group_name
     return mine
 
 
@@ -97,8 +146,8 @@ def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
         raise RewriteError("FlashComm2 needs a TP group (tp >= 2)")
     n = check_flashcomm2_sizes(ctx.tp, k)
     key = (ctx.tp, k, ctx.world, ctx.tp_group.ranks)
-    if key in _CACHE:
-        return _CACHE[key]
+    if key in _FC2_CACHE:
+        return _FC2_CACHE[key]
     tp_ranks = list(ctx.tp_group.ranks)
     r = ctx.rank
     blk = tp_ranks[0] // ctx.tp
@@ -114,7 +163,6 @@ def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
         otp = None
     else:
         import torch.distributed as dist
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         backend = None
         try:
@@ -122,27 +170,50 @@ def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
             backend = dist.get_backend(_resolve_process_group(ctx.tp_group.c10d_name))
         except Exception:
             backend = None
-        with unset_fake_temporarily():
-            # vllm-ascend's order: OTP groups first, then ODP groups
-            otp_names = _new_groups(otp_lists, "flashcomm2_otp", backend)
-            odp_names = _new_groups(odp_lists, "flashcomm2_odp", backend)
+        # vllm-ascend's order: OTP groups first, then ODP groups
+        otp_names = _new_groups(otp_lists, "flashcomm2_otp", backend)
+        odp_names = _new_groups(odp_lists, "flashcomm2_odp", backend)
         odp = GroupRef(tuple(odp_mine), odp_names[tuple(odp_mine)], None, "odp")
         otp = GroupRef(tuple(otp_mine), otp_names[tuple(otp_mine)], None, "otp")
     res = FlashComm2Groups(ctx.tp, k, n, odp, otp, r % n, r // n)
-    _CACHE[key] = res
+    _FC2_CACHE[key] = res
     return res
 
 
+def dp_group(ctx: TPContext, kind: str, k: int, layout: str = "consecutive") -> DPGroup:
+    """This rank's OTP / MLP-TP group, creating the world's groups of that kind on first use.
+    Collective over the default group the first time: every rank must call it in the same order."""
+    world, me = ctx.world, ctx.global_rank
+    k = k or world
+    check_dp_size(world, k, f"{kind}_size")
+    key = (kind, world, k, layout)
+    if key in _DP_CACHE:
+        return _DP_CACHE[key]
+    lists = dp_group_ranks(world, k, layout)
+    ranks = next(g for g in lists if me in g)
+    if k == world:
+        import torch.distributed as dist
+        name = dist.group.WORLD.group_name  # the whole world: reuse the default group
+    else:
+        name = _new_groups(lists, kind, None)[tuple(ranks)]
+    res = DPGroup(kind, k, GroupRef(tuple(ranks), name, None, kind), ranks.index(me))
+    _DP_CACHE[key] = res
+    return res
+
+
+def cached_flashcomm2_groups() -> dict[tuple, FlashComm2Groups]:
+    """The FlashComm2 groups this process created, by (tp, K, world, TP ranks)."""
+    return dict(_FC2_CACHE)
+
+
 def prepare_process_groups(config, ctx: TPContext) -> None:
-    """Create every process group `config` will need on this rank (FlashComm2's ODP/OTP for K > 1,
-    OTP / MLP-TP groups), now, outside any compilation.
+    """Create every process group `config` will need on this rank, now, outside any compilation:
+    each enabled strategy's `prepare_groups`, in canonical strategy order (the same on every rank).
 
     The passes create them lazily on first use, which is correct when every rank compiles the same
     graphs in the same order (vLLM's workers do), but it puts a collective (`new_group`) inside the
     compiler. Callers that can, call this first on every rank: the harness does before capturing."""
-    from fxpasses import dp_groups
+    from fxpasses.strategies import base
 
-    if "flashcomm2" in config.strategies and config.flashcomm2_oproj_tp_size > 1 and ctx.tp >= 2:
-        flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size)
-    if ctx.world >= 2:
-        dp_groups.ensure_dp_groups(ctx, config)  # creates only what otp / mlp_tp in the config need
+    for name in config.strategies:
+        base.get(name).prepare_groups(config, ctx)

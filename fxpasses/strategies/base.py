@@ -1,0 +1,214 @@
+"""The strategy interface and the one registry every other module reads.
+
+A strategy is one `Strategy` subclass instance, registered with `register()`. It says
+
+* its `name` and `aliases` (config spellings),
+* which graphs it rewrites (`family`: `TP_GRAPHS`, vanilla tensor-parallel graphs, or the
+  DP-attention graphs of `fxpasses.strategies.dp_common`; strategies of different families cannot
+  be combined),
+* the site kinds it may own and its `precedence` (when several enabled strategies want the same
+  site, the highest precedence owns it; config order is ascending precedence),
+* the prefixes it owns when the pattern set has no table for it (`default_patterns`),
+* `validate(config, tp, world)`: ConfigError for sizes it cannot run with,
+* `prepare_groups(config, ctx)`: the process groups beyond TP it needs (`fxpasses.topology`),
+* `precheck(plan, rw, ctx)`: the reason one planned site cannot be rewritten, or None,
+* `rewrite(rw, plans, ctx)`: rewrite the sites it owns with the LayoutRewriter's primitives and mark
+  each plan rewritten or skipped with the reason.
+
+Built-in strategies are the modules of `fxpasses.strategies` that define a module-level `STRATEGY`;
+they are discovered (imported and registered) the first time the registry is read. Adding a strategy
+is a new module (or a `register()` call from user code); config parsing, planning, pattern loading
+and the pipeline all read this registry.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, ClassVar
+
+from fxpasses.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.context import GroupRef, TPContext
+    from fxpasses.plan import SitePlan
+    from fxpasses.rewriter import LayoutRewriter
+
+SITE_KINDS = ("row", "column", "embedding", "replicated")
+
+
+class GraphFamily:
+    """What kind of original graph a strategy rewrites, and what the pipeline needs to know of it:
+    whether the rank can rewrite at all, the token count and the group the LayoutRewriter pads over."""
+
+    name: ClassVar[str] = ""
+
+    def validate(self, config: "FxPassesConfig", tp: int, world: int) -> None:
+        """Raise ConfigError when graphs of this family cannot be rewritten at this tp / world."""
+
+    def nothing_to_do(self, ctx: "TPContext") -> str | None:
+        """Why this rank has nothing to rewrite in such a graph, or None."""
+        raise NotImplementedError
+
+    def token_count(self, plans: list["SitePlan"]):
+        """T (int or SymInt) read from the owned sites, or None."""
+        raise NotImplementedError
+
+    def rewriter_group(self, ctx: "TPContext", config: "FxPassesConfig") -> tuple["GroupRef", int]:
+        """(group, this rank's index in it) the LayoutRewriter pads and shards over."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<graph family {self.name}>"
+
+
+class _TPGraphs(GraphFamily):
+    """Vanilla tensor-parallel graphs: row layers end in a TP all-reduce of [T, ...] values."""
+
+    name = "tp"
+
+    def validate(self, config, tp, world):
+        if tp <= 1:
+            raise ConfigError(f"{'+'.join(config.strategies)} needs tensor parallelism, but tp={tp}; "
+                              "run with tensor_parallel_size >= 2 or disable the strategy")
+
+    def nothing_to_do(self, ctx):
+        if ctx.tp < 2 or ctx.tp_group is None:
+            return f"tp={ctx.tp}: nothing to rewrite"
+        return None
+
+    def token_count(self, plans):
+        """dim 0 of the first owned row/embedding site's all-reduced tensor."""
+        from fxpasses import graph_forms as gf
+
+        for p in plans:
+            ar = p.site.all_reduce
+            if p.strategy and ar is not None:
+                v = gf.val(ar.input)
+                if v is not None and v.dim() >= 1:
+                    return v.shape[0]
+        return None
+
+    def rewriter_group(self, ctx, config):
+        return ctx.tp_group, ctx.rank
+
+
+TP_GRAPHS = _TPGraphs()
+
+
+class Strategy:
+    """One communication layout. Subclasses set the class attributes and implement `rewrite`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[GraphFamily] = TP_GRAPHS
+    site_kinds: ClassVar[frozenset[str]] = frozenset()
+    precedence: ClassVar[int] = 0
+    default_patterns: ClassVar[dict[str, list[str]]] = {}  # kind -> prefix substrings ("*": all)
+
+    def validate(self, config: "FxPassesConfig", tp: int, world: int) -> None:
+        """Raise ConfigError (naming the fix) when `config` cannot run at this tp / world size."""
+
+    def prepare_groups(self, config: "FxPassesConfig", ctx: "TPContext"):
+        """Create (once per process, collectively) the process groups beyond TP this strategy needs
+        and return this rank's view of them; None when it needs none."""
+        return None
+
+    def precheck(self, plan: "SitePlan", rw: "LayoutRewriter", ctx: "TPContext") -> str | None:
+        """The reason this planned site cannot be rewritten, or None."""
+        return None
+
+    def rewrite(self, rw: "LayoutRewriter", plans: list["SitePlan"], ctx: "TPContext") -> None:
+        raise NotImplementedError
+
+    def mine(self, plans: list["SitePlan"]) -> list["SitePlan"]:
+        """The plans this strategy owns that are still to be rewritten."""
+        from fxpasses.plan import SiteStatus
+
+        return [p for p in plans if p.strategy == self.name and p.status is SiteStatus.PLANNED]
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name}>"
+
+
+_REGISTRY: dict[str, Strategy] = {}
+_ALIASES: dict[str, str] = {}
+_discovered = False
+
+
+def _normal(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add a strategy (or replace one of the same name); returns it."""
+    if not getattr(strategy, "name", ""):
+        raise ConfigError(f"{strategy!r} has no name")
+    bad = set(strategy.site_kinds) - set(SITE_KINDS)
+    if bad:
+        raise ConfigError(f"strategy {strategy.name}: unknown site kind(s) {sorted(bad)}; use {SITE_KINDS}")
+    name = _normal(strategy.name)
+    for alias in strategy.aliases:
+        owner = _ALIASES.get(_normal(alias))
+        if owner not in (None, name):
+            raise ConfigError(f"strategy {name}: alias {alias!r} already names strategy {owner}")
+    _REGISTRY[name] = strategy
+    for alias in strategy.aliases:
+        _ALIASES[_normal(alias)] = name
+    return strategy
+
+
+def unregister(name: str) -> None:
+    name = _normal(name)
+    _REGISTRY.pop(name, None)
+    for a in [a for a, n in _ALIASES.items() if n == name]:
+        del _ALIASES[a]
+
+
+def _discover() -> None:
+    """Import the modules of `fxpasses.strategies` once; each registers its `STRATEGY`."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import fxpasses.strategies as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        s = getattr(mod, "STRATEGY", None)
+        if isinstance(s, Strategy) and _normal(s.name) not in _REGISTRY:
+            register(s)
+
+
+def registered() -> list[Strategy]:
+    """Every registered strategy in canonical order (ascending precedence, then name)."""
+    _discover()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.precedence, s.name))
+
+
+def registered_names() -> list[str]:
+    return [s.name for s in registered()]
+
+
+def get(name: str) -> Strategy:
+    """The strategy called `name` (or one of its aliases); ConfigError listing the choices."""
+    _discover()
+    key = _normal(name)
+    key = _ALIASES.get(key, key)
+    s = _REGISTRY.get(key)
+    if s is None:
+        aliases = ", ".join(sorted(_ALIASES))
+        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(registered_names())} "
+                          f"(aliases {aliases}), combined with '+'")
+    return s
+
+
+def canonical(names) -> tuple[str, ...]:
+    """Resolve names and aliases, drop duplicates, order canonically."""
+    chosen = {get(n).name for n in names}
+    return tuple(s.name for s in registered() if s.name in chosen)
+
+
+def by_precedence(kind: str, enabled) -> list[Strategy]:
+    """The enabled strategies that may own a site of `kind`, highest precedence first."""
+    return [s for s in reversed(registered()) if s.name in enabled and kind in s.site_kinds]

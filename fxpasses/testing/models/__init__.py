@@ -1,0 +1,6 @@
+"""Small dense decoder models for the demo, the CLI and the tests.
+
+`tiny.py` assembles a model from real vLLM layers; `tiny_llama.json` is the bundled HF-style config
+used by `fxpasses demo`. `hf_checkpoint.py` writes a random-weight Hugging Face checkpoint that
+vLLM's CPU engine can load (the engine test; `tools/make_tiny_llama.py`).
+"""
