@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses.plan import SiteStatus
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
@@ -64,7 +65,7 @@ class PassReport:
         return diff_line(self.before, self.after) if self.before else ""
 
     def rewritten(self, strategy: str | None = None) -> list[str]:
-        return [p.site.prefix for p in self.sites if p.status == "rewritten"
+        return [p.site.prefix for p in self.sites if p.status is SiteStatus.REWRITTEN
                 and (strategy is None or p.strategy == strategy)]
 
     def to_dict(self) -> dict:

@@ -1,25 +1,36 @@
-"""A stand-in for vLLM's `_C.shm_allreduce` (the CPU shared-memory all-reduce), used only because
-this project's AVX2 machines ship a vLLM `_C` without it. It has the real op's schema and
-mutating signature, so Dynamo/AOT produce the real graph form
-(`auto_functionalized_v2(_C.shm_allreduce.default, handle=..., _all_bases=[data])`); its body
-is a gloo all-reduce over vLLM's TP group."""
+"""A stand-in kernel for vLLM's `_C.shm_allreduce` (the CPU shared-memory all-reduce). On AVX2
+machines vLLM's `_C` lacks the op, so it is registered here with the real schema and mutating
+signature; where the op exists (AVX-512 builds) its CPU kernel is replaced in the test process,
+because the gloo test pool has no shared-memory handle for the real kernel. Either way Dynamo/AOT
+produce the real graph form (`auto_functionalized_v2(_C.shm_allreduce.default, handle=...,
+_all_bases=[data])`) and the kernel is a gloo all-reduce over vLLM's TP group."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def ensure_standin_op() -> bool:
-    """Register `_C::shm_allreduce` if this vLLM build lacks it; True when the stand-in is used."""
+def _gloo_allreduce(handle: int, data: torch.Tensor) -> None:
+    from vllm.distributed.parallel_state import get_tp_group
+    torch.distributed.all_reduce(data, group=get_tp_group().device_group)
+
+
+_LIBS: list = []
+
+
+def ensure_standin_op() -> str:
+    """Make `_C::shm_allreduce` run the gloo reference kernel in this process; returns "registered"
+    (the build lacks the op: schema and kernel are ours) or "kernel" (the real schema, our kernel)."""
     import vllm._custom_ops  # noqa: F401  (loads vLLM's _C)
+    if _LIBS:
+        return _LIBS[0][0]
     if hasattr(torch.ops._C, "shm_allreduce"):
-        return False
-
-    @torch.library.custom_op("_C::shm_allreduce", mutates_args=("data",))
-    def shm_allreduce(handle: int, data: torch.Tensor) -> None:
-        from vllm.distributed.parallel_state import get_tp_group
-        torch.distributed.all_reduce(data, group=get_tp_group().device_group)
-
-    return True
+        lib = torch.library.Library("_C", "IMPL")  # noqa: TOR901 - replaces the real CPU kernel here only
+        lib.impl("shm_allreduce", _gloo_allreduce, "CPU")
+        _LIBS.append(("kernel", lib))
+        return "kernel"
+    torch.library.custom_op("_C::shm_allreduce", mutates_args=("data",))(_gloo_allreduce)
+    _LIBS.append(("registered", None))
+    return "registered"
 
 
 class RowParallelLinear(nn.Module):

@@ -1,5 +1,6 @@
-"""The `auto_functionalized(_C.shm_allreduce)` all-reduce form (vLLM's CPU default), traced from a
-stand-in op with the real schema because this machine's vLLM build has no shm ops (AVX2)."""
+"""The `auto_functionalized(_C.shm_allreduce)` all-reduce form (vLLM's CPU default), traced from the
+op's real schema with a stand-in gloo kernel (AVX2 builds have no shm op; AVX-512 builds have one,
+but the test pool has no shared-memory handle for it)."""
 from shm_standin import rank_run
 
 

@@ -1,0 +1,118 @@
+"""The strategy registry is the one list of strategies: config parsing, pattern loading, planning
+and the pipeline read it. A strategy defined here, in a test module, runs through the pipeline with
+no edit to the core."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dispatch.python import enable_python_dispatcher
+
+from fxpasses import graph_forms as gf
+from fxpasses.config import FxPassesConfig, parse_strategies
+from fxpasses.errors import ConfigError
+from fxpasses.patterns_loader import parse_pattern_dict
+from fxpasses.pipeline import run_passes
+from fxpasses.plan import SiteStatus
+from fxpasses.report import collective_counts
+from fxpasses.strategies import base
+from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
+
+TINY = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
+
+
+class ScatterOProj(base.Strategy):
+    """A toy: only o_proj's all-reduce becomes pad + reduce_scatter (Shard0 then flows onward)."""
+
+    name = "toy_scatter_oproj"
+    aliases = ("toy",)
+    site_kinds = frozenset({"row"})
+    precedence = 5  # below FlashComm1: it only owns what nothing else wants
+    default_patterns = {"row": ["o_proj"]}
+
+    def precheck(self, plan, rw, ctx):
+        ar = plan.site.all_reduce
+        return None if ar is not None and ar.runs_on(ctx.tp_group) else "no TP all-reduce"
+
+    def rewrite(self, rw, plans, ctx):
+        for p in self.mine(plans):
+            why = self.precheck(p, rw, ctx)
+            if why:
+                p.skip(why)
+                continue
+            ar = p.site.all_reduce
+            rw.replace_all_reduce(ar, rw.to_shard0_from_partial(ar.input))
+            p.done("toy: all_reduce -> reduce_scatter")
+
+
+@pytest.fixture
+def toy():
+    s = base.register(ScatterOProj())
+    yield s
+    base.unregister(s.name)
+
+
+def test_builtin_strategies_come_from_their_modules():
+    names = base.registered_names()
+    assert names[:4] == ["flashcomm1", "flashcomm2", "otp", "mlp_tp"]  # ascending precedence
+    assert base.get("sp").name == "flashcomm1" and base.get("fc2").name == "flashcomm2"
+    assert [s.name for s in base.by_precedence("row", set(names))][:4] == ["mlp_tp", "otp", "flashcomm2", "flashcomm1"]
+    assert [s.name for s in base.by_precedence("column", set(names))] == ["mlp_tp", "flashcomm1"]
+
+
+def test_a_toy_strategy_is_parsed_planned_and_rewritten_without_core_edits(toy):
+    assert parse_strategies("toy") == ("toy_scatter_oproj",)
+    cfg = FxPassesConfig(strategies=("toy",))
+    with enable_python_dispatcher():
+        gm = build_graph(TINY, 4)
+        before = collective_counts(gm.graph)
+        rep = run_passes(gm.graph, cfg, tp_context(4))
+    assert rep.applied, rep.reason
+    mine = [p for p in rep.sites if p.strategy == "toy_scatter_oproj"]
+    assert [p.site.prefix.rsplit(".", 1)[-1] for p in mine] == ["o_proj"] * TINY.layers
+    assert all(p.status is SiteStatus.REWRITTEN for p in mine)
+    others = [p for p in rep.sites if p.strategy != "toy_scatter_oproj"]
+    assert others and all(p.status is SiteStatus.UNTOUCHED for p in others)
+    after = collective_counts(gm.graph)
+    assert after["reduce_scatter"] == TINY.layers
+    assert after["all_reduce"] == before["all_reduce"] - TINY.layers
+    # the sharded stream is all-gathered wherever a consumer needs every token
+    assert after["all_gather"] >= 1
+    assert all(gf.collective_kind(n) != "all_reduce" or "o_proj" not in str(gf.module_stack_last(n))
+               for n in gm.graph.nodes)
+
+
+def test_the_toy_loses_to_a_higher_precedence_strategy(toy):
+    cfg = FxPassesConfig(strategies=("toy", "flashcomm1"))
+    assert cfg.strategies == ("toy_scatter_oproj", "flashcomm1")
+    with enable_python_dispatcher():
+        rep = run_passes(build_graph(TINY, 4).graph, cfg, tp_context(4))
+    assert rep.applied, rep.reason
+    assert not [p for p in rep.sites if p.strategy == "toy_scatter_oproj"]
+
+
+def test_pattern_files_may_name_registered_strategies_only(toy):
+    ps = parse_pattern_dict({"classes": {"row": ["RowParallelLinear"]}, "toy_scatter_oproj": {"row": ["dense"]}},
+                            "test")
+    assert ps.for_strategy(toy).row == ["dense"]
+    base.unregister(toy.name)
+    with pytest.raises(Exception, match="unknown key"):
+        parse_pattern_dict({"classes": {}, "toy_scatter_oproj": {"row": ["dense"]}}, "test")
+    base.register(toy)
+
+
+def test_registration_refuses_clashing_aliases_and_unknown_kinds(toy):
+    class Clash(ScatterOProj):
+        name = "other"
+        aliases = ("toy",)
+
+    class BadKind(ScatterOProj):
+        name = "bad"
+        aliases = ()
+        site_kinds = frozenset({"rows"})
+
+    with pytest.raises(ConfigError, match="alias 'toy' already names"):
+        base.register(Clash())
+    with pytest.raises(ConfigError, match="unknown site kind"):
+        base.register(BadKind())
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
+        FxPassesConfig(strategies=("nope",))
