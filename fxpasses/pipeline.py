@@ -101,6 +101,8 @@ def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx:
     forms = {p.site.all_reduce.form for p in plans if p.site.all_reduce is not None}
     group, rank = family.rewriter_group(ctx, config)
     rw = LayoutRewriter(work, group, rank, CommBackend.for_forms(forms), family.token_count(plans), config)
+    for node in family.rank_local_values(plans):
+        rw.mark_rank_local(node)
     for name in config.strategies:
         strategies.get(name).rewrite(rw, plans, ctx)
     rw.propagate()

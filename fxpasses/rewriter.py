@@ -7,7 +7,16 @@ Strategies call `to_shard0_from_partial` (pad + reduce_scatter), `replace_all_re
 `token_count_node`, and keep per-strategy state in `state(name)`; then `propagate()` walks the
 graph once: a node with a Shard0 input runs sharded when the
 token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
-Replicate inputs (gathered once per value). Graph outputs always get Replicate. Padding is
+Replicate inputs (gathered once per value). Graph outputs always get Replicate.
+
+Rank-local values. The output of a matmul against a weight sharded over the group (a column
+layer's feature shard, a row layer's or the vocab embedding's partial sum, a fused MoE's partial
+sum) differs across ranks in more than its rows: it must never be sliced into Shard0 rows, and
+every node that consumes it must run on all tokens. `mark_rank_local` seeds such values (the
+pipeline marks every TP-sharded site's matmul, whether a strategy rewrites it or not); propagation
+carries the mark to every consumer until the graph's own all-reduce over the group, and gives each
+marked node Replicate inputs. A marked node therefore computes exactly what it computes in the
+original graph (all its inputs are the original values), whatever it is. Padding is
 symbolic and computed once per graph, right after the inputs, from the graph's own token count:
 rows = ceil(T / n) = (T + n - 1) // n, T_pad = rows * n, pad = T_pad - T. (The ceil-div form keeps
 the shape expressions small, which keeps FakeTensor propagation of the sharded stream cheap.)
@@ -53,6 +62,7 @@ class LayoutRewriter:
         self.notes: list[str] = []            # strategy remarks copied into the PassReport
         self.extra: dict = {}                 # strategy numbers copied into PassReport.extra
         self._state: dict[str, dict] = {}     # per-strategy scratch space (state())
+        self.rank_local: set[fx.Node] = set()  # values that differ across the group beyond their rows
 
     def state(self, strategy: str) -> dict:
         """A dict private to one strategy for the length of this rewrite (e.g. values it built once)."""
@@ -140,6 +150,10 @@ class LayoutRewriter:
         self.layout[node] = layouts.SHARD0
         self._ndim[node] = ndim
 
+    def mark_rank_local(self, node: fx.Node) -> None:
+        """`node`'s value depends on a weight sharded over the group (see the module docstring)."""
+        self.rank_local.add(node)
+
     def require_replicate(self, node: fx.Node) -> None:
         """`node` must see every token: propagation gives it Replicate inputs."""
         self.force_replicate.add(node)
@@ -211,10 +225,16 @@ class LayoutRewriter:
 
     # ---- propagation -------------------------------------------------------------------------
     def propagate(self) -> None:
+        reduced = self._group_reductions()
         for node in list(self.graph.nodes):
             if node in self.created or node.meta.get("fxpasses", {}).get("role"):
                 continue
             sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
+            if node.op != "output" and node not in reduced and self._consumes_rank_local(node):
+                self.rank_local.add(node)
+                if sharded:
+                    self._replicate_inputs(node, sharded)
+                continue
             if not sharded:
                 continue
             if node.op == "output":
@@ -235,6 +255,22 @@ class LayoutRewriter:
                     self.touched.add(node)
             shape_arg_fix(node)
             self.layout[node] = layouts.SHARD0
+
+    def _consumes_rank_local(self, node: fx.Node) -> bool:
+        if node not in self.rank_local and not any(a in self.rank_local for a in node.all_input_nodes):
+            return False
+        v = gf.val(node)  # sizes and other scalars computed from a rank-local tensor are not rank-local
+        return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and
+                                               any(isinstance(x, torch.Tensor) for x in v))
+
+    def _group_reductions(self) -> set[fx.Node]:
+        """Result nodes of the graph's remaining all-reduces over this group (rank-local ends there)."""
+        out = set()
+        for n in self.graph.nodes:
+            ar = gf.match_all_reduce(n)
+            if ar is not None and ar.runs_on(self.group):
+                out.add(ar.result)
+        return out
 
     def _replicate_inputs(self, node: fx.Node, sharded: list[fx.Node]) -> None:
         for a in sharded:

@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from fxpasses.plan import SitePlan
     from fxpasses.rewriter import LayoutRewriter
 
-SITE_KINDS = ("row", "column", "embedding", "replicated")
+SITE_KINDS = ("row", "column", "embedding", "replicated", "moe")
+# kinds whose weights vLLM shards over the TP group: their outputs are rank-local (feature shards or
+# partial sums) until an all-reduce, whatever strategy owns them (see `fxpasses.rewriter`)
+TP_SHARDED_KINDS = ("row", "column", "embedding", "moe")
 
 
 class GraphFamily:
@@ -57,6 +60,10 @@ class GraphFamily:
     def rewriter_group(self, ctx: "TPContext", config: "FxPassesConfig") -> tuple["GroupRef", int]:
         """(group, this rank's index in it) the LayoutRewriter pads and shards over."""
         raise NotImplementedError
+
+    def rank_local_values(self, plans: list["SitePlan"]) -> list:
+        """Nodes whose values depend on a weight sharded over the rewriter's group."""
+        return []
 
     def __repr__(self) -> str:
         return f"<graph family {self.name}>"
@@ -91,6 +98,18 @@ class _TPGraphs(GraphFamily):
 
     def rewriter_group(self, ctx, config):
         return ctx.tp_group, ctx.rank
+
+    def rank_local_values(self, plans):
+        """Every TP-sharded site's matmul (or embedding), rewritten or not; every op of a fused MoE
+        (its expert weights are sharded and hidden inside the op)."""
+        out = []
+        for p in plans:
+            site = p.site
+            if site.kind == "moe":
+                out += [n for n in site.nodes if n.op == "call_function"]
+            elif site.kind in TP_SHARDED_KINDS and site.matmul is not None:
+                out.append(site.matmul)
+        return out
 
 
 TP_GRAPHS = _TPGraphs()

@@ -2,7 +2,11 @@
 
 VocabParallelEmbedding -> N x [RMSNorm, QKVParallelLinear, causal SDPA over the local heads,
 RowParallelLinear o_proj, fused-residual RMSNorm, MergedColumnParallelLinear gate_up + SiluAndMul,
-RowParallelLinear down_proj] -> final RMSNorm. Weights are random (seeded, identical on every rank
+RowParallelLinear down_proj] -> final RMSNorm. With `shared_expert_intermediate_size` the MLP is
+shaped like Qwen2-MoE's block (a dense stand-in for the routed experts): its down_proj does not
+reduce (`reduce_results=False`), a gated shared expert (MergedColumnParallelLinear +
+RowParallelLinear with `reduce_results=False`, scaled by sigmoid of a ReplicatedLinear gate) is
+added to it, and one TP all-reduce ends the block. Weights are random (seeded, identical on every rank
 before sharding), nothing is downloaded. Must be built after vLLM's model-parallel groups exist.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ class DecoderSpec:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    shared_expert_intermediate_size: int = 0
     model_type: str = "llama"
 
     @classmethod
@@ -87,6 +92,7 @@ class DecoderSpec:
     def check_tp(self, tp: int) -> None:
         for name, val in (("num_attention_heads", self.num_attention_heads),
                           ("intermediate_size", self.intermediate_size),
+                          ("shared_expert_intermediate_size", self.shared_expert_intermediate_size),
                           ("vocab_size", self.vocab_size)):
             if val % tp:
                 raise ConfigError(f"{name}={val} is not divisible by tp={tp}; choose a tp that divides it")
@@ -136,21 +142,45 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec, prefix: str):
+    def __init__(self, spec: DecoderSpec, prefix: str, intermediate: int | None = None,
+                 reduce_results: bool = True):
         super().__init__()
         from vllm.model_executor.layers.activation import SiluAndMul
         from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2,
+        inter = intermediate or spec.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [inter] * 2,
                                                        bias=spec.mlp_bias, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias,
-                                           prefix=f"{prefix}.down_proj")
+        self.down_proj = RowParallelLinear(inter, spec.hidden_size, bias=spec.mlp_bias,
+                                           reduce_results=reduce_results, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(gate_up))
         return x
+
+
+class SharedExpertBlock(nn.Module):
+    """Qwen2-MoE's block shape: partial dense MLP + sigmoid(gate(x)) * partial shared expert, then
+    one all-reduce (vLLM sums the shared expert into the routed output before reducing)."""
+
+    def __init__(self, spec: DecoderSpec, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+
+        self.mlp = MLP(spec, prefix, reduce_results=False)
+        self.shared_expert = MLP(spec, f"{prefix}.shared_expert", spec.shared_expert_intermediate_size,
+                                 reduce_results=False)
+        self.shared_expert_gate = ReplicatedLinear(spec.hidden_size, 1, bias=False,
+                                                   prefix=f"{prefix}.shared_expert_gate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        gate, _ = self.shared_expert_gate(x)
+        out = self.mlp(x) + torch.sigmoid(gate) * self.shared_expert(x)
+        return tensor_model_parallel_all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -161,7 +191,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
         self.self_attn = Attention(spec, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
-        self.mlp = MLP(spec, prefix=f"{prefix}.mlp")
+        self.mlp = (SharedExpertBlock(spec, f"{prefix}.mlp") if spec.shared_expert_intermediate_size
+                    else MLP(spec, prefix=f"{prefix}.mlp"))
 
     def forward(self, hidden, residual):
         if residual is None:
@@ -228,8 +259,17 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         loader(param, full, *shard_id)
 
     load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
+    def load_mlp(mlp, inter):
+        for i in range(2):
+            load(mlp.gate_up_proj.weight, rnd(inter, h), i)
+            if spec.mlp_bias:
+                load(mlp.gate_up_proj.bias, rnd(inter, scale=0.1), i)
+        load(mlp.down_proj.weight, rnd(h, inter))
+        if spec.mlp_bias:
+            load(mlp.down_proj.bias, rnd(h, scale=0.1))
+
     for layer in model.layers:
-        att, mlp = layer.self_attn, layer.mlp
+        att = layer.self_attn
         for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
                            ("v", spec.num_key_value_heads * hd)):
             load(att.qkv_proj.weight, rnd(rows, h), name)
@@ -238,13 +278,13 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
         if spec.o_proj_bias:
             load(att.o_proj.bias, rnd(h, scale=0.1))
-        for i in range(2):
-            load(mlp.gate_up_proj.weight, rnd(spec.intermediate_size, h), i)
-            if spec.mlp_bias:
-                load(mlp.gate_up_proj.bias, rnd(spec.intermediate_size, scale=0.1), i)
-        load(mlp.down_proj.weight, rnd(h, spec.intermediate_size))
-        if spec.mlp_bias:
-            load(mlp.down_proj.bias, rnd(h, scale=0.1))
+        if spec.shared_expert_intermediate_size:
+            block = layer.mlp
+            load_mlp(block.mlp, spec.intermediate_size)
+            load_mlp(block.shared_expert, spec.shared_expert_intermediate_size)
+            load(block.shared_expert_gate.weight, rnd(1, h))
+        else:
+            load_mlp(layer.mlp, spec.intermediate_size)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
         if spec.qk_norm:
