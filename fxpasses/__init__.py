@@ -2,6 +2,8 @@
 
 import sys as _sys
 
+from fxpasses import runtime_ops  # noqa: F401  (registers the ops rewritten graphs call)
+
 
 def __getattr__(name):
     # `fxpasses.vllm_pass_instance` on first use (PEP 562), without importing vLLM for other users

@@ -142,10 +142,10 @@ def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = Non
             site = path
         name = gf.op_name(node)
         if name == "fxpasses::odp_weight":
-            n = int(node.args[3] if len(node.args) > 3 else node.kwargs["group_size"])
+            n = int(node.args[4] if len(node.args) > 4 else node.kwargs["group_size"])
             full = numel_bytes(gf.val(node))
             part = full * sympy.Rational(n - 1, n)
-            out.append(CollectiveVolume(node.name, "weight_gather", str(node.args[2]), n, layer, site, full,
+            out.append(CollectiveVolume(node.name, "weight_gather", str(node.args[3]), n, layer, site, full,
                                         part, part, one_time=True))
             continue
         kind = gf.collective_kind(node)
@@ -197,7 +197,8 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K.
     vanilla:     2 all_reduce [T, H]                       2 x 2(tp-1)/tp T H b
     flashcomm1:  rs(o) + ag(gate_up in) + rs(down) + ag(next qkv in), each (tp-1)/tp T_pad H b
-    flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp] + (k>1) rs over OTP of
+    flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp + 1] (the + 1 column carries
+                 the row bias, see `fxpasses.strategies.flashcomm2`) + (k>1) rs over OTP of
                  [T_pad/n, H]; then all_gather [T_pad, H] back to Replicate (alone) ; MLP all_reduce
     flashcomm1+flashcomm2: FlashComm1 with the o_proj rs replaced by FlashComm2's o_proj exchange.
     """
@@ -207,19 +208,19 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
     ar = 2 * (tp - 1) * T * H * b // tp
     fc1_rs = ring(Tp * H * b, tp)
-    fc2_o = ring(Tp * (D // tp) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
+    fc2_o = ring(Tp * (D // tp + 1) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
     if strategy == "vanilla":
         return {"all_reduce": 2 * ar, "total": 2 * ar}
     if strategy == "flashcomm1":
         return {"reduce_scatter": 2 * fc1_rs, "all_gather": 2 * fc1_rs, "total": 4 * fc1_rs}
     if strategy == "flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
+        d = {"all_to_all": ring(Tp * (D // tp + 1) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
         if k > 1:
             d["reduce_scatter"] = ring((Tp // n) * H * b, k)
         d["total"] = sum(d.values())
         return d
     if strategy == "flashcomm1+flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
+        d = {"all_to_all": ring(Tp * (D // tp + 1) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
                                                                                     if k > 1 else 0),
              "all_gather": 2 * fc1_rs}
         d["total"] = fc2_o + 3 * fc1_rs

@@ -33,11 +33,15 @@ _graph_ids = itertools.count()
 
 
 def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
-               patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True) -> PassReport:
+               patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
+               fail_loudly: bool = False) -> PassReport:
     """Rewrite `graph` in place (or leave it untouched and say why in the report).
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
-    because Inductor recompiles the module itself after its post-grad passes."""
+    because Inductor recompiles the module itself after its post-grad passes. `fail_loudly=True`
+    raises when a started rewrite fails instead of keeping the original graph: where the other
+    ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
+    would issue other collectives than its peers."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph))
     report.after = report.before
     with report.timed("total"):
@@ -61,7 +65,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
         except Exception as e:
-            return _finish(report, _failed(e, plans, config))
+            return _finish(report, _failed(e, plans, config, ctx, fail_loudly))
         _enforce_strict(plans, config)
         with report.timed("apply"):
             before_text = dump.before_text(graph, config)
@@ -110,12 +114,20 @@ def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx:
     return rw
 
 
-def _failed(e: Exception, plans: list[SitePlan], config: FxPassesConfig) -> str:
+def _failed(e: Exception, plans: list[SitePlan], config: FxPassesConfig, ctx: TPContext,
+            fail_loudly: bool) -> str:
     """The failure policy: the original graph stays; sites marked rewritten on the copy are skipped
-    with the reason; `strict` raises instead. Returns the report's reason."""
+    with the reason; `strict` re-raises, `fail_loudly` raises a RewriteError naming the rank.
+    Returns the report's reason."""
     for p in plans:
         if p.status is SiteStatus.REWRITTEN:
             p.skip(f"graph kept unchanged: {e}")
+    if fail_loudly and not config.strict:
+        raise RewriteError(
+            f"fxpasses: the rewrite failed on TP rank {ctx.rank} (global rank {ctx.global_rank}): "
+            f"{type(e).__name__}: {e}. The other ranks may run the rewritten graph, so this rank cannot "
+            "keep its original one. Exclude the sites involved (a pattern file's exclude prefixes) or "
+            "disable the strategy, and report the failure") from e
     if isinstance(e, FxPassesError):
         if config.strict:
             raise e

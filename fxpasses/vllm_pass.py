@@ -264,7 +264,9 @@ class FxPassesInductorPass(InductorPass):
                        "this platform/mode), so min_tokens=%d cannot select sizes at compile time; the "
                        "rewrite applies to all token counts (a graph traced for a fixed size below "
                        "min_tokens is left unchanged)", cfg.min_tokens)
-        report = run_passes(graph, cfg, ctx, recompile=False)  # Inductor recompiles after post-grad passes
+        # Inductor recompiles after post-grad passes; a rank whose rewrite fails must not run its
+        # original graph beside peers that run theirs rewritten: it raises
+        report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True)
         statuses: dict[str, int] = {}
         for s in report.sites:
             statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1

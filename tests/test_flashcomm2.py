@@ -60,7 +60,7 @@ def rank_weight_gathers(state, key, T=5):
     """Drop the ODP weight cache, run the rewritten graph twice; weight all-gathers per call."""
     import torch
 
-    from fxpasses.strategies import flashcomm2 as fc2
+    from fxpasses import runtime_ops as fc2
     from fxpasses.testing.capture import rebind_token_args
     from fxpasses.testing.harness import _tokens
 
@@ -142,10 +142,10 @@ def test_odp_weight_gathered_on_first_call_only(pools, tp, form, k):
     pool, summaries = _capture(pools, tp, form, k, FC12)
     for first, second in pool.run(rank_weight_gathers, summaries[0]["key"]):
         assert first["calls"] == LAYERS and first["gathers"] == LAYERS
-        # [H, D/K] float64 per layer
+        # [H, D/K + n] float64 per layer (each of the n ODP peers' shards carries its bias column)
         spec = _spec()
         d = spec["num_attention_heads"] * spec["head_dim"]
-        assert first["bytes"] == LAYERS * spec["hidden_size"] * (d // k) * 8
+        assert first["bytes"] == LAYERS * spec["hidden_size"] * (d // k + tp // k) * 8
         assert second == {"calls": LAYERS, "gathers": 0, "bytes": 0}
     for s in summaries:
         for x in s["report"]["sites"]:
@@ -155,19 +155,51 @@ def test_odp_weight_gathered_on_first_call_only(pools, tp, form, k):
 
 # ---- skips ---------------------------------------------------------------------------------------
 
-def test_o_proj_bias_is_skipped_on_every_rank(pools):
-    """The row bias is in TP rank 0's graph only; every rank must skip the site alike."""
-    pool = pools.get(2, "c10d")
-    summaries = capture(pool, _spec(o_proj_bias=True), FC12, flashcomm2_oproj_tp_size=1)
+@pytest.mark.parametrize("tp,form,k,strategies", [(2, "c10d", 1, FC12), (4, "vllm", 2, FC2)],
+                         ids=["tp2-K1-fc1+fc2", "tp4-K2-fc2"])
+def test_o_proj_bias_is_added_once_by_tp_rank_0(pools, tp, form, k, strategies):
+    """The row bias is in TP rank 0's graph only: every rank rewrites the site alike (same collectives),
+    rank 0 adds the bias through the extra column, and every token gets it exactly once (K=2: only
+    the ODP group of rank 0 carries it into the OTP reduce-scatter)."""
+    pool, summaries = _capture(pools, tp, form, k, strategies, o_proj_bias=True)
     for s in summaries:
         o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]
-        assert o_proj and all(x["status"] == "skipped" and "bias" in x["reason"] for x in o_proj), o_proj
-        assert s["report"]["collectives_after"]["all_to_all"] == 0
-        assert s["report"]["collectives_after"]["all_reduce"] == LAYERS  # the o_proj ones stay
+        assert o_proj and all(x["status"] == "rewritten" for x in o_proj), o_proj
+        assert s["report"]["collectives_after"]["all_to_all"] == LAYERS
     assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
-    for results in pool.run(rank_compare_seeded, summaries[0]["key"], [1, 2, 7, 64], 0):
+    for results in pool.run(rank_compare_seeded, summaries[0]["key"], [1, 2, 7, 64, 3 * tp + 1], 0):
         for r in results:
             assert r["shape_ok"] and r["rel"] <= 1e-12, r
+
+
+def rank_update_weights_in_place(state, key, T=9):
+    """Scale every floating 2-D graph input (the weights) in place, then compare the graphs: the
+    rewritten one must gather the o_proj blocks again (the version counters moved)."""
+    import torch
+
+    from fxpasses import runtime_ops
+    from fxpasses.testing.harness import compare_outputs, graph_args
+
+    cap, args = graph_args(state, key, T)
+    with torch.no_grad():
+        first = compare_outputs(cap, args, T)
+        before = runtime_ops.weight_stats()["gathers"]
+        for a in cap.first_args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 2:
+                a.mul_(1.5).add_(0.01)
+        second = compare_outputs(cap, args, T)
+        regathered = runtime_ops.weight_stats()["gathers"] - before
+        for a in cap.first_args:  # restore for the other tests sharing this capture
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 2:
+                a.sub_(0.01).div_(1.5)
+    return first, second, regathered
+
+
+def test_weight_updated_in_place_is_gathered_again(pools):
+    pool, summaries = _capture(pools, 2, "c10d", 1, FC12)
+    for first, second, regathered in pool.run(rank_update_weights_in_place, summaries[0]["key"]):
+        assert first["rel"] <= 1e-12 and second["rel"] <= 1e-12, (first, second)
+        assert regathered == LAYERS
 
 
 def test_packed_weight_is_skipped(pools):

@@ -67,16 +67,23 @@ def run_engine(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     t_start = time.perf_counter() - t0
-    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     t1 = time.perf_counter()
     batch = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(n, n)) for n in PROMPT_LENS], sp,
                          use_tqdm=False)
     solo = [llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(n, 100 + n))], sp, use_tqdm=False)[0]
             for n in SOLO_LENS]
     t_gen = time.perf_counter() - t1
+
+    def chosen_logprobs(o):
+        c = o.outputs[0]
+        return [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
+
     return {"route": route,
             "batch": [list(o.outputs[0].token_ids) for o in batch],
             "solo": [list(o.outputs[0].token_ids) for o in solo],
+            "batch_logprobs": [chosen_logprobs(o) for o in batch],
+            "solo_logprobs": [chosen_logprobs(o) for o in solo],
             "engine_start_s": round(t_start, 1), "generate_s": round(t_gen, 2)}
 
 
@@ -126,6 +133,34 @@ RUNS = {
 }
 
 
+def launch(tmp: Path, name: str, model: Path, route: str, extra_env: dict, additional: dict | None,
+           dump: bool = True) -> tuple[dict, str]:
+    """One engine run in its own process; (result, log text). Fails the test if the run fails."""
+    env = _base_env(tmp)
+    env.update(extra_env)
+    if name != "baseline" and dump:
+        env["FXPASSES_DUMP_DIR"] = str(tmp / f"dump_{name}")
+    if route == "plugin" and not _plugin_entry_point_installed():
+        env["PYTHONPATH"] = os.pathsep.join([str(_fake_plugin_dist(tmp / "shim")), env["PYTHONPATH"]])
+    spec = {"route": route, "model": str(model), "dtype": "float32", "additional_config": additional,
+            "result": str(tmp / f"{name}.json")}
+    spec_file = tmp / f"{name}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_file)],
+                          cwd=str(tmp), env=env, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+    log_text = proc.stdout + proc.stderr
+    (tmp / f"{name}.log").write_text(log_text)
+    if proc.returncode != 0:
+        pytest.fail(f"engine run {name!r} failed (rc={proc.returncode}); log tail:\n{log_text[-6000:]}")
+    res = json.loads(Path(spec["result"]).read_text())
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res["dump_dir"] = env.get("FXPASSES_DUMP_DIR")
+    print(f"[engine] {name}: start {res['engine_start_s']} s, generate {res['generate_s']} s, "
+          f"wall {res['wall_s']} s")
+    return res, log_text
+
+
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -146,30 +181,7 @@ def engine_runs(tmp_path_factory):
     for name, (route, extra_env, additional) in RUNS.items():
         if only and name not in only and name != "baseline":
             continue
-        env = _base_env(tmp)
-        env.update(extra_env)
-        if name != "baseline":
-            env["FXPASSES_DUMP_DIR"] = str(tmp / f"dump_{name}")
-        if route == "plugin" and not _plugin_entry_point_installed():
-            env["PYTHONPATH"] = os.pathsep.join([str(_fake_plugin_dist(tmp / "shim")), env["PYTHONPATH"]])
-        spec = {"route": route, "model": str(model), "dtype": "float32", "additional_config": additional,
-                "result": str(tmp / f"{name}.json")}
-        spec_file = tmp / f"{name}.spec.json"
-        spec_file.write_text(json.dumps(spec))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_file)],
-                              cwd=str(tmp), env=env, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
-        log_text = proc.stdout + proc.stderr
-        (tmp / f"{name}.log").write_text(log_text)
-        logs[name] = log_text
-        if proc.returncode != 0:
-            pytest.fail(f"engine run {name!r} failed (rc={proc.returncode}); log tail:\n{log_text[-6000:]}")
-        res = json.loads(Path(spec["result"]).read_text())
-        res["wall_s"] = round(time.perf_counter() - t0, 1)
-        res["dump_dir"] = env.get("FXPASSES_DUMP_DIR")
-        results[name] = res
-        print(f"[engine] {name}: start {res['engine_start_s']} s, generate {res['generate_s']} s, "
-              f"wall {res['wall_s']} s")
+        results[name], logs[name] = launch(tmp, name, model, route, extra_env, additional)
     return {"results": results, "logs": logs, "model": model}
 
 
@@ -190,14 +202,25 @@ def test_baseline_is_not_degenerate(engine_runs):
     assert len({tuple(s) for s in base["batch"]}) > 1
 
 
+#: float32 engine: the rewrite reorders the all-reduce's additions (reduce-scatter + all-gather), so
+#: logprobs may differ in the last bits; a wrong shard or partial sum moves them by far more
+LOGPROB_TOL = 1e-3
+
+
+def assert_same_generation(base: dict, got: dict, what: str) -> float:
+    """Tokens identical and chosen-token logprobs within LOGPROB_TOL; returns the max difference."""
+    worst = 0.0
+    for part, lens in (("batch", PROMPT_LENS), ("solo", SOLO_LENS)):
+        for n, b, g, bl, gl in zip(lens, base[part], got[part], base[f"{part}_logprobs"], got[f"{part}_logprobs"]):
+            assert g == b, f"{what}: prompt of {n} tokens ({part}) diverged: {g} != {b}"
+            worst = max([worst] + [abs(x - y) for x, y in zip(bl, gl)])
+    assert worst <= LOGPROB_TOL, f"{what}: logprobs differ by up to {worst} (> {LOGPROB_TOL})"
+    return worst
+
+
 @pytest.mark.parametrize("route", ["object", "string", "plugin"])
 def test_greedy_output_identical(engine_runs, route):
-    base = engine_runs["results"]["baseline"]
-    got = _result(engine_runs, route)
-    for n, b, g in zip(PROMPT_LENS, base["batch"], got["batch"]):
-        assert g == b, f"{route}: prompt of {n} tokens (batched) diverged: {g} != {b}"
-    for n, b, g in zip(SOLO_LENS, base["solo"], got["solo"]):
-        assert g == b, f"{route}: prompt of {n} tokens (alone) diverged: {g} != {b}"
+    assert_same_generation(engine_runs["results"]["baseline"], _result(engine_runs, route), route)
 
 
 @pytest.mark.parametrize("route", ["object", "string", "plugin"])

@@ -13,7 +13,7 @@ Equal token counts. OTP's all_to_all and MLP-TP's all_gather / reduce_scatter sp
 token dimension in K equal parts, so every rank of a group must run the graph with the same token
 count B (vLLM's DP padding gives exactly that: every DP rank pads its batch to the same size). With
 unequal counts the collectives would hang or mix up rows. With `check_token_counts` (or `strict`)
-the rewrite inserts `fxpasses::check_group_tokens` before the first collective of each group: it
+the rewrite inserts `fxpasses::check_group_tokens` (`fxpasses.runtime_ops`) before the first collective of each group: it
 all-gathers the counts (one int per rank) and raises the same clear error on every rank of the group.
 """
 from __future__ import annotations
@@ -32,35 +32,6 @@ aten = torch.ops.aten
 
 
 TOKEN_CHECK_STATE = "dp_token_check"  # LayoutRewriter.state() slot: groups already checked (OTP + MLP-TP)
-
-
-class TokenCountMismatch(RuntimeError):
-    pass
-
-
-@torch.library.custom_op("fxpasses::check_group_tokens", mutates_args=())
-def check_group_tokens(x: torch.Tensor, group_name: str, group_size: int, where: str) -> torch.Tensor:
-    """Raise on every rank of the group unless all of them hold the same x.shape[0]; returns a copy
-    of x (so the check stays in the graph's data flow: debug mode only)."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    pg = _resolve_process_group(group_name)
-    mine = torch.tensor([x.shape[0]], dtype=torch.int64)
-    got = torch.empty(group_size, dtype=torch.int64)
-    dist.all_gather_into_tensor(got, mine, group=pg)
-    counts = got.tolist()
-    if len(set(counts)) != 1:
-        raise TokenCountMismatch(
-            f"fxpasses {where}: token counts differ across the group (ranks {dist.get_process_group_ranks(pg)}): "
-            f"{counts}. o_proj TP / MLP TP need the same number of tokens on every rank of a group; pad each "
-            "data-parallel rank's batch to a common size (vLLM's DP padding does) before the model runs")
-    return x.clone()
-
-
-@check_group_tokens.register_fake
-def _(x, group_name, group_size, where):
-    return torch.empty_like(x)
 
 
 def tag(node: fx.Node, role: str, strategy: str) -> fx.Node:

@@ -6,38 +6,43 @@ ODP = contiguous blocks of n ranks (K=1: the TP group), OTP = strided groups of 
 
 Before (vanilla TP)::
 
-    y = all_reduce(mm(x, w.T))                         # x [T, D/tp] (own heads), w [H, D/tp]
+    y = all_reduce(mm(x, w.T) [+ bias on TP rank 0])   # x [T, D/tp] (own heads), w [H, D/tp]
 
 After::
 
-    xp  = pad(x)                                       # [T_pad, D/tp], T_pad = T + (-T) mod tp
-    c   = xp.view(K, n, b, D/tp).permute(1, 0, 2, 3)   # tp chunks of b = T_pad/tp rows, reordered
+    xp  = pad(x, one column, T_pad - T rows, value c)  # [T_pad, D/tp + 1]; c = 1 where this rank's
+                                                       #   graph adds the row bias (TP rank 0), else 0
+    c   = xp.view(K, n, b, D/tp+1).permute(1, 0, 2, 3) # tp chunks of b = T_pad/tp rows, reordered
                                                        #   to ids [[i + j*n for j] for i] (K > 1 only)
-    a   = all_to_all_single(c.view(T_pad, D/tp), odp)  # n equal splits of K*b rows
-    a   = a.view(n, K*b, D/tp).permute(1, 0, 2).reshape(K*b, D/K)   # peers' heads side by side
-    wo  = fxpasses.odp_weight(w, key, odp)             # [H, D/K]: w all-gathered over ODP, once
+    a   = all_to_all_single(c.view(T_pad, D/tp+1), odp)            # n equal splits of K*b rows
+    a   = a.view(n, K*b, D/tp+1).permute(1, 0, 2).reshape(K*b, n*(D/tp+1))  # peers' heads side by side
+    wo  = fxpasses.odp_weight(w, bias | None, key, odp)  # [H, n*(D/tp+1)]: [w | bias or 0] gathered once
     o   = mm(a, wo.T)                                  # [K*b, H], partial over OTP
     y   = reduce_scatter(o, otp)       if K > 1        # [b, H] = padded token chunk r: Shard0(TP)
     y   = all_gather(y, tp)[:T]        without FlashComm1 (with it, Shard0 chains into propagation)
 
-The o_proj weight a rank needs ([H, D/K], the all-gather of the TP shards over its ODP group; K=1:
-the full weight) is produced by the custom op `fxpasses::odp_weight`, which all-gathers on its first
-call for a parameter and returns the cached tensor afterwards: one transfer per parameter, not per
-step. `clear_weight_cache()` drops the cache (call it on every rank after reloading weights).
+The row bias. vLLM adds a row layer's bias on TP rank 0 only, so only rank 0's graph has it. Rank 0
+adds it before the reduce, as the seed does, through the extra column: its ones meet the bias
+column of the weight block in every ODP peer's matmul, so every token gets the bias exactly once
+(K > 1: only the ODP group of rank 0 has the ones, and the OTP reduce-scatter sums it in once).
+Every rank appends the column whether or not it sees a bias, so the graph's structure and every
+decision are the same on all ranks (the cost: one extra feature column on the all-to-all).
+
+The o_proj weight block a rank needs is produced by `fxpasses::odp_weight`
+(`fxpasses.runtime_ops`), which all-gathers once per weight version, not per step.
 
 Skipped, with the reason, on every rank alike: sites whose weight is not visible (packed
-`_C.onednn_mm`), whose row bias is added on TP rank 0 only (`addmm` in rank 0's graph), whose
-all-reduce is not the TP one or does not directly reduce the matmul.
+`_C.onednn_mm`), whose all-reduce is not the TP one or does not directly reduce the matmul.
 """
 from __future__ import annotations
 
 import operator
-import threading
 
 import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import runtime_ops  # noqa: F401  (registers the odp_weight op this strategy emits)
 from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, RewriteError
@@ -46,60 +51,6 @@ from fxpasses.rewriter import LayoutRewriter
 from fxpasses.strategies.base import Strategy, register
 
 aten = torch.ops.aten
-
-# ---- the weight op: all-gather over ODP once per parameter ---------------------------------------
-
-_LOCK = threading.Lock()
-_WEIGHTS: dict[str, tuple[tuple, torch.Tensor]] = {}
-STATS = {"calls": 0, "gathers": 0, "bytes": 0}
-
-
-def _ident(w: torch.Tensor) -> tuple:
-    return (w.data_ptr(), tuple(w.shape), w.dtype, str(w.device))
-
-
-def _gather_odp_weight(w: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    h, dl = w.shape
-    out = w.new_empty((group_size * h, dl))
-    dist.all_gather_into_tensor(out, w.contiguous(), group=_resolve_process_group(group_name))
-    # [n*H, D/tp] (peer-major) -> [H, n*D/tp]: peer p's columns at [p*D/tp, (p+1)*D/tp)
-    return out.view(group_size, h, dl).permute(1, 0, 2).reshape(h, group_size * dl).contiguous()
-
-
-@torch.library.custom_op("fxpasses::odp_weight", mutates_args=())
-def odp_weight(w: torch.Tensor, key: str, group_name: str, group_size: int) -> torch.Tensor:
-    """w [H, D/tp] (this rank's o_proj shard) -> [H, group_size * D/tp], gathered over the group
-    on the first call for `key` (and again only if the parameter tensor itself is replaced)."""
-    with _LOCK:
-        STATS["calls"] += 1
-        hit = _WEIGHTS.get(key)
-        if hit is not None and hit[0] == _ident(w):
-            return hit[1]
-    full = _gather_odp_weight(w, group_name, group_size)
-    with _LOCK:
-        _WEIGHTS[key] = (_ident(w), full)
-        STATS["gathers"] += 1
-        STATS["bytes"] += full.numel() * full.element_size()
-    return full
-
-
-@odp_weight.register_fake
-def _odp_weight_fake(w, key, group_name, group_size):
-    return w.new_empty((w.shape[0], group_size * w.shape[1]))
-
-
-def clear_weight_cache() -> None:
-    with _LOCK:
-        _WEIGHTS.clear()
-
-
-def weight_stats() -> dict:
-    with _LOCK:
-        return {**STATS, "cached": len(_WEIGHTS)}
-
 
 # ---- the strategy ---------------------------------------------------------------------------------
 
@@ -131,10 +82,9 @@ class FlashComm2(Strategy):
             for p in mine:
                 p.skip(str(e))
             return
-        reasons = _agree({p.site.prefix: self.precheck(p, rw, ctx) for p in mine}, ctx)
         todo = []
         for p in mine:
-            why = reasons.get(p.site.prefix)
+            why = self.precheck(p, rw, ctx)
             if why:
                 p.skip(why)
             else:
@@ -161,6 +111,11 @@ class FlashComm2(Strategy):
 
 # ---- planning checks ----------------------------------------------------------------------------
 
+def _weight_t(mm: fx.Node) -> fx.Node:
+    """The matmul's transposed-weight operand (mm(x, wT) / addmm(bias, x, wT))."""
+    return mm.args[1] if gf.op_name(mm) == "aten::mm" else mm.args[2]
+
+
 def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     """The reason this site cannot be rewritten on this rank, or None."""
     site = plan.site
@@ -177,51 +132,26 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     if site.weight is None:
         return (f"the weight is not visible in the graph ({gf.op_name(mm)}: packed weight); FlashComm2 needs "
                 "the o_proj weight to all-gather it over the ODP group")
-    if site.bias is not None or gf.op_name(mm) == "aten::addmm":
-        return ("row bias: it is added on TP rank 0 only (addmm in rank 0's graph), which the all-to-all "
-                "form cannot reproduce on the other ranks")
-    if gf.op_name(mm) != "aten::mm":
-        return f"matmul form {gf.op_name(mm)} is not supported (aten.mm with a transposed weight is)"
+    if gf.op_name(mm) not in ("aten::mm", "aten::addmm"):
+        return f"matmul form {gf.op_name(mm)} is not supported (aten.mm / aten.addmm with a transposed weight are)"
     if ar.input is not mm:
         return "the all-reduced tensor is not the o_proj matmul output"
     if not rw.is_token(ar.input) or not rw.is_token(site.input):
         return "the matmul's dim 0 is not the token dimension"
     if site.weight.op not in ("placeholder", "get_attr"):
         return "the weight is computed in the graph (not a parameter); it cannot be gathered once"
-    x, w, wt = gf.val(site.input), gf.val(site.weight), gf.val(mm.args[1])
+    rhs = _weight_t(mm)
+    x, w, wt = gf.val(site.input), gf.val(site.weight), gf.val(rhs)
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2 and w.dim() == 2):
         return "input and weight must be 2-D"
-    if wt is None or tuple(wt.shape) != (w.shape[1], w.shape[0]) or mm.args[1] is site.weight:
+    if site.bias is not None and (gf.val(site.bias) is None or gf.val(site.bias).dim() != 1):
+        return "the row bias is not a [H] vector"
+    if wt is None or tuple(wt.shape) != (w.shape[1], w.shape[0]) or rhs is site.weight:
         return "the matmul does not use the transposed [H, D/tp] weight"
     if not gf.same_size(x.shape[1], w.shape[1]) or isinstance(w.shape[1], torch.SymInt):
         return "the input features do not match the weight shard"
     return None
 
-
-
-def _agree(reasons: dict[str, str | None], ctx: TPContext) -> dict[str, str | None]:
-    """Make every TP rank take the same decision per site (a row bias exists in rank 0's graph
-    only, so rank 0 alone sees it): a site is skipped everywhere when any rank skips it."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return reasons
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    try:
-        pg = _resolve_process_group(ctx.tp_group.c10d_name)
-    except Exception:
-        return reasons
-    got: list = [None] * ctx.tp
-    with unset_fake_temporarily():
-        dist.all_gather_object(got, reasons, group=pg)
-    out = dict(reasons)
-    for r, theirs in enumerate(got):
-        for prefix, why in (theirs or {}).items():
-            if why and not out.get(prefix):
-                out[prefix] = f"skipped on every rank because TP rank {r} cannot rewrite it: {why}"
-    return out
 
 
 # ---- the rewrite of one site ---------------------------------------------------------------------
@@ -232,7 +162,8 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     mm, x, w, ar = site.matmul, site.input, site.weight, site.all_reduce
     tp, k, n = groups.tp, groups.k, groups.n
     wv = gf.val(w)
-    h, dl = int(wv.shape[0]), int(wv.shape[1])
+    h, dl = int(wv.shape[0]), int(wv.shape[1]) + 1            # + the bias column
+    ones = 1.0 if site.bias is not None else 0.0              # 1 only where this rank adds the bias
 
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
@@ -242,7 +173,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         pad, _ = rw.padded_count()
         b = rw.shard_rows()                                   # rows per TP chunk = T_pad / tp
         kb = rw.sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
-        xp = call(aten.constant_pad_nd.default, x, [0, 0, 0, pad], 0.0)
+        xp = call(aten.constant_pad_nd.default, x, [0, 1, 0, pad], ones)  # pad rows are dropped later
         if k > 1:
             # chunk c = j*n + i  ->  order (i, j): ids [[i + j*n for j in range(K)] for i in range(n)]
             v = call(aten.view.default, xp, [k, n, b, dl])
@@ -255,9 +186,9 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         y = call(aten.view.default, a2a, [n, kb, dl])
         y = call(aten.permute.default, y, [1, 0, 2])
         y = call(aten.clone.default, y, memory_format=torch.contiguous_format)
-        y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, D/K]
+        y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, D/K + n]
         key = f"{site.prefix}|odp={groups.odp.c10d_name}|{','.join(map(str, groups.odp.ranks))}"
-        wo = call(torch.ops.fxpasses.odp_weight.default, w, key, groups.odp.c10d_name, n)
+        wo = call(torch.ops.fxpasses.odp_weight.default, w, site.bias, key, groups.odp.c10d_name, n)
         wo.meta["fxpasses"] = {"role": "odp_weight", "weight_collective": "all_gather_once",
                                "group": groups.odp.label, "group_size": n}
         wt = call(aten.permute.default, wo, [1, 0])
@@ -275,7 +206,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     rw.mark_shard0(res, 2)
     final = rw.gather(res) if gather_after else res
     rw.replace_all_reduce(ar, final)
-    for node in (mm, mm.args[1]):
+    for node in (mm, _weight_t(mm)):
         if isinstance(node, fx.Node) and not node.users:
             g.erase_node(node)
     return h * n * dl * wv.element_size()

@@ -29,6 +29,15 @@ CONFIG_CLASSES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    # MoE with vLLM's gated shared expert summed into the routed output before one all-reduce
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+}
+
+# per-family defaults on top of DEFAULT_SHAPE
+FAMILY_SHAPE: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": False},
 }
 
 
@@ -45,16 +54,16 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str =
     if model_type not in CONFIG_CLASSES:
         raise ValueError(f"model_type must be one of {sorted(CONFIG_CLASSES)}, got {model_type!r}")
     cfg_name, model_name = CONFIG_CLASSES[model_type]
-    kw = {**DEFAULT_SHAPE, **shape}
+    kw = {**DEFAULT_SHAPE, **FAMILY_SHAPE.get(model_type, {}), **shape}
     cfg = getattr(transformers, cfg_name)(**kw)
     cfg.dtype = dtype
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # linear weights, and MoE experts' stacked [E, out, in] weights
                 # std 1/sqrt(fan_in) keeps the residual stream O(1); embeddings get std 1
-                std = 1.0 if "embed" in name else p.shape[1] ** -0.5
+                std = 1.0 if "embed" in name else p.shape[-1] ** -0.5
                 p.normal_(0.0, std)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
