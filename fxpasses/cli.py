@@ -3,7 +3,8 @@
 Both trace a dense decoder built from real vLLM layers at TP=N over gloo (one process per rank),
 rewrite it with the chosen strategies, write before/after graphs and the site report per rank,
 then run the original and the rewritten graph on the same inputs and print each rank's max error
-and the collective counts. Exit status 1 when any rank's output differs beyond the tolerance.
+and the collective counts. Exit status: 0 rewritten and equal, 1 outputs (or collective sequences)
+differ, 2 bad input, 3 nothing was rewritten on any rank.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 from fxpasses.config import FxPassesConfig, parse_strategies
-from fxpasses.errors import FxPassesError
+from fxpasses.errors import ConfigError, FxPassesError
+from fxpasses.strategies.base import TP_GRAPHS
 
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}
 
@@ -39,11 +41,13 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
     spec = DecoderSpec.from_file(config_path or BUNDLED_CONFIG)
     if layers:
         spec = spec.replace(num_hidden_layers=layers)
-    # otp / mlp_tp rewrite DP-attention graphs: vLLM TP=1 on each of `tp` ranks, own tokens per rank
-    dp = bool(set(parse_strategies(strategy)) & {"otp", "mlp_tp"})
-    spec.check_tp(1 if dp else tp)
+    if not parse_strategies(strategy):
+        raise ConfigError(f"--strategy {strategy!r} names no strategy; e.g. --strategy flashcomm1")
     cfg = FxPassesConfig(strategies=parse_strategies(strategy), dump_dir=str(Path(out).resolve()),
                          patterns=tuple(patterns or ("default",)), **(sizes or {}))
+    # DP-attention strategies (otp / mlp_tp) rewrite TP=1 graphs on each of `tp` ranks, own tokens per rank
+    dp = cfg.family() is not TP_GRAPHS
+    spec.check_tp(1 if dp else tp)
     cfg.validate_for(1 if dp else tp, world=tp)
     print(f"fxpasses: {spec.model_type} hidden={spec.hidden_size} layers={spec.num_hidden_layers} "
           f"tp={tp} strategies={'+'.join(cfg.strategies)} dtype={dtype} all-reduce form={allreduce_form}")
@@ -72,7 +76,12 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
         return 1
     ok = worst <= tol
     print(f"{'EQUAL' if ok else 'DIFFERENT'}: worst relative error {worst:.3e} (tolerance {tol:.0e} for {dtype})")
-    return 0 if ok else 1
+    if not ok:
+        return 1
+    if not any(s["report"]["applied"] for s in summaries):
+        print("NOTHING REWRITTEN on any rank (see the reasons above and in the site reports): exit status 3")
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fxpasses.errors import ConfigError
+from fxpasses.patterns_loader import load_patterns
 from fxpasses.strategies import base as strategy_registry
 
 log = logging.getLogger("fxpasses")
@@ -42,15 +43,15 @@ class FxPassesConfig:
     check_token_counts: bool = False       # debug: check equal token counts across a group at run time
 
     def __post_init__(self):
+        self._check_types()
         object.__setattr__(self, "strategies", parse_strategies(self.strategies))
         object.__setattr__(self, "patterns", tuple(self.patterns) if not isinstance(self.patterns, str)
                            else (self.patterns,))
-        for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size", "min_tokens"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{k} must be a non-negative integer, got {v!r}")
+        if self.dump_dir is not None:
+            object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
         if self.flashcomm2_oproj_tp_size < 1:
-            raise ConfigError("flashcomm2_oproj_tp_size must be >= 1")
+            raise ConfigError("flashcomm2_oproj_tp_size must be >= 1 (1 = the o_proj weight is gathered whole)")
+        load_patterns(self.patterns)  # a bad pattern file fails here, at start-up, not inside a compile
         families = {strategy_registry.get(n).family for n in self.strategies}
         if len(families) > 1:
             by = {f.name: [n for n in self.strategies if strategy_registry.get(n).family is f] for f in families}
@@ -58,8 +59,37 @@ class FxPassesConfig:
                               "kinds of graph (" + "; ".join(f"{'/'.join(v)}: {k} graphs" for k, v in sorted(by.items()))
                               + "); pick one family")
 
+    def _check_types(self) -> None:
+        """ConfigError naming the key, the value and the fix for every value of the wrong type."""
+        def names(v) -> bool:
+            return isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v))
+
+        if not names(self.strategies):
+            raise ConfigError(f"strategies must be a string like 'flashcomm1+flashcomm2' or a list of strategy "
+                              f"names, got {self.strategies!r}; use [] or leave the key out for none")
+        if not names(self.patterns) or not self.patterns:
+            raise ConfigError(f"patterns must be a pattern-set name or file path, or a non-empty list of them, "
+                              f"got {self.patterns!r}; the default is [\"default\"]")
+        for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size", "min_tokens"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{k} must be a non-negative integer, got {v!r} ({type(v).__name__}); "
+                                  f"write e.g. {k}: 2")
+        for k in ("strict", "check_token_counts"):
+            v = getattr(self, k)
+            if not isinstance(v, bool):
+                raise ConfigError(f"{k} must be a boolean, got {v!r} ({type(v).__name__}); write {k}: true or "
+                                  f"{k}: false (no quotes)")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ConfigError(f"dump_dir must be a directory path, got {self.dump_dir!r}")
+        if not isinstance(self.module_prefix, str):
+            raise ConfigError(f"module_prefix must be a string (vLLM compiles 'model'), got {self.module_prefix!r}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FxPassesConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"an fxpasses configuration is a mapping of keys to values, got {type(d).__name__}: "
+                              f"{d!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -96,11 +126,12 @@ class FxPassesConfig:
 
 def _load_text_or_file(value: str, what: str) -> dict[str, Any]:
     value = value.strip()
-    if value.startswith("{"):
+    if value.startswith(("{", "[")):
         try:
-            return json.loads(value)
+            data = json.loads(value)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{what} is not valid JSON: {e}") from None
+        return _mapping(data, f"{what} (inline JSON)")
     p = Path(value)
     if not p.is_file():
         raise ConfigError(f"{what}={value!r} is neither inline JSON nor an existing .json/.toml file")
@@ -108,13 +139,21 @@ def _load_text_or_file(value: str, what: str) -> dict[str, Any]:
         import tomllib
         try:
             data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from None
-        return data.get("fxpasses", data)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{what} file {p} is not valid TOML: {e}") from None
+        return _mapping(data.get("fxpasses", data), f"{what} file {p}")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p} is not valid JSON: {e}") from None
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} file {p} is not valid JSON: {e}") from None
+    return _mapping(data, f"{what} file {p}")
+
+
+def _mapping(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} holds a {type(data).__name__}, not an object of fxpasses keys; write e.g. "
+                          '{"strategies": ["flashcomm1"]}')
+    return data
 
 
 def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str, Any] | None = None
@@ -129,8 +168,11 @@ def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str,
     if fc2 not in ("", "0"):
         try:
             k = int(fc2)
+            if k < 1:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE={fc2!r} is not an integer") from None
+            raise ConfigError(f"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE={fc2!r} is not a positive integer; set it to "
+                              "FlashComm2's o_proj TP size (e.g. 1) or 0 to disable") from None
         strategies.append("flashcomm2")
         out["flashcomm2_oproj_tp_size"] = k
         log.info("fxpasses: VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE=%d mapped to flashcomm2 with "
@@ -139,7 +181,9 @@ def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str,
         strategies.append("mlp_tp")
         log.info("fxpasses: VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1 mapped to strategy mlp_tp")
     if additional_config and additional_config.get("oproj_tensor_parallel_size"):
-        k = int(additional_config["oproj_tensor_parallel_size"])
+        k = additional_config["oproj_tensor_parallel_size"]
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigError(f"additional_config.oproj_tensor_parallel_size must be an integer, got {k!r}")
         strategies.append("otp")
         out["otp_size"] = k
         log.info("fxpasses: additional_config.oproj_tensor_parallel_size=%d mapped to otp with otp_size=%d", k, k)

@@ -54,6 +54,18 @@ class DecoderSpec:
         if cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts"):
             raise ConfigError("MoE configs are not supported by the tiny-model builder; "
                               "give a dense decoder config")
+
+        def num(key, default=None):
+            v = cfg.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"model config: {key} must be a non-negative number, got {v!r}")
+            return v
+
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            num(key)
+        for key in ("num_key_value_heads", "head_dim"):
+            if cfg.get(key) is not None:
+                num(key)
         mt = str(cfg.get("model_type", "llama"))
         heads = int(cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
@@ -80,8 +92,14 @@ class DecoderSpec:
             cfg = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"model config {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"model config {path} is a directory; give its config.json") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"model config {path} cannot be read: {e}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"model config {path} holds a {type(cfg).__name__}, not an HF config object")
         return cls.from_hf_config(cfg)
 
     def replace(self, **kw) -> "DecoderSpec":
