@@ -16,6 +16,13 @@ What it does: it wraps `VllmConfig.__post_init__` so that, once vLLM has built i
   `compilation_config.inductor_compile_config["post_grad_custom_post_pass"]` (chained after any
   pass already there).
 
+It also wraps vLLM's `initialize_model_parallel`, so that in every worker, right after vLLM has
+created its own groups (worker start, before any graph is compiled or loaded from a cache), the
+process groups the configured strategies need beyond TP are created
+(`fxpasses.topology.prepare_process_groups`): no group is ever created inside a compilation, and a
+compiled graph from an earlier run finds the groups it names. Importing fxpasses (which the entry
+point does) registers the custom ops rewritten graphs call (`fxpasses.runtime_ops`).
+
 `FXPASSES_PLUGIN=0` turns the plugin off entirely.
 """
 from __future__ import annotations
@@ -107,6 +114,59 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
     return p
 
 
+def configs_of(vllm_config, env: Mapping[str, str] | None = None) -> list:
+    """The fxpasses configurations a VllmConfig carries (registered passes, or the config sources)."""
+    from fxpasses.config import load_config
+
+    env = os.environ if env is None else env
+    cc = getattr(vllm_config, "compilation_config", None)
+    icc = getattr(cc, "inductor_compile_config", None) or {}
+    ours = _fxpasses_passes(icc.get(PASS_KEY))
+    if ours:
+        return [p.resolve_config(env) for p in ours]
+    ac = vllm_config.additional_config if isinstance(vllm_config.additional_config, Mapping) else {}
+    return [load_config(ac, env)] if _config_requested(ac, env) else []
+
+
+def prepare_groups_at_worker_start(vllm_config=None, env: Mapping[str, str] | None = None) -> list:
+    """Create the process groups every configured strategy needs, on this worker, now (outside any
+    compilation). Returns the configurations acted on."""
+    from fxpasses.context import TPContext
+    from fxpasses.topology import prepare_process_groups
+
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+        vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return []
+    done = []
+    for cfg in configs_of(vllm_config, env):
+        if cfg.strategies:
+            ctx = TPContext.from_vllm()
+            prepare_process_groups(cfg, ctx)
+            log.info("fxpasses: process groups for %s prepared at worker start (rank %d/%d)",
+                     "+".join(cfg.strategies), ctx.global_rank, ctx.world)
+            done.append(cfg)
+    return done
+
+
+def _wrap_model_parallel_init() -> None:
+    from vllm.distributed import parallel_state as ps
+
+    original = ps.initialize_model_parallel
+    if getattr(original, "_fxpasses_wrapped", False):
+        return
+
+    def initialize_model_parallel(*args, **kwargs):
+        out = original(*args, **kwargs)
+        prepare_groups_at_worker_start()
+        return out
+
+    initialize_model_parallel._fxpasses_wrapped = True  # type: ignore[attr-defined]
+    initialize_model_parallel.__wrapped__ = original  # type: ignore[attr-defined]
+    ps.initialize_model_parallel = initialize_model_parallel
+
+
 def _warn_if_not_compiled(vllm_config) -> None:
     try:
         from vllm.config import CompilationMode
@@ -132,6 +192,7 @@ def register() -> None:
 
     original = VllmConfig.__post_init__
     if getattr(original, "_fxpasses_wrapped", False):
+        _wrap_model_parallel_init()
         _installed = True
         return
 
@@ -142,5 +203,6 @@ def register() -> None:
     __post_init__._fxpasses_wrapped = True  # type: ignore[attr-defined]
     __post_init__.__wrapped__ = original  # type: ignore[attr-defined]
     VllmConfig.__post_init__ = __post_init__
+    _wrap_model_parallel_init()
     _installed = True
     log.debug("fxpasses: vllm.general_plugins hook installed (pid %d)", os.getpid())

@@ -18,15 +18,17 @@ across K ranks, K | world, 0 = the world size):
 * MLP-TP group (`mlp_tp_size`): K consecutive ranks by default (the seed's `_MLP_TP` layout), or
   strided {i, i + world/K, ...} with `layout="strided"`.
 
-Pure functions give the rank lists. `torch.distributed.new_group` is collective over the default
-group, so the groups of the whole world are created on every rank in one fixed order (FlashComm2's
-OTP then ODP groups; then DP-attention OTP, then MLP-TP: canonical strategy order) and cached per
-process:
-`prepare_process_groups(config, ctx)` creates everything a configuration needs.
+Pure functions give the rank lists. Groups are created outside compilation, on every rank, by
+`prepare_process_groups(config, ctx)` (the vLLM plugin calls it right after vLLM's own groups, at
+worker start; the harness before capturing), with local synchronisation and names derived from
+their rank lists, so a graph compiled by an earlier process finds them. Inside a compilation the
+strategies only look them up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from fxpasses.context import GroupRef, TPContext
 from fxpasses.errors import ConfigError, RewriteError
@@ -122,26 +124,44 @@ _FC2_CACHE: dict[tuple, FlashComm2Groups] = {}
 _DP_CACHE: dict[tuple, DPGroup] = {}
 
 
-def _new_groups(rank_lists: list[list[int]], desc: str, backend) -> dict[tuple[int, ...], str]:
-    """Create every group in `rank_lists` (all ranks call new_group for all groups, same order);
-    return {ranks: c10d group name} for the groups this rank belongs to."""
+_BY_RANKS: dict[tuple[int, ...], str] = {}
+
+
+def group_name(ranks, desc: str, backend=None, create: bool = False) -> str:
+    """The c10d name of the process group of exactly `ranks` (this rank is one of them).
+
+    Groups are created with torch's local synchronisation (only their members take part) and
+    registered under a name derived from their rank list alone, `fxpasses_<r0>_<r1>_...` (torch's
+    own name depends on a creation counter): every process of every run names the same group alike,
+    so a compiled graph from an earlier run resolves it. With `create=False` (inside a compilation)
+    a missing group is an error naming the fix."""
+    key = tuple(ranks)
+    if key in _BY_RANKS:
+        return _BY_RANKS[key]
+    if not create:
+        raise RewriteError(f"the {desc} process group {list(key)} does not exist; it is created outside "
+                           "compilation: call fxpasses.topology.prepare_process_groups(config, ctx) on every "
+                           "rank before compiling (the vLLM plugin does it at worker start)")
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    mine = {}
-    with unset_fake_temporarily():  # the passes may run inside the compiler's fake mode
-        for i, ranks in enumerate(rank_lists):
-            pg = dist.new_group(ranks, backend=backend, group_desc=f"fxpasses_{desc}_{i}")
-            if dist.get_rank() in ranks:
-                mine[tuple(ranks)] = pg.group_name
-    return mine
+    with unset_fake_temporarily():
+        pg = dist.new_group(list(key), backend=backend, use_local_synchronization=True,
+                            group_desc=f"fxpasses_{desc}")
+    name = stable_group_name(key)
+    torch._C._distributed_c10d._register_process_group(name, pg)  # resolvable by the stable name
+    _BY_RANKS[key] = name
+    return name
 
 
-def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
-    """This rank's ODP/OTP groups, creating the process groups of the whole world on first use.
+def stable_group_name(ranks) -> str:
+    """The name fxpasses registers a group of these global ranks under."""
+    return "fxpasses_" + "_".join(str(int(r)) for r in ranks)
 
-    Must be called by every rank of the world (torch.distributed.new_group is collective over the
-    default group), in the same order; the result is cached per (tp, K, world) for the process."""
+
+def flashcomm2_groups(ctx: TPContext, k: int, create: bool = False) -> FlashComm2Groups:
+    """This rank's ODP/OTP groups; `create=True` creates them first (collective over their members:
+    every rank calls it, OTP before ODP). Cached per (tp, K, world, TP ranks) for the process."""
     if ctx.tp_group is None:
         raise RewriteError("FlashComm2 needs a TP group (tp >= 2)")
     n = check_flashcomm2_sizes(ctx.tp, k)
@@ -170,19 +190,16 @@ def flashcomm2_groups(ctx: TPContext, k: int) -> FlashComm2Groups:
             backend = dist.get_backend(_resolve_process_group(ctx.tp_group.c10d_name))
         except Exception:
             backend = None
-        # vllm-ascend's order: OTP groups first, then ODP groups
-        otp_names = _new_groups(otp_lists, "flashcomm2_otp", backend)
-        odp_names = _new_groups(odp_lists, "flashcomm2_odp", backend)
-        odp = GroupRef(tuple(odp_mine), odp_names[tuple(odp_mine)], None, "odp")
-        otp = GroupRef(tuple(otp_mine), otp_names[tuple(otp_mine)], None, "otp")
+        # vllm-ascend's order: OTP group first, then ODP group
+        otp = GroupRef(tuple(otp_mine), group_name(otp_mine, "flashcomm2_otp", backend, create), None, "otp")
+        odp = GroupRef(tuple(odp_mine), group_name(odp_mine, "flashcomm2_odp", backend, create), None, "odp")
     res = FlashComm2Groups(ctx.tp, k, n, odp, otp, r % n, r // n)
     _FC2_CACHE[key] = res
     return res
 
 
-def dp_group(ctx: TPContext, kind: str, k: int, layout: str = "consecutive") -> DPGroup:
-    """This rank's OTP / MLP-TP group, creating the world's groups of that kind on first use.
-    Collective over the default group the first time: every rank must call it in the same order."""
+def dp_group(ctx: TPContext, kind: str, k: int, layout: str = "consecutive", create: bool = False) -> DPGroup:
+    """This rank's OTP / MLP-TP group; `create=True` creates it first (collective over its members)."""
     world, me = ctx.world, ctx.global_rank
     k = k or world
     check_dp_size(world, k, f"{kind}_size")
@@ -195,7 +212,7 @@ def dp_group(ctx: TPContext, kind: str, k: int, layout: str = "consecutive") -> 
         import torch.distributed as dist
         name = dist.group.WORLD.group_name  # the whole world: reuse the default group
     else:
-        name = _new_groups(lists, kind, None)[tuple(ranks)]
+        name = group_name(ranks, kind, None, create)
     res = DPGroup(kind, k, GroupRef(tuple(ranks), name, None, kind), ranks.index(me))
     _DP_CACHE[key] = res
     return res
@@ -216,4 +233,4 @@ def prepare_process_groups(config, ctx: TPContext) -> None:
     from fxpasses.strategies import base
 
     for name in config.strategies:
-        base.get(name).prepare_groups(config, ctx)
+        base.get(name).prepare_groups(config, ctx, create=True)

@@ -109,6 +109,6 @@ def test_cli_says_so_when_nothing_was_rewritten(tmp_path):
     p = tmp_path / "nothing.toml"
     p.write_text('[classes]\nrow = ["RowParallelLinear"]\n[flashcomm1]\nrow = ["no_such_layer"]\n')
     out = _cli("demo", "--layers", "1", "--tokens", "1,5", "--patterns", str(p), "--out", str(tmp_path / "o"),
-               timeout=600)
+               timeout=300)
     assert out.returncode == 3, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "NOTHING REWRITTEN" in out.stdout

@@ -79,6 +79,6 @@ def test_entry_modules_import_first_in_a_fresh_interpreter():
             "    if r.returncode: bad.append((m, r.stderr[-800:]))\n"
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code, *ENTRY_MODULES], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout

@@ -262,19 +262,26 @@ def test_plugin_chains_after_another_users_pass():
 def test_plugin_register_is_idempotent_and_wraps_post_init():
     from vllm.config import VllmConfig
 
+    from vllm.distributed import parallel_state as ps
+
     from fxpasses import plugin
 
     before = VllmConfig.__post_init__
+    mp_before = ps.initialize_model_parallel
     try:
         plugin._installed = False
         plugin.register()
         wrapped = VllmConfig.__post_init__
         assert getattr(wrapped, "_fxpasses_wrapped", False)
+        # worker start: fxpasses' groups are created right after vLLM's own
+        mp_wrapped = ps.initialize_model_parallel
+        assert getattr(mp_wrapped, "_fxpasses_wrapped", False)
         plugin._installed = False
         plugin.register()  # a second load in the same process must not wrap twice
-        assert VllmConfig.__post_init__ is wrapped
+        assert VllmConfig.__post_init__ is wrapped and ps.initialize_model_parallel is mp_wrapped
     finally:
         VllmConfig.__post_init__ = getattr(before, "__wrapped__", before)
+        ps.initialize_model_parallel = getattr(mp_before, "__wrapped__", mp_before)
         plugin._installed = False
 
 

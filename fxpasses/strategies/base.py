@@ -10,7 +10,8 @@ A strategy is one `Strategy` subclass instance, registered with `register()`. It
   site, the highest precedence owns it; config order is ascending precedence),
 * the prefixes it owns when the pattern set has no table for it (`default_patterns`),
 * `validate(config, tp, world)`: ConfigError for sizes it cannot run with,
-* `prepare_groups(config, ctx)`: the process groups beyond TP it needs (`fxpasses.topology`),
+* `prepare_groups(config, ctx, create)`: the process groups beyond TP it needs (`fxpasses.topology`):
+  created outside compilation (`create=True`), only looked up inside it,
 * `precheck(plan, rw, ctx)`: the reason one planned site cannot be rewritten, or None,
 * `rewrite(rw, plans, ctx)`: rewrite the sites it owns with the LayoutRewriter's primitives and mark
   each plan rewritten or skipped with the reason.
@@ -128,9 +129,10 @@ class Strategy:
     def validate(self, config: "FxPassesConfig", tp: int, world: int) -> None:
         """Raise ConfigError (naming the fix) when `config` cannot run at this tp / world size."""
 
-    def prepare_groups(self, config: "FxPassesConfig", ctx: "TPContext"):
-        """Create (once per process, collectively) the process groups beyond TP this strategy needs
-        and return this rank's view of them; None when it needs none."""
+    def prepare_groups(self, config: "FxPassesConfig", ctx: "TPContext", create: bool = False):
+        """This rank's view of the process groups beyond TP this strategy needs (None when it needs
+        none). `create=True` creates them first (collective over their members; outside compilation
+        only); without it a missing group is a RewriteError naming the fix."""
         return None
 
     def precheck(self, plan: "SitePlan", rw: "LayoutRewriter", ctx: "TPContext") -> str | None:

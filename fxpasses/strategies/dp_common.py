@@ -143,8 +143,7 @@ class _DPAttentionGraphs(GraphFamily):
         return None
 
     def rewriter_group(self, ctx, config):
-        """The first enabled strategy's group (every enabled strategy's groups are created here,
-        in canonical order)."""
+        """The first enabled strategy's group (created beforehand by `prepare_process_groups`)."""
         from fxpasses.strategies import base
 
         groups = [base.get(n).prepare_groups(config, ctx) for n in config.strategies]

@@ -63,10 +63,10 @@ class FlashComm2(Strategy):
     def validate(self, config, tp, world):
         topology.check_flashcomm2_sizes(tp, config.flashcomm2_oproj_tp_size)
 
-    def prepare_groups(self, config, ctx):
+    def prepare_groups(self, config, ctx, create=False):
         if ctx.tp < 2 or ctx.tp_group is None:
             return None
-        return topology.flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size)
+        return topology.flashcomm2_groups(ctx, config.flashcomm2_oproj_tp_size, create)
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         return _precheck(plan, rw, ctx)

@@ -112,8 +112,8 @@ class MLPTP(Strategy):
     def validate(self, config, tp, world):
         topology.check_dp_size(world, config.mlp_tp_size or world, "mlp_tp_size")
 
-    def prepare_groups(self, config, ctx):
-        return topology.dp_group(ctx, "mlp_tp", config.mlp_tp_size)
+    def prepare_groups(self, config, ctx, create=False):
+        return topology.dp_group(ctx, "mlp_tp", config.mlp_tp_size, create=create)
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         """Per site; the pair's activation is checked in `rewrite` (MLP-TP rewrites pairs)."""

@@ -65,8 +65,8 @@ class OProjTP(Strategy):
     def validate(self, config, tp, world):
         topology.check_dp_size(world, config.otp_size or world, "otp_size")
 
-    def prepare_groups(self, config, ctx):
-        return topology.dp_group(ctx, "otp", config.otp_size)
+    def prepare_groups(self, config, ctx, create=False):
+        return topology.dp_group(ctx, "otp", config.otp_size, create=create)
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         return _precheck(plan, rw, ctx, self.prepare_groups(rw.config, ctx).k)
