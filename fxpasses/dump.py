@@ -43,16 +43,17 @@ def emit(graph: fx.Graph, report: PassReport, config, before: str, tag: str) -> 
     if not wanted(graph, config):
         return
     after = graph_text(graph.owning_module)
-    emit_trace(f"fxpasses_{tag}_rank{report.rank}_before", before)
-    emit_trace(f"fxpasses_{tag}_rank{report.rank}_after", after)
+    emit_trace(f"fxpasses_{tag}_rank{report.world_rank}_before", before)
+    emit_trace(f"fxpasses_{tag}_rank{report.world_rank}_after", after)
     if config.dump_dir:
         write_dumps(config.dump_dir, report, before, after, tag)
 
 
 def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, after: str,
                 tag: str = "graph") -> Path:
-    """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py, site_report.json/.txt; return the folder."""
-    out = Path(dump_dir) / f"rank{report.rank}"
+    """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py, site_report.json/.txt (r: the global
+    rank, which is the TP rank in a single TP group); return the folder."""
+    out = Path(dump_dir) / f"rank{report.world_rank}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.before.py").write_text(before)
     (out / f"{tag}.after.py").write_text(after)

@@ -42,7 +42,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     raises when a started rewrite fails instead of keeping the original graph: where the other
     ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
     would issue other collectives than its peers."""
-    report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph))
+    report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
+                        global_rank=ctx.global_rank)
     report.after = report.before
     with report.timed("total"):
         why = _nothing_to_do(config, ctx)

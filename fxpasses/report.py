@@ -33,12 +33,17 @@ class PassReport:
     applied: bool = False
     reason: str = ""
     sites: list = field(default_factory=list)            # SitePlan
+    global_rank: int | None = None                       # rank in the world (dump folders); None: = rank
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     fingerprint: list = field(default_factory=list)
     digest: str = ""
     notes: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def world_rank(self) -> int:
+        return self.rank if self.global_rank is None else self.global_rank
 
     @contextmanager
     def timed(self, step: str):
@@ -69,7 +74,7 @@ class PassReport:
                 and (strategy is None or p.strategy == strategy)]
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "tp": self.tp, "strategies": self.strategies, "applied": self.applied,
+        return {"rank": self.rank, "global_rank": self.world_rank, "tp": self.tp, "strategies": self.strategies, "applied": self.applied,
                 "reason": self.reason, "collectives_before": self.before, "collectives_after": self.after,
                 "diff": self.diff, "fingerprint": self.fingerprint, "fingerprint_digest": self.digest,
                 "notes": self.notes, **self.extra, "sites": [p.to_dict() for p in self.sites]}

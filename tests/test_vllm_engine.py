@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -134,12 +135,13 @@ RUNS = {
 
 
 def launch(tmp: Path, name: str, model: Path, route: str, extra_env: dict, additional: dict | None,
-           dump: bool = True) -> tuple[dict, str]:
-    """One engine run in its own process; (result, log text). Fails the test if the run fails."""
+           dump_as: str | None = None) -> tuple[dict, str]:
+    """One engine run in its own process; (result, log text). Fails the test if the run fails.
+    The pass dumps into tmp/dump_<name> (or dump_<dump_as>: the dump dir is part of the cache key)."""
     env = _base_env(tmp)
     env.update(extra_env)
-    if name != "baseline" and dump:
-        env["FXPASSES_DUMP_DIR"] = str(tmp / f"dump_{name}")
+    if name != "baseline":
+        env["FXPASSES_DUMP_DIR"] = str(tmp / f"dump_{dump_as or name}")
     if route == "plugin" and not _plugin_entry_point_installed():
         env["PYTHONPATH"] = os.pathsep.join([str(_fake_plugin_dist(tmp / "shim")), env["PYTHONPATH"]])
     spec = {"route": route, "model": str(model), "dtype": "float32", "additional_config": additional,
@@ -182,6 +184,13 @@ def engine_runs(tmp_path_factory):
         if only and name not in only and name != "baseline":
             continue
         results[name], logs[name] = launch(tmp, name, model, route, extra_env, additional)
+    if "object" in results:
+        # a restart with the same configuration on the same cache root (see the restart test)
+        shutil.copytree(results["object"]["dump_dir"], tmp / "dump_object_first")
+        shutil.rmtree(results["object"]["dump_dir"])
+        route, extra_env, additional = RUNS["object"]
+        results["object_restart"], logs["object_restart"] = launch(tmp, "object_restart", model, route, extra_env,
+                                                                   additional, dump_as="object")
     return {"results": results, "logs": logs, "model": model}
 
 
@@ -257,6 +266,29 @@ def test_plugin_route_logged_the_ascend_mapping(engine_runs):
     log_text = engine_runs["logs"]["plugin"]
     assert "VLLM_ASCEND_ENABLE_FLASHCOMM1=1 mapped to strategy flashcomm1" in log_text
     assert "plugin registered the pass" in log_text
+
+
+def test_restart_on_the_same_cache_root(engine_runs):
+    """A second start with the same configuration on the same cache root generates the same tokens.
+    Where vLLM loads its AOT-compiled graph, the pass does not run again (no new site report); vLLM
+    0.32's CPU engine cannot load its own AOT artifact ("'function' object has no attribute
+    'finalize_loading'") and compiles again, and then the pass must make the same rewrite (same
+    collective fingerprint on every rank). Loading a rewritten graph from Inductor's FX graph cache
+    in fresh processes is tested in test_compile_cache_restart.py."""
+    res = _result(engine_runs, "object_restart")
+    log_text = engine_runs["logs"]["object_restart"]
+    assert_same_generation(engine_runs["results"]["baseline"], res, "restart on the same cache root")
+    dump = Path(res["dump_dir"])
+    if "Directly load AOT compilation" in log_text:
+        assert not dump.exists(), sorted(dump.rglob("*"))
+        assert "fxpasses rank" not in log_text
+        return
+    assert "Compiling model again due to a load failure" in log_text, log_text[-3000:]
+    first = dump.parent / "dump_object_first"
+    for rank in range(TP):
+        a = json.loads((first / f"rank{rank}" / "site_report.json").read_text())
+        b = json.loads((dump / f"rank{rank}" / "site_report.json").read_text())
+        assert b["applied"] and b["fingerprint_digest"] == a["fingerprint_digest"], (a["diff"], b["diff"])
 
 
 def test_baseline_did_not_run_the_pass(engine_runs):
