@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=list(HealthCheck))
 settings.register_profile("dev", deadline=None, suppress_health_check=list(HealthCheck))
+# long runs: random (not derandomized) and, through helpers.examples(), 5x the examples and token sets
+settings.register_profile("deep", deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -1,8 +1,35 @@
 """Small shared helpers for the tests (model specs, running a capture on a pool)."""
 import dataclasses
+import os
 
 from fxpasses.testing.harness import rank_capture, rank_compare
 from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
+
+
+DEPTH = 5 if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else 1
+
+
+def examples(n: int) -> int:
+    """n in the CI profile; 5n under HYPOTHESIS_PROFILE=deep (for max_examples and draw loops)."""
+    return n * DEPTH
+
+
+#: token-count sets each equivalence test draws per captured model shape (captures are cached in the
+#: rank workers, so every set only costs eager runs of the two graphs)
+TOKEN_SETS = examples(20)
+
+
+def compare_many(pool, key, data, strategy, fn=None, extra=()):
+    """Draw TOKEN_SETS token-count sets with hypothesis (`strategy`), compare original and rewritten
+    graphs on every rank for each; assert shapes and float64 exactness."""
+    from fxpasses.testing.harness import rank_compare
+    for i in range(TOKEN_SETS):
+        tokens = data.draw(strategy, label=f"tokens[{i}]")
+        for rank, results in enumerate(pool.run(fn or rank_compare, key, tokens, *extra)):
+            assert [r["T"] for r in results] == tokens
+            for r in results:
+                assert r["shape_ok"], (rank, tokens, r)
+                assert r["rel"] <= 1e-12, (rank, tokens, r)
 
 
 def bundled_spec(**kw) -> dict:

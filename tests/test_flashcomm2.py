@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import bundled_spec, capture
+from helpers import bundled_spec, capture, compare_many, examples
 
 FC2 = ("flashcomm2",)
 FC12 = ("flashcomm1", "flashcomm2")
@@ -99,6 +99,26 @@ def test_flashcomm2_matches_vanilla_tp_float64(pools, tp, form, k, strategies, d
         for r in results:
             assert r["shape_ok"], (rank, r)
             assert r["rel"] <= 1e-12, (rank, r)
+
+
+@st.composite
+def fc2_shapes(draw):
+    heads = draw(st.sampled_from([2, 4]))
+    return bundled_spec(num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=heads,
+                        num_key_value_heads=draw(st.sampled_from([heads, 2])), head_dim=draw(st.sampled_from([8, 16])),
+                        hidden_size=draw(st.sampled_from([32, 48])), intermediate_size=draw(st.sampled_from([64, 96])),
+                        vocab_size=128, qkv_bias=draw(st.booleans()), o_proj_bias=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("strategies", [FC2, FC12], ids=["fc2", "fc1+fc2"])
+@settings(max_examples=examples(3))
+@given(data=st.data())
+def test_flashcomm2_shapes_match_vanilla_tp2(pools, strategies, data):
+    """Model shapes drawn by hypothesis (layers, heads, GQA, biases incl. the rank-0 o_proj bias), K=1."""
+    pool = pools.get(2, "c10d")
+    summaries = capture(pool, data.draw(fc2_shapes()), strategies, flashcomm2_oproj_tp_size=1, strict=True)
+    assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
+    compare_many(pool, summaries[0]["key"], data, token_counts(2), rank_compare_seeded, (0,))
 
 
 # ---- structure -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fxpasses.topology import dp_group_ranks
 from fxpasses.errors import ConfigError
 from fxpasses.testing.dp_harness import rank_compare_own_tokens, rank_run_rewritten
 from fxpasses.testing.harness import rank_capture
-from helpers import bundled_spec
+from helpers import bundled_spec, compare_many
 
 # id, world, strategies, config extras, spec extras
 CASES = [
@@ -94,6 +94,7 @@ def test_dp_rewrite_matches_own_tp1_output(dp_pools, case, data):
         for r in results:
             assert r["shape_ok"], (rank, r)
             assert r["rel"] <= 1e-12, (rank, r)
+    compare_many(pool, summaries[0]["key"], data, token_counts(world), rank_compare_own_tokens)
 
 
 def _check_structure(rep, world, strategies, cfg, layers):

@@ -33,9 +33,11 @@ def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", pack: bool = False,
-                 first_tokens: int = 7, seed: int = 0) -> dict[str, Any]:
-    """Build the model on this rank, compile it once with the pass, return the report and graphs."""
-    key = capture_key(spec, config, dtype, pack)
+                 first_tokens: int = 7, seed: int = 0, static: bool = False) -> dict[str, Any]:
+    """Build the model on this rank, compile it once with the pass, return the report and graphs.
+    `static=True` compiles for exactly `first_tokens` tokens (no symbolic token count), as vLLM does
+    for a compile size."""
+    key = capture_key(spec, config, dtype, pack) + (f"-static{first_tokens}" if static else "")
     cache = state.setdefault("captures", {})
     if key in cache:
         return cache[key]["summary"]
@@ -46,9 +48,10 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     prepare_process_groups(cfg, ctx)  # collective group creation before compiling, not inside it
     reports = []
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
-        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")))
+        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not static)
     ids0 = _tokens(first_tokens, ds.vocab_size, seed)
-    torch._dynamo.mark_dynamic(ids0, 0)
+    if not static:
+        torch._dynamo.mark_dynamic(ids0, 0)
     with torch.no_grad():
         compiled(ids0)
     if len(cap.graphs) != 1:

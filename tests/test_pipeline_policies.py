@@ -1,0 +1,69 @@
+"""The pipeline's policies: min_tokens on graphs compiled for a fixed token count (real captures at
+TP=2), strict mode raising, and a failed verification leaving the graph exactly as it was."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from torch._dispatch.python import enable_python_dispatcher
+
+from fxpasses.config import FxPassesConfig
+from fxpasses.errors import RewriteError, VerificationError
+from fxpasses.pipeline import run_passes
+from fxpasses.testing.harness import rank_capture, rank_compare
+from fxpasses.testing.pool import RankError
+from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
+from helpers import bundled_spec
+
+LLAMA = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
+
+
+@pytest.mark.parametrize("T,applied", [(7, False), (16, True)])
+def test_min_tokens_on_a_graph_compiled_for_a_fixed_size(pools, T, applied):
+    pool = pools.get(2, "c10d")
+    spec = bundled_spec(num_hidden_layers=1)
+    summaries = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "min_tokens": 8}, "float64", False, T,
+                         0, True)
+    for s in summaries:
+        rep = s["report"]
+        assert rep["applied"] is applied, rep["reason"]
+        if not applied:
+            assert f"graph compiled for {T} tokens < min_tokens=8" in rep["reason"]
+            assert rep["collectives_after"] == rep["collectives_before"] and "reduce_scatter" not in s["after"]
+    for results in pool.run(rank_compare, summaries[0]["key"], [T]):
+        (r,) = results
+        assert r["shape_ok"] and r["rel"] <= 1e-12, r
+
+
+def test_strict_mode_raises_on_a_skipped_site(pools):
+    # a down_proj with reduce_results=False (Qwen2-MoE's block) is owned by FlashComm1 but has no
+    # all-reduce to rewrite: skipped with the reason, or refused in strict mode
+    pool = pools.get(2, "c10d")
+    spec = bundled_spec(num_hidden_layers=1, shared_expert_intermediate_size=32, intermediate_size=64)
+    summaries = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]})
+    for s in summaries:
+        skipped = [x for x in s["report"]["sites"] if x["status"] == "skipped"]
+        assert s["report"]["applied"] and skipped
+        assert all("no TP all-reduce follows" in x["reason"] for x in skipped), skipped
+    with pytest.raises(RankError, match="strict mode: sites could not be rewritten: model.layers.0.mlp.mlp.down_proj"):
+        pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "strict": True})
+
+
+def test_failed_verification_keeps_the_original_graph():
+    with enable_python_dispatcher():
+        gm = build_graph(LLAMA, 4)
+        before = gm.graph.python_code("self").src
+        with mock.patch("fxpasses.pipeline.verify", side_effect=VerificationError("injected")):
+            rep = run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",)), tp_context(4))
+        assert not rep.applied and "injected" in rep.reason
+        assert gm.graph.python_code("self").src == before
+        assert all(str(p.status) != "rewritten" for p in rep.sites)
+        with mock.patch("fxpasses.pipeline.verify", side_effect=VerificationError("injected")), \
+                pytest.raises(VerificationError, match="injected"):
+            run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",), strict=True), tp_context(4))
+        assert gm.graph.python_code("self").src == before
+        # and the vLLM pass's policy: a failure on this rank is loud, naming the rank
+        with mock.patch("fxpasses.pipeline.verify", side_effect=VerificationError("injected")), \
+                pytest.raises(RewriteError, match="failed on TP rank 0"):
+            run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",)), tp_context(4), fail_loudly=True)
+        assert gm.graph.python_code("self").src == before
