@@ -158,7 +158,7 @@ def test_ascend_mapping(env, additional, strategies, extra, caplog):
 
 def test_ascend_bad_integer():
     with mock.patch.dict(os.environ, {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "two"}):
-        with pytest.raises(ConfigError, match="is not an integer"):
+        with pytest.raises(ConfigError, match="is not a positive integer"):
             FxPassesInductorPass().resolve_config()
 
 
@@ -355,10 +355,10 @@ def test_uuid_stable_for_equal_configs_from_any_source(cfg):
 
 def test_uuid_changes_with_pattern_file_contents(tmp_path):
     f = tmp_path / "mine.toml"
-    f.write_text('name = "mine"\n[flashcomm1]\nrow = ["o_proj"]\n')
+    f.write_text('name = "mine"\n[classes]\nrow = ["RowParallelLinear"]\n[flashcomm1]\nrow = ["o_proj"]\n')
     fx = {"strategies": ["flashcomm1"], "patterns": [str(f)]}
     a = _uuid_with_env(fx)
-    f.write_text('name = "mine"\n[flashcomm1]\nrow = ["o_proj", "down_proj"]\n')
+    f.write_text('name = "mine"\n[classes]\nrow = ["RowParallelLinear"]\n[flashcomm1]\nrow = ["o_proj", "down_proj"]\n')
     assert _uuid_with_env(fx) != a
 
 

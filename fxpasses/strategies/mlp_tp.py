@@ -22,6 +22,9 @@ After::
     y  = reduce_scatter(o, mlp)                    # [B, H]: this rank's own tokens
 
 Bias as vLLM's TP layers: the column bias is sharded like the rows, the row bias added once (rank 0).
+Like OTP, MLP-TP enters and leaves each gate_up/down pair in the original layout ([B, H], this
+rank's tokens): its all_gather and reduce_scatter are internal to the pair, so the layout engine's
+propagation has nothing to carry (see `dp_common`).
 Only dense gate_up_proj/down_proj pairs of one MLP module: routed experts (FusedMoE) are no linear
 sites and `experts.` is excluded by the pattern set. The activation between the two matmuls must be
 made of ops whose feature dimension can be re-sliced (pointwise ops, slices/splits of the last dim,

@@ -19,7 +19,10 @@ After::
     y  = reduce_scatter(o, otp)                    # [B, H]: this rank's own tokens, summed
 
 The output is back in the original layout ([B, H], this rank's tokens), so nothing downstream
-changes. Skipped with the reason: packed weights (`_C.onednn_mm`), D not divisible by K, non-2D inputs.
+changes. That is also why OTP does not go through the layout engine's propagation: the collectives
+it inserts are internal to the site (in: all_to_all of feature blocks; out: reduce_scatter of a
+partial sum back to this rank's tokens) and no value outside the site changes layout, so there is
+nothing to propagate (see `dp_common`). Skipped with the reason: packed weights (`_C.onednn_mm`), D not divisible by K, non-2D inputs.
 """
 from __future__ import annotations
 
