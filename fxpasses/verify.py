@@ -6,8 +6,8 @@ inputs' metadata changed) and memoised on (operator, input metadata), with a res
 full propagation (tests/test_verify_propagation.py); 3. layout consistency: every value the
 rewriter marked Shard0 has T_pad/n rows, every gathered value T rows, and every graph output the
 shape and dtype it had before; 4. the collective fingerprint (kind, group, size in graph order),
-which `check_fingerprint_across_ranks` compares over a process group (identical everywhere =
-no rank waits on a collective another rank never issues).
+which callers compare across ranks outside compilation (the harness and CLI compare the digests
+after capture; identical everywhere = no rank waits on a collective another rank never issues).
 """
 from __future__ import annotations
 
@@ -287,17 +287,3 @@ def _sym_equal(a, b) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:
         return str(a) == str(b)
-
-
-def check_fingerprint_across_ranks(digest: str, group=None) -> None:
-    """Raise unless every rank of `group` produced the same collective fingerprint."""
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    world = dist.get_world_size(group)
-    got: list = [None] * world
-    with unset_fake_temporarily():  # the pass runs inside the compiler's fake mode
-        dist.all_gather_object(got, digest, group=group)
-    if len(set(got)) != 1:
-        raise VerificationError(f"collective sequences differ across ranks: {got}; a rank would wait on a "
-                                "collective another rank never issues")
