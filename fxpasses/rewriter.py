@@ -2,8 +2,7 @@
 
 Strategies call `to_shard0_from_partial` (pad + reduce_scatter), `replace_all_reduce`, `gather`
 (all_gather + unpad, once per value), `local_shard` (pad + this rank's slice, no communication),
-`mark_shard0` (a value a strategy built is Shard0), `require_replicate` (a node must see all tokens),
-`sym` (symbolic size arithmetic as graph values), `padded_count` / `shard_rows` /
+`mark_shard0` (a value a strategy built is Shard0), `mark_rank_local` (see below), `sym` (symbolic size arithmetic as graph values), `padded_count` / `shard_rows` /
 `token_count_node`, and keep per-strategy state in `state(name)`; then `propagate()` walks the
 graph once: a node with a Shard0 input runs sharded when the
 token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
@@ -54,7 +53,6 @@ class LayoutRewriter:
         self.layout: dict[fx.Node, object] = {}
         self._gathered: dict[fx.Node, fx.Node] = {}
         self._local: dict[fx.Node, fx.Node] = {}
-        self.force_replicate: set[fx.Node] = set()  # nodes that get Replicate inputs (require_replicate)
         self.created: dict[fx.Node, None] = {}  # ordered set of the nodes the rewrite inserted
         self._padding = None                  # (rows, T_pad, pad), built once by padded_count()
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
@@ -154,10 +152,6 @@ class LayoutRewriter:
         """`node`'s value depends on a weight sharded over the group (see the module docstring)."""
         self.rank_local.add(node)
 
-    def require_replicate(self, node: fx.Node) -> None:
-        """`node` must see every token: propagation gives it Replicate inputs."""
-        self.force_replicate.add(node)
-
     # ---- primitive layout changes (insert right after `value`) --------------------------------
     def _pad(self, x: fx.Node) -> fx.Node:
         pad, _ = self.padded_count()
@@ -245,7 +239,7 @@ class LayoutRewriter:
                     self.touched.add(u)
                 node.replace_all_uses_with(self.token_count_node())
                 continue
-            aligned = None if node in self.force_replicate else token_aligned_args(node, self.is_token, self.ndim)
+            aligned = token_aligned_args(node, self.is_token, self.ndim)
             if aligned is None or not set(sharded) <= set(aligned):
                 self._replicate_inputs(node, sharded)
                 continue

@@ -93,17 +93,21 @@ class OpFacts:
         return [a for a in self.tensor_args() if self.is_token(a)]
 
 
+def registrar(table: dict):
+    """A decorator factory filling an op table: `@register("aten::view", ...)` maps each op name to
+    the decorated function (the token-wise rules here, MLP-TP's activation handlers)."""
+    def register(*names: str):
+        def deco(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return deco
+    return register
+
+
 Rule = Callable[[OpFacts], "list[fx.Node] | None"]
 RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str):
-    """Register a rule for the given op names ("aten::view", ...)."""
-    def deco(fn: Rule) -> Rule:
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return deco
+rule = registrar(RULES)  # register a rule for the given op names ("aten::view", ...)
 
 
 def custom_tokenwise(f: OpFacts):
@@ -214,6 +218,11 @@ def _is_custom_tokenwise(name: str) -> bool:
 
 def _is_pointwise(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """An elementwise node: an aten op tagged pointwise, or a copy/cast."""
+    return _is_pointwise(node.target) or gf.op_name(node) in COPY_LIKE
 
 
 def rule_for(node: fx.Node) -> Rule | None:

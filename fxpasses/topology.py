@@ -145,6 +145,8 @@ def group_name(ranks, desc: str, backend=None, create: bool = False) -> str:
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    # create=True only comes from prepare_process_groups (worker start, harness and CLI before
+    # capturing), never from a compilation: there a missing group raises above instead
     with unset_fake_temporarily():
         pg = dist.new_group(list(key), backend=backend, use_local_synchronization=True,
                             group_desc=f"fxpasses_{desc}")

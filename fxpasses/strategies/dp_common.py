@@ -19,14 +19,16 @@ all-gathers the counts (one int per rank) and raises the same clear error on eve
 from __future__ import annotations
 
 import operator
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import topology
 from fxpasses.context import GroupRef, TPContext
 from fxpasses.sites import Site
-from fxpasses.strategies.base import GraphFamily
+from fxpasses.strategies.base import GraphFamily, Strategy
 
 aten = torch.ops.aten
 
@@ -152,3 +154,17 @@ class _DPAttentionGraphs(GraphFamily):
 
 
 DP_ATTENTION_GRAPHS = _DPAttentionGraphs()
+
+
+class DPAttentionStrategy(Strategy):
+    """A strategy over DP-attention graphs with one group of K consecutive ranks, K read from the
+    config key `size_key` (0 = the world size); the group's kind is the strategy's name."""
+
+    family = DP_ATTENTION_GRAPHS
+    size_key: ClassVar[str]
+
+    def validate(self, config, tp, world):
+        topology.check_dp_size(world, getattr(config, self.size_key) or world, self.size_key)
+
+    def prepare_groups(self, config, ctx, create=False):
+        return topology.dp_group(ctx, self.name, getattr(config, self.size_key), create=create)

@@ -55,7 +55,8 @@ class FlashComm1(Strategy):
                 continue
             site = plan.site
             if site.kind == "column":
-                rw.require_replicate(site.matmul)
+                # nothing to insert: a column matmul is rank-local (TP-sharded weight), so propagation
+                # already gives it Replicate input (all_gather + unpad of a Shard0 value)
                 plan.done("input all_gather + unpad (Replicate) before the matmul")
             else:
                 rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))

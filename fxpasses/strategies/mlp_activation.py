@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
-from fxpasses.tokenwise import COPY_LIKE
+from fxpasses.tokenwise import is_pointwise, registrar
 
 ALLOC_OPS = {"aten::empty", "aten::empty_strided", "aten::zeros", "aten::full", "aten::ones"}
 ACTIVATION_SUFFIXES = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "mul_and_silu", "fatrelu_and_mul",
@@ -90,14 +90,7 @@ class Analysis:
 
 Handler = Callable[[Analysis, fx.Node], "str | None"]
 HANDLERS: dict[str, Handler] = {}
-
-
-def handles(*names: str):
-    def deco(fn: Handler) -> Handler:
-        for n in names:
-            HANDLERS[n] = fn
-        return fn
-    return deco
+handles = registrar(HANDLERS)  # register a handler for the given op names
 
 
 def _nothing(a: Analysis, n: fx.Node) -> str | None:
@@ -175,11 +168,6 @@ def view(a: Analysis, n: fx.Node) -> str | None:
         return why
     a.edits.append((n, 1, shp))
     return None
-
-
-def is_pointwise(node: fx.Node) -> bool:
-    t = node.target
-    return (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) or gf.op_name(node) in COPY_LIKE
 
 
 def pointwise(a: Analysis, n: fx.Node) -> str | None:

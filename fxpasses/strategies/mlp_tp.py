@@ -37,12 +37,11 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
-from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.strategies import dp_common as dc
-from fxpasses.strategies.base import Strategy, register
+from fxpasses.strategies.base import register
 from fxpasses.strategies.mlp_activation import Analysis, Region, analyse
 
 NAME = "mlp_tp"
@@ -105,18 +104,12 @@ def _check_pair(cp: SitePlan, rp: SitePlan, rw: LayoutRewriter, ctx: TPContext, 
     return None, analysis
 
 
-class MLPTP(Strategy):
+class MLPTP(dc.DPAttentionStrategy):
     name = NAME
     aliases = ("mlp", "mlptp")
-    family = dc.DP_ATTENTION_GRAPHS
+    size_key = "mlp_tp_size"
     site_kinds = frozenset({"row", "column"})
     precedence = 40
-
-    def validate(self, config, tp, world):
-        topology.check_dp_size(world, config.mlp_tp_size or world, "mlp_tp_size")
-
-    def prepare_groups(self, config, ctx, create=False):
-        return topology.dp_group(ctx, "mlp_tp", config.mlp_tp_size, create=create)
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         """Per site; the pair's activation is checked in `rewrite` (MLP-TP rewrites pairs)."""

@@ -29,12 +29,11 @@ from __future__ import annotations
 import torch
 
 from fxpasses import graph_forms as gf
-from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.strategies import dp_common as dc
-from fxpasses.strategies.base import Strategy, register
+from fxpasses.strategies.base import register
 
 NAME = "otp"
 aten = torch.ops.aten
@@ -58,18 +57,12 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str
     return None
 
 
-class OProjTP(Strategy):
+class OProjTP(dc.DPAttentionStrategy):
     name = NAME
     aliases = ("oproj_tp", "o_proj_tp")
-    family = dc.DP_ATTENTION_GRAPHS
+    size_key = "otp_size"
     site_kinds = frozenset({"row"})
     precedence = 30
-
-    def validate(self, config, tp, world):
-        topology.check_dp_size(world, config.otp_size or world, "otp_size")
-
-    def prepare_groups(self, config, ctx, create=False):
-        return topology.dp_group(ctx, "otp", config.otp_size, create=create)
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         return _precheck(plan, rw, ctx, self.prepare_groups(rw.config, ctx).k)
