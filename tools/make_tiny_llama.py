@@ -4,9 +4,10 @@ Nothing is downloaded: the config is built locally and the weights are drawn fro
 generator. The default shape (hidden 128, 2 layers, 4 heads of 32, 2 KV heads, vocab 256) is the
 smallest that the vLLM CPU attention backend accepts at TP=2 (head_dim >= 32).
 
-    python tools/make_tiny_llama.py OUT_DIR [--model-type llama|mistral|qwen2|qwen3] [--dtype float32]
+    python tools/make_tiny_llama.py OUT_DIR [--model-type llama|qwen3_moe|deepseek_v2|...] [--dtype float32]
 
-The builder is `fxpasses.testing.models.hf_checkpoint.make_tiny_model` (the engine test uses it).
+The builder is `fxpasses.tiny_checkpoints.make_tiny_model` (`fxpasses check --arch` and the engine
+tests use it).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxpasses.testing.models.hf_checkpoint import CONFIG_CLASSES, DEFAULT_SHAPE, make_tiny_model  # noqa: E402
+from fxpasses.tiny_checkpoints import CONFIG_CLASSES, DEFAULT_SHAPE, make_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

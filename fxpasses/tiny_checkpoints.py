@@ -1,0 +1,131 @@
+"""Tiny random-weight Hugging Face checkpoints that vLLM's CPU engine can load, one per architecture
+family (`fxpasses check --arch NAME`, the engine tests, `tools/make_tiny_llama.py`).
+
+This module owns the list of architectures `--arch` knows (`CONFIG_CLASSES`), their tiny shapes
+(`DEFAULT_SHAPE` + `FAMILY_SHAPE`) and the weight initialisation. Nothing is downloaded: the config
+comes from transformers' config class, the weights from a seeded generator. The shapes are the
+smallest vLLM's CPU attention accepts at TP=2 (hidden 128, 2 layers, heads of 32, vocab 256; MLA:
+the CPU MLA decode kernel only exists for kv_lora_rank 512 + rope 64).
+
+Imports transformers and torch only inside `make_tiny_model`, so `fxpasses check --help` and the
+argument checks stay fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SHAPE: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+#: --arch name -> (transformers config class, transformers model class)
+CONFIG_CLASSES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    # MoE with vLLM's gated shared expert summed into the routed output before one all-reduce
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    # MoE without shared expert, q/k norm
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    # MLA attention (q_lora, kv_lora) + one dense layer then one MoE layer with shared experts and
+    # grouped top-k routing
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    # Command-R: parallel residual (attention and MLP read the same LayerNorm output), tied embeddings
+    "cohere": ("CohereConfig", "CohereForCausalLM"),
+    # vLLM 0.32 has no native GPT-NeoX / OLMo2: both run through its Transformers backend (HF modules,
+    # linears swapped for vLLM's parallel ones from the config's base_model_tp_plan)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+}
+
+#: architectures vLLM 0.32 serves through its Transformers backend (the rest are native vLLM models)
+TRANSFORMERS_BACKEND = frozenset({"gpt_neox", "olmo2"})
+
+# per-family settings on top of DEFAULT_SHAPE
+FAMILY_SHAPE: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": False},
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
+    "deepseek_v2": {
+        "num_key_value_heads": 4,
+        "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy", "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+    },
+    "cohere": {"layer_norm_eps": 1e-5, "logit_scale": 0.25, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": True, "use_qk_norm": False,
+               "num_key_value_heads": 2},
+    "gpt_neox": {"layer_norm_eps": 1e-5, "use_parallel_residual": True, "hidden_act": "gelu",
+                 "attention_bias": True, "bos_token_id": 0, "eos_token_id": 0},
+    "olmo2": {"pad_token_id": 0, "eos_token_id": 0},
+}
+
+# keys a family's config class does not take (dropped from DEFAULT_SHAPE for it)
+_DROP: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("num_key_value_heads", "head_dim", "rms_norm_eps"),
+    "cohere": ("rms_norm_eps", "head_dim"),
+    "deepseek_v2": ("head_dim",),
+}
+
+
+def known_archs() -> list[str]:
+    return sorted(CONFIG_CLASSES)
+
+
+def config_kwargs(model_type: str, **shape: Any) -> dict[str, Any]:
+    """The config keyword arguments `make_tiny_model` uses for `model_type` (shape overrides last)."""
+    if model_type not in CONFIG_CLASSES:
+        raise ValueError(f"model_type must be one of {known_archs()}, got {model_type!r}")
+    base = {k: v for k, v in DEFAULT_SHAPE.items() if k not in _DROP.get(model_type, ())}
+    return {**base, **FAMILY_SHAPE.get(model_type, {}), **shape}
+
+
+def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str = "float32", seed: int = 0,
+                    **shape: Any) -> Path:
+    """Write config.json + model.safetensors of a random-weight decoder into `out_dir`; return it.
+
+    Weights are scaled so that activations stay O(1) through the layers, which makes greedy
+    decoding sensitive to any numerical error a rewrite might introduce (the logits are not flat).
+    """
+    import torch
+    import transformers
+
+    kw = config_kwargs(model_type, **shape)
+    cfg_name, model_name = CONFIG_CLASSES[model_type]
+    cfg = getattr(transformers, cfg_name)(**kw)
+    cfg.dtype = dtype
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:  # linear weights, and MoE experts' stacked [E, out, in] weights
+                # std 1/sqrt(fan_in) keeps the residual stream O(1); embeddings get std 1
+                std = 1.0 if "embed" in name else p.shape[-1] ** -0.5
+                p.normal_(0.0, std)
+            elif "norm" in name and not name.endswith(".bias"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    model = model.to(getattr(torch, dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    # vLLM with skip_tokenizer_init needs no tokenizer files; generation_config keeps defaults neutral
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return out
