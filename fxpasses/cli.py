@@ -1,10 +1,13 @@
-"""Command line: `fxpasses demo` and `fxpasses dump` (also `python -m fxpasses`).
+"""Command line: `fxpasses demo`, `fxpasses dump` and `fxpasses check` (also `python -m fxpasses`).
 
-Both trace a dense decoder built from real vLLM layers at TP=N over gloo (one process per rank),
+`demo` and `dump` trace a dense decoder built from real vLLM layers at TP=N over gloo (one process per rank),
 rewrite it with the chosen strategies, write before/after graphs and the site report per rank,
 then run the original and the rewritten graph on the same inputs and print each rank's max error
 and the collective counts. Exit status: 0 rewritten and equal, 1 outputs (or collective sequences)
 differ, 2 bad input, 3 nothing was rewritten on any rank.
+
+`check` runs vLLM's real CPU engine on a checkpoint without and with the pass (`fxpasses.check`):
+the same codes, and 4 when the pass makes each rank send more bytes per step.
 """
 from __future__ import annotations
 
@@ -31,9 +34,38 @@ def _parse_tokens(text: str) -> list[int]:
     return vals
 
 
+#: config.json keys of models the dense tiny-model builder of `dump` cannot build (MoE, MLA)
+_ENGINE_ONLY_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "kv_lora_rank", "q_lora_rank")
+
+
+def refuse_engine_only_config(config_path: str) -> None:
+    """ConfigError pointing to `fxpasses check` for an MoE or MLA config.json (dump builds dense
+    decoders only); other problems with the file are left to the builder's own messages."""
+    try:
+        cfg = json.loads(Path(config_path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(cfg, dict):
+        return
+    found = [f"{k}={cfg[k]}" for k in _ENGINE_ONLY_KEYS if cfg.get(k)]
+    if not found:
+        return
+    from fxpasses.tiny_checkpoints import CONFIG_CLASSES
+    what = "an MLA" if any(k.startswith(("kv_lora", "q_lora")) for k in found) else "an MoE"
+    mt = cfg.get("model_type")
+    arch = f"--arch {mt}" if mt in CONFIG_CLASSES else "--arch qwen3_moe|qwen2_moe|deepseek_v2"
+    raise ConfigError(
+        f"{config_path} is {what} model config ({', '.join(found)}); `fxpasses dump` builds dense decoders only "
+        f"(Llama, Mistral, Qwen2, Qwen3). Check it in vLLM's engine instead: `fxpasses check --model "
+        f"{Path(config_path).resolve().parent}` (the checkpoint directory with this config.json and its weights), "
+        f"or `fxpasses check {arch}` for a tiny random checkpoint of that architecture")
+
+
 def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int], out: str,
              dtype: str = "float64", allreduce_form: str = "c10d", layers: int | None = None,
              patterns: list[str] | None = None, sizes: dict[str, int] | None = None) -> int:
+    if config_path:
+        refuse_engine_only_config(config_path)
     from fxpasses.testing.harness import rank_capture, rank_compare
     from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
     from fxpasses.testing.pool import TPPool
@@ -84,6 +116,40 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
     return 0
 
 
+def _add_check_parser(sub) -> None:
+    from fxpasses.check import BYTES_AT, ENGINE_TIMEOUT_S, MAX_TOKENS, PROMPT_LENS, TOLERANCE
+    from fxpasses.tiny_checkpoints import known_archs
+
+    c = sub.add_parser("check", help="vLLM's CPU engine without and with the pass on a checkpoint: same "
+                                     "tokens? sites, bytes per step, compile times",
+                       description="Runs vLLM's CPU engine (one subprocess per run) without and with the pass "
+                                   "and compares greedy tokens and logprobs. Exit status: 0 equal and rewritten, "
+                                   "1 outputs differ or the pass run failed, 2 bad input or the baseline cannot "
+                                   "run, 3 nothing rewritten, 4 the pass sends more bytes per step.")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
+    src.add_argument("--arch", help="make a tiny random checkpoint of this architecture (nothing downloaded): "
+                                    + ", ".join(known_archs()))
+    c.add_argument("--tp", type=int, default=2)
+    c.add_argument("--strategy", default="flashcomm1",
+                   help="flashcomm1 (alias sp), flashcomm2, combinations joined with '+'")
+    c.add_argument("--tokens", type=_parse_tokens, default=list(PROMPT_LENS),
+                   help="prompt lengths, generated as one batch (prompts of 1 and 5 tokens are also generated "
+                        f"alone), default {','.join(map(str, PROMPT_LENS))}")
+    c.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens generated per prompt (greedy)")
+    c.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    c.add_argument("--tolerance", type=float, default=None,
+                   help="max |logprob difference| allowed (default " +
+                        ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ")")
+    c.add_argument("--bytes-at", type=_parse_tokens, default=list(BYTES_AT),
+                   help="token counts at which bytes per step are reported (the largest decides exit 4)")
+    c.add_argument("--out", default="fxpasses-check", help="work folder: tiny checkpoint, logs, dumps, caches")
+    c.add_argument("--patterns", action="append", help="pattern set name or file (repeatable)")
+    c.add_argument("--flashcomm2-oproj-tp-size", type=int, default=None, help="config key flashcomm2_oproj_tp_size")
+    c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
+    c.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fxpasses", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -106,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", parents=[common], help="the main job on the bundled tiny Llama config")
     d = sub.add_parser("dump", parents=[common], help="the main job on your own HF config.json")
     d.add_argument("--config", required=True, help="HF-style config.json of a dense decoder")
+    _add_check_parser(sub)
     args = ap.parse_args(argv)
     if args.tp < 2:
         ap.error("--tp must be >= 2: the strategies rewrite tensor-parallel communication")
     try:
+        if args.cmd == "check":
+            from fxpasses import check
+            return check.main(args)
         return run_dump(getattr(args, "config", None), args.tp, args.strategy, args.tokens, args.out,
                         args.dtype, args.allreduce_form, args.layers, args.patterns,
                         {k: v for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size")
