@@ -185,10 +185,10 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
                    "residual run on T/tp rows (compute not modelled); pads T to a multiple of tp"))
     for k in ks:
         n = tp // k
-        a2a = ("all_to_all", n, _ring("all_to_all", Tp * (D // tp + 1) * b, n))  # + the bias column
+        a2a = ("all_to_all", n, _ring("all_to_all", Tp * (D // tp) * b, n))
         otp_rs = [("reduce_scatter", k, _ring("reduce_scatter", (Tp // n) * H * b, k))] if k > 1 else []
         w = base_w + oproj_w // k
-        fc2_why = (f"o_proj exchange moves [T, D/tp + 1] = {D // tp + 1} features per token over {n} ranks "
+        fc2_why = (f"o_proj exchange moves [T, D/tp] = {D // tp} features per token over {n} ranks "
                    f"instead of reducing [T, H] = {H}; o_proj weight stored at 1/{k} (+"
                    f"{(oproj_w // k - oproj_w // tp) / 2**20:.1f} MiB per layer per rank)")
         out.append(est(f"flashcomm2(K={k})", [a2a, *otp_rs, ag, ar], w,

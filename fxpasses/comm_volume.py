@@ -184,6 +184,38 @@ def totals(vols: list[CollectiveVolume], subs: dict) -> dict:
     return {"per_step_send": step, "one_time_send": once}
 
 
+# a symbolic token count is evaluated at this many tokens per rank of the group (no padding anywhere)
+REFERENCE_TOKENS = 4096
+
+
+def step_bytes_pair(before: fx.Graph, after: fx.Graph, group_sizes: dict[str, int],
+                    default_group_size: int) -> tuple[dict, dict, int]:
+    """Per-step send bytes of each rank for two versions of one graph: ({"total": bytes,
+    "layers": {layer: bytes}} before, the same after, tokens), at the graph's static token count,
+    or at REFERENCE_TOKENS x the group size when it is symbolic (every free symbol of the inputs
+    takes that value)."""
+    syms = token_symbols(before)
+    tokens = REFERENCE_TOKENS * default_group_size
+    subs = {s: tokens for s in syms}
+    out = []
+    for g in (before, after):
+        vols = collective_volumes(g, group_sizes, default_group_size)
+        out.append({"total": float(totals(vols, subs)["per_step_send"]),
+                    "layers": {k: float(v["total"]) for k, v in per_layer(vols, subs).items()}})
+    if not syms:
+        tokens = _static_tokens(before)
+    return out[0], out[1], tokens
+
+
+def _static_tokens(graph: fx.Graph) -> int:
+    """dim 0 of the first tensor input (the token count of a static graph), 0 if none."""
+    for n in graph.nodes:
+        v = gf.val(n) if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return int(v.shape[0])
+    return 0
+
+
 # ---- analytic minima for each layout (bytes each rank sends per decoder layer) ----------------------
 
 def padded(T: int, n: int) -> int:
@@ -197,8 +229,8 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K.
     vanilla:     2 all_reduce [T, H]                       2 x 2(tp-1)/tp T H b
     flashcomm1:  rs(o) + ag(gate_up in) + rs(down) + ag(next qkv in), each (tp-1)/tp T_pad H b
-    flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp + 1] (the + 1 column carries
-                 the row bias, see `fxpasses.strategies.flashcomm2`) + (k>1) rs over OTP of
+    flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp] (the row bias travels with
+                 the one-time weight gather, see `fxpasses.strategies.flashcomm2`) + (k>1) rs over OTP of
                  [T_pad/n, H]; then all_gather [T_pad, H] back to Replicate (alone) ; MLP all_reduce
     flashcomm1+flashcomm2: FlashComm1 with the o_proj rs replaced by FlashComm2's o_proj exchange.
     """
@@ -208,19 +240,19 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
     ar = 2 * (tp - 1) * T * H * b // tp
     fc1_rs = ring(Tp * H * b, tp)
-    fc2_o = ring(Tp * (D // tp + 1) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
+    fc2_o = ring(Tp * (D // tp) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
     if strategy == "vanilla":
         return {"all_reduce": 2 * ar, "total": 2 * ar}
     if strategy == "flashcomm1":
         return {"reduce_scatter": 2 * fc1_rs, "all_gather": 2 * fc1_rs, "total": 4 * fc1_rs}
     if strategy == "flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp + 1) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
+        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
         if k > 1:
             d["reduce_scatter"] = ring((Tp // n) * H * b, k)
         d["total"] = sum(d.values())
         return d
     if strategy == "flashcomm1+flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp + 1) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
+        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
                                                                                     if k > 1 else 0),
              "all_gather": 2 * fc1_rs}
         d["total"] = fc2_o + 3 * fc1_rs

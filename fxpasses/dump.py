@@ -49,14 +49,23 @@ def emit(graph: fx.Graph, report: PassReport, config, before: str, tag: str) -> 
         write_dumps(config.dump_dir, report, before, after, tag)
 
 
-def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, after: str,
+def emit_abandoned(graph: fx.Graph, report: PassReport, config, tag: str) -> None:
+    """After an abandoned rewrite (the graph is unchanged): the before-graph and the site report,
+    no after-graph."""
+    if config.dump_dir and graph.owning_module is not None:
+        write_dumps(config.dump_dir, report, graph_text(graph.owning_module), None, tag)
+
+
+def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, after: str | None,
                 tag: str = "graph") -> Path:
-    """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py, site_report.json/.txt (r: the global
-    rank, which is the TP rank in a single TP group); return the folder."""
+    """Write {dump_dir}/rank{r}/{tag}.before.py, .after.py (not for an abandoned rewrite: `after`
+    None), site_report.json/.txt (r: the global rank, which is the TP rank in a single TP group);
+    return the folder."""
     out = Path(dump_dir) / f"rank{report.world_rank}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.before.py").write_text(before)
-    (out / f"{tag}.after.py").write_text(after)
+    if after is not None:
+        (out / f"{tag}.after.py").write_text(after)
     (out / f"{tag}.site_report.json").write_text(report.to_json())
     (out / "site_report.json").write_text(report.to_json())  # the latest graph of this rank
     (out / "site_report.txt").write_text(report.to_text() + "\n")

@@ -19,3 +19,7 @@ class RewriteError(FxPassesError):
 
 class VerificationError(FxPassesError):
     """The rewritten graph failed verification; the original graph was kept."""
+
+
+class WireBytesError(FxPassesError):
+    """The rewritten graph would move more bytes per step than the original; the original was kept."""

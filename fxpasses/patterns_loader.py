@@ -16,7 +16,7 @@ from fxpasses.errors import PatternError
 from fxpasses.strategies import base as strategy_registry
 from fxpasses.strategies.base import SITE_KINDS
 
-_STRATEGY_FIELDS = ("row", "column", "embedding", "exclude")
+_STRATEGY_FIELDS = ("row", "column", "embedding", "moe", "reduce", "exclude")
 
 
 @dataclass
@@ -24,6 +24,8 @@ class StrategyPatterns:
     row: list[str] = field(default_factory=list)
     column: list[str] = field(default_factory=list)
     embedding: list[str] = field(default_factory=list)
+    moe: list[str] = field(default_factory=list)
+    reduce: list[str] = field(default_factory=list)   # all-reduces outside any layer (see sites)
     exclude: list[str] = field(default_factory=list)
 
     def matches(self, kind: str, prefix: str) -> bool:
@@ -41,13 +43,16 @@ class PatternSet:
     classes: dict[str, list[str]]
     exclude: list[str]
     strategies: dict[str, StrategyPatterns]
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # kind -> prefix substrings
 
-    def kind_of(self, class_names: list[str]) -> str | None:
-        """Site kind for a layer whose class (first) and base classes are `class_names`."""
+    def kind_of(self, class_names: list[str], prefix: str = "") -> str | None:
+        """Site kind for a layer whose class (first) and base classes are `class_names`; an
+        `[overrides]` entry matching `prefix` re-classifies a layer that is a site by class."""
         for cname in class_names:
             for kind in SITE_KINDS:
                 if cname in self.classes.get(kind, ()):
-                    return kind
+                    return next((k for k, pats in self.overrides.items()
+                                 if any(p in prefix for p in pats)), kind)
         return None
 
     def excluded(self, prefix: str) -> str | None:
@@ -61,7 +66,7 @@ class PatternSet:
         return StrategyPatterns(**{k: list(v) for k, v in strategy.default_patterns.items()})
 
     def fingerprint(self) -> str:
-        return json.dumps({"classes": self.classes, "exclude": self.exclude,
+        return json.dumps({"classes": self.classes, "exclude": self.exclude, "overrides": self.overrides,
                            "strategies": {k: vars(v) for k, v in self.strategies.items()}}, sort_keys=True)
 
 
@@ -73,7 +78,7 @@ def _str_list(v: Any, where: str) -> list[str]:
 
 def parse_pattern_dict(d: dict[str, Any], source: str) -> PatternSet:
     strategy_keys = strategy_registry.registered_names()
-    allowed = {"name", "description", "classes", "exclude", *strategy_keys}
+    allowed = {"name", "description", "classes", "overrides", "exclude", *strategy_keys}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise PatternError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -82,6 +87,11 @@ def parse_pattern_dict(d: dict[str, Any], source: str) -> PatternSet:
         if k not in SITE_KINDS:
             raise PatternError(f"{source}: classes.{k} is not a site kind; use one of {SITE_KINDS}")
         classes[k] = _str_list(v, f"{source}: classes.{k}")
+    overrides: dict[str, list[str]] = {}
+    for k, v in (d.get("overrides") or {}).items():
+        if k not in SITE_KINDS:
+            raise PatternError(f"{source}: overrides.{k} is not a site kind; use one of {SITE_KINDS}")
+        overrides[k] = _str_list(v, f"{source}: overrides.{k}")
     ex = d.get("exclude") or {}
     if not isinstance(ex, dict) or set(ex) - {"prefixes"}:
         raise PatternError(f"{source}: exclude must be a table with one key 'prefixes'")
@@ -99,7 +109,7 @@ def parse_pattern_dict(d: dict[str, Any], source: str) -> PatternSet:
         strategies[s] = StrategyPatterns(**{k: _str_list(v, f"{source}: {s}.{k}") if v else []
                                             for k, v in t.items()})
     return PatternSet(name=str(d.get("name", source)), sources=[source], classes=classes,
-                      exclude=exclude, strategies=strategies)
+                      exclude=exclude, strategies=strategies, overrides=overrides)
 
 
 def builtin_dir() -> Path:
@@ -160,6 +170,9 @@ def load_patterns(specs: tuple[str, ...] | list[str] | str = ("default",)) -> Pa
             merged.classes.setdefault(k, [])
             merged.classes[k] += [x for x in v if x not in merged.classes[k]]
         merged.exclude += [x for x in ps.exclude if x not in merged.exclude]
+        for k, v in ps.overrides.items():
+            merged.overrides.setdefault(k, [])
+            merged.overrides[k] += [x for x in v if x not in merged.overrides[k]]
         for s, sp in ps.strategies.items():
             cur = merged.strategies.setdefault(s, StrategyPatterns())
             for f in _STRATEGY_FIELDS:

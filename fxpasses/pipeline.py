@@ -3,7 +3,9 @@
 `run_passes(graph, config, ctx)` is the one entry point (used by the vLLM pass, the CLI and the
 tests). The rewrite happens on a copy of the graph (`fxpasses.graph_copy`); only a copy that
 verifies replaces the original, so a failure leaves the graph exactly as it was (and, with
-`strict`, raises: `_failed` is the whole failure policy). Which strategies exist and what kind of
+`strict`, raises: `_failed` is the whole failure policy). A rewrite that would put more bytes
+on the wire per step than the original graph is not kept either (`_more_bytes`). An abandoned
+rewrite still writes its site report and before-graph to the dump directory. Which strategies exist and what kind of
 graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).
 """
 from __future__ import annotations
@@ -14,11 +16,11 @@ import logging
 import torch
 import torch.fx as fx
 
-from fxpasses import dump
+from fxpasses import comm_volume, dump
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
-from fxpasses.errors import FxPassesError, RewriteError
+from fxpasses.errors import FxPassesError, RewriteError, WireBytesError
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
 from fxpasses.patterns_loader import PatternSet, load_patterns
 from fxpasses.plan import SitePlan, SiteStatus, plan_sites
@@ -62,11 +64,15 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             with report.timed("rewrite"):
                 rw = _rewrite(work, plans, config, ctx)
             if not any(p.status is SiteStatus.REWRITTEN for p in plans):
+                _enforce_strict(plans, config)
                 return _finish(report, "every owned site was skipped")
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
+                more = _more_bytes(graph, work, config, ctx, report)
+            if more:
+                raise WireBytesError(more)
         except Exception as e:
-            return _finish(report, _failed(e, plans, config, ctx, fail_loudly))
+            return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
         _enforce_strict(plans, config)
         with report.timed("apply"):
             before_text = dump.before_text(graph, config)
@@ -76,6 +82,30 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
         report.record_applied(rw, ver, collective_counts(graph), nodes=len(graph.nodes))
         dump.emit(graph, report, config, before_text, tag or f"graph{next(_graph_ids)}")
     return _finish(report)
+
+
+def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext,
+                report: PassReport) -> str | None:
+    """Why the rewritten graph may not be kept for its bytes on the wire, or None. Per step (one
+    forward), each rank's send bytes as `fxpasses.comm_volume` counts them, at the graph's static
+    token count, or at `comm_volume.REFERENCE_TOKENS` x the group size for a symbolic one (where
+    the padding of every collective is zero). Graph families whose original graph is a TP=1 graph
+    (DP attention: OTP, MLP-TP) add their communication by design and are not held to it."""
+    if not config.family().bounded_by_original_bytes:
+        return None
+    sizes = {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
+    v0, v1, tokens = comm_volume.step_bytes_pair(before, after, sizes, ctx.tp)
+    b0, b1 = v0["total"], v1["total"]
+    report.extra["bytes_per_step"] = {"tokens": tokens, "before": b0, "after": b1,
+                                      "ratio": round(b1 / b0, 4) if b0 else None}
+    if b1 <= b0:
+        return None
+    grew = [f"{'layer ' if k.isdigit() else ''}{k} {v0['layers'].get(k, 0):.0f} -> {v:.0f}"
+            for k, v in v1["layers"].items() if v > v0["layers"].get(k, 0)]
+    return (f"the rewritten graph would send {b1:.0f} bytes per step per rank against {b0:.0f} without "
+            f"the pass (at {tokens} tokens; more in {', '.join(grew)}); every site is left as it was. "
+            "A layer left in its original layout between sharded ones costs an all-gather at each "
+            "boundary: exclude fewer sites, or none")
 
 
 def _nothing_to_do(config: FxPassesConfig, ctx: TPContext) -> str | None:
@@ -108,11 +138,39 @@ def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx:
     rw = LayoutRewriter(work, group, rank, CommBackend.for_forms(forms), family.token_count(plans), config)
     for node in family.rank_local_values(plans):
         rw.mark_rank_local(node)
+    _hand_over_refused(plans, rw, ctx)
     for name in config.strategies:
         strategies.get(name).rewrite(rw, plans, ctx)
     rw.propagate()
     work.eliminate_dead_code()
     return rw
+
+
+def _abandon(e: Exception, graph: fx.Graph, report: PassReport, plans: list[SitePlan],
+             config: FxPassesConfig, ctx: TPContext, fail_loudly: bool, tag: str | None) -> str:
+    """Keep the original graph (or raise, see `_failed`); either way the dump directory gets the
+    site report and the before-graph. A bytes refusal is the same on every rank (it is read off
+    shapes every rank shares), so it never needs to fail loudly."""
+    try:
+        reason = _failed(e, plans, config, ctx, fail_loudly and not isinstance(e, WireBytesError))
+    except Exception as loud:
+        report.reason = str(loud)
+        raise
+    else:
+        report.reason = reason
+        return reason
+    finally:
+        dump.emit_abandoned(graph, report, config, tag or f"graph{next(_graph_ids)}")
+
+
+def _hand_over_refused(plans: list[SitePlan], rw: LayoutRewriter, ctx: TPContext) -> None:
+    """A site its owner refuses for a reason of its own goes to the next strategy that wants it."""
+    for p in plans:
+        while p.strategy and p.status is SiteStatus.PLANNED and p.fallbacks:
+            why = strategies.get(p.strategy).precheck(p, rw, ctx)
+            if why is None:
+                break
+            p.hand_over(why)
 
 
 def _failed(e: Exception, plans: list[SitePlan], config: FxPassesConfig, ctx: TPContext,

@@ -2,14 +2,16 @@
 
 For each site, the enabled strategies that own its kind are tried from the highest precedence down
 (`fxpasses.strategies.base.by_precedence`; with the built-in strategies: row site MLP-TP > OTP >
-FlashComm2 > FlashComm1, column site MLP-TP > FlashComm1, embedding FlashComm1); the first whose
-pattern table matches the prefix owns the site. Global exclusions (vision towers, MTP blocks...) and
+FlashComm2 > FlashComm1, column site MLP-TP > FlashComm1, embedding and reduce sites FlashComm1);
+the first whose pattern table matches the prefix owns the site, the others that match are its
+fallbacks: when the owner's precheck refuses the site for a reason of its own (FlashComm2: packed
+weight), the next one takes it (`SitePlan.hand_over`), so a combination is never worse than its parts. Global exclusions (vision towers, MTP blocks...) and
 per-strategy exclusions (shared_expert) win over everything. Every site gets a SitePlan with the
 owning strategy or the reason it has none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -34,12 +36,27 @@ class SitePlan:
     strategy: str | None
     reason: str = ""
     status: SiteStatus = SiteStatus.PLANNED
+    fallbacks: list[str] = field(default_factory=list)  # next strategies that want it, in order
+
+    def hand_over(self, why: str) -> bool:
+        """The owner cannot rewrite this site for a reason of its own (`why`): the next strategy that
+        wants it takes it. False when there is none (the caller skips it)."""
+        if not self.fallbacks:
+            return False
+        prev, self.strategy = self.strategy, self.fallbacks.pop(0)
+        self.reason = f"{prev} skipped it: {why}; "
+        return True
 
     def skip(self, reason: str) -> None:
         self.status, self.reason = SiteStatus.SKIPPED, reason
 
+    def leave(self, reason: str) -> None:
+        """Nothing of this site's own needs rewriting (e.g. its partial sum is reduced elsewhere)."""
+        self.status, self.reason = SiteStatus.UNTOUCHED, reason
+
     def done(self, how: str) -> None:
-        self.status, self.reason = SiteStatus.REWRITTEN, how
+        self.status, self.reason = SiteStatus.REWRITTEN, (self.reason if self.strategy and
+                                                          self.reason.endswith("; ") else "") + how
 
     def to_dict(self) -> dict:
         return {**self.site.describe(), "strategy": self.strategy, "status": str(self.status),
@@ -55,7 +72,7 @@ def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet
             plans.append(SitePlan(site, None, f"excluded by pattern set (prefix contains {ex!r})",
                                   SiteStatus.UNTOUCHED))
             continue
-        chosen, why_not = None, []
+        wanting, why_not = [], []
         for strat in by_precedence(site.kind, enabled):
             sp = patterns.for_strategy(strat)
             if not sp.matches(site.kind, site.prefix):
@@ -64,10 +81,9 @@ def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet
             if ex:
                 why_not.append(f"{strat.name} excludes prefixes containing {ex!r}")
                 continue
-            chosen = strat.name
-            break
-        if chosen:
-            plans.append(SitePlan(site, chosen))
+            wanting.append(strat.name)
+        if wanting:
+            plans.append(SitePlan(site, wanting[0], fallbacks=wanting[1:]))
         else:
             reason = "; ".join(why_not) or ("no enabled strategy matches this prefix" if enabled
                                             else "no strategy enabled")

@@ -62,6 +62,7 @@ class PassReport:
         self.notes.extend(rewriter.notes)
         self.extra.update(rewriter.extra)
         self.extra["nodes"] = nodes
+        self.extra["token_layout"] = rewriter.token_layout()
         self.extra["nodes_repropagated"] = verification.nodes_propagated
         self.fingerprint, self.digest = verification.fingerprint, verification.digest
 

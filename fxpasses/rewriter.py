@@ -15,7 +15,14 @@ every node that consumes it must run on all tokens. `mark_rank_local` seeds such
 pipeline marks every TP-sharded site's matmul, whether a strategy rewrites it or not); propagation
 carries the mark to every consumer until the graph's own all-reduce over the group, and gives each
 marked node Replicate inputs. A marked node therefore computes exactly what it computes in the
-original graph (all its inputs are the original values), whatever it is. Padding is
+original graph (all its inputs are the original values), whatever it is.
+
+Where to gather. A Shard0 value consumed by a Replicate-demanding node is all-gathered once. A
+token-wise node whose every consumer demands Replicate would have its output gathered; it runs
+on Replicate inputs instead (the original computation, on all tokens) when that moves fewer bytes
+per token: when its inputs are gathered anyway for another consumer (an MoE router reading the
+hidden state its experts gather) or are narrower than its output. Decided once, before the walk,
+from the graph's fake values (`_replicate_early`). Padding is
 symbolic and computed once per graph, right after the inputs, from the graph's own token count:
 rows = ceil(T / n) = (T + n - 1) // n, T_pad = rows * n, pad = T_pad - T. (The ceil-div form keeps
 the shape expressions small, which keeps FakeTensor propagation of the sharded stream cheap.)
@@ -35,6 +42,12 @@ from fxpasses.errors import RewriteError
 from fxpasses.tokenwise import shape_arg_fix, token_aligned_args
 
 aten = torch.ops.aten
+
+
+def _tensor_valued(node: fx.Node) -> bool:
+    v = gf.val(node)
+    return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and
+                                           any(isinstance(x, torch.Tensor) for x in v))
 
 
 def _tag(node: fx.Node, role: str) -> fx.Node:
@@ -72,6 +85,21 @@ class LayoutRewriter:
             return True
         v = gf.val(n)
         return isinstance(v, torch.Tensor) and v.dim() >= 1 and gf.same_size(v.shape[0], self.T)
+
+    def token_layout(self) -> dict:
+        """The token dimension, the token count and the rows each rank holds of a Shard0 value."""
+        return {"token_dim": 0, "token_count": str(self.T), "group_size": self.n,
+                "rows_per_rank": str((self.T + self.n - 1) // self.n)}
+
+    def token_dim_note(self, n: fx.Node | None = None) -> str:
+        """Where the token count sits in `n`'s shape, for skip reasons (e.g. [1, T, H] graphs)."""
+        v = gf.val(n) if n is not None else None
+        if not isinstance(v, torch.Tensor):
+            return f"token count {self.T}"
+        dims = [i for i, s in enumerate(v.shape) if gf.same_size(s, self.T)]
+        where = f"dim {dims[0]}" if dims else "no dim"
+        return (f"token count {self.T} is {where} of shape {list(v.shape)}; the rewriter shards dim 0 "
+                "only (a [1, T, H] Transformers-backend layout stays unsharded)")
 
     def ndim(self, n) -> int | None:
         if n in self._ndim:
@@ -218,20 +246,27 @@ class LayoutRewriter:
         return out
 
     # ---- propagation -------------------------------------------------------------------------
-    def propagate(self) -> None:
+    def _original(self, node: fx.Node) -> bool:
+        return node not in self.created and not node.meta.get("fxpasses", {}).get("role")
+
+    def _spread_rank_local(self) -> None:
+        """Carry the rank-local mark forward to every tensor consumer, up to the group's all-reduces."""
         reduced = self._group_reductions()
+        for node in self.graph.nodes:
+            if (self._original(node) and node.op != "output" and node not in reduced
+                    and self._consumes_rank_local(node)):
+                self.rank_local.add(node)
+
+    def propagate(self) -> None:
+        self._spread_rank_local()
+        early = self._replicate_early()
         for node in list(self.graph.nodes):
-            if node in self.created or node.meta.get("fxpasses", {}).get("role"):
+            if not self._original(node):
                 continue
             sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
-            if node.op != "output" and node not in reduced and self._consumes_rank_local(node):
-                self.rank_local.add(node)
-                if sharded:
-                    self._replicate_inputs(node, sharded)
-                continue
             if not sharded:
                 continue
-            if node.op == "output":
+            if node.op == "output" or node in self.rank_local or node in early:
                 self._replicate_inputs(node, sharded)
                 continue
             if gf.op_name(node) == "aten::sym_size" and node.args[1] == 0:
@@ -247,15 +282,65 @@ class LayoutRewriter:
                 if self.layout.get(a) is not layouts.SHARD0:
                     node.replace_input_with(a, self.local_shard(a))
                     self.touched.add(node)
-            shape_arg_fix(node)
+            shape_arg_fix(node, self.shard_rows)
             self.layout[node] = layouts.SHARD0
+
+    # ---- where to gather (see the module docstring) --------------------------------------------
+    def _replicate_early(self) -> set[fx.Node]:
+        """Token-wise nodes that run on Replicate inputs because every consumer demands Replicate
+        and gathering their inputs moves no more bytes per token than gathering their output."""
+        demands: set[fx.Node] = set()   # nodes that take Replicate inputs whatever we decide
+        for node in self.graph.nodes:
+            if not self._original(node):
+                continue
+            tensor_op = node.op == "call_function" and _tensor_valued(node)
+            if node.op == "output" or node in self.rank_local or (
+                    tensor_op and token_aligned_args(node, self.is_token, self.ndim) is None):
+                demands.add(node)
+        candidates: set[fx.Node] = set()  # every consumer demands Replicate or is a candidate itself
+        for node in reversed(self.graph.nodes):
+            if (node.op == "call_function" and _tensor_valued(node) and self._original(node)
+                    and node not in demands and node.users
+                    and all(u in demands or u in candidates for u in node.users)):
+                candidates.add(node)
+        early: set[fx.Node] = set()
+        for node in self.graph.nodes:
+            if node not in candidates:
+                continue
+            aligned = token_aligned_args(node, self.is_token, self.ndim) or []
+            cost = 0
+            for a in aligned:
+                if a in early or a in demands or any(u in demands for u in a.users):
+                    continue  # Replicate anyway (or gathered anyway for another consumer)
+                cost += self._row_bytes(a)
+            if cost < self._row_bytes(node) or (aligned and cost == 0):
+                early.add(node)
+        return early
+
+    @staticmethod
+    def _row_bytes(n: fx.Node) -> float:
+        """Bytes per token of `n`'s tensor value(s) (inf when unknown: never chosen to save bytes)."""
+        v = gf.val(n)
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        total = 0
+        for t in vals:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.dim() == 0:
+                return float("inf")
+            per = t.element_size()
+            for s in t.shape[1:]:
+                if isinstance(s, torch.SymInt):
+                    return float("inf")
+                per *= int(s)
+            total += per
+        return total if total else float("inf")
 
     def _consumes_rank_local(self, node: fx.Node) -> bool:
         if node not in self.rank_local and not any(a in self.rank_local for a in node.all_input_nodes):
             return False
-        v = gf.val(node)  # sizes and other scalars computed from a rank-local tensor are not rank-local
-        return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and
-                                               any(isinstance(x, torch.Tensor) for x in v))
+        # sizes and other scalars computed from a rank-local tensor are not rank-local
+        return _tensor_valued(node)
 
     def _group_reductions(self) -> set[fx.Node]:
         """Result nodes of the graph's remaining all-reduces over this group (rank-local ends there)."""

@@ -5,8 +5,10 @@ must exist before it runs: importing the package registers them (vLLM imports it
 through the plugin entry point).
 
 * `fxpasses::odp_weight(w, bias, key, group_name, group_size)`: FlashComm2's o_proj weight block.
-  This rank's shard w [H, D/tp], extended by one column (the row bias where this rank's graph adds
-  it, vLLM's TP rank 0; zeros elsewhere), all-gathered over the ODP group to [H, n*(D/tp + 1)].
+  This rank's shard w [H, D/tp], extended by one column (the row bias where this rank's graph has
+  it, vLLM's TP rank 0; zeros elsewhere), all-gathered over the ODP group and laid out as
+  [H, n*D/tp + 1]: the n peers' weight shards side by side, then the sum of their bias columns
+  (the row bias in the ODP group of TP rank 0, zeros in the others).
   Gathered once per weight version: again only when w or the bias is replaced or updated in place
   (its version counter moves); every rank of a group loads and updates its weights together, so
   every rank takes the same path.
@@ -44,8 +46,11 @@ def _gather_odp_weight(w: torch.Tensor, bias: torch.Tensor | None, group_name: s
     h, dl = ext.shape
     out = ext.new_empty((group_size * h, dl))
     dist.all_gather_into_tensor(out, ext, group=_resolve_process_group(group_name))
-    # [n*H, D/tp+1] (peer-major) -> [H, n*(D/tp+1)]: peer p's columns at [p*(D/tp+1), (p+1)*(D/tp+1))
-    return out.view(group_size, h, dl).permute(1, 0, 2).reshape(h, group_size * dl).contiguous()
+    # [n*H, D/tp+1] (peer-major) -> [H, n*D/tp + 1]: peer p's weight at [p*D/tp, (p+1)*D/tp), then
+    # the peers' bias columns summed (only TP rank 0 contributes one)
+    per_peer = out.view(group_size, h, dl)
+    weights = per_peer[:, :, :-1].permute(1, 0, 2).reshape(h, group_size * (dl - 1))
+    return torch.cat([weights, per_peer[:, :, -1:].sum(0)], 1).contiguous()
 
 
 @torch.library.custom_op("fxpasses::odp_weight", mutates_args=())
@@ -68,7 +73,7 @@ def odp_weight(w: torch.Tensor, bias: torch.Tensor | None, key: str, group_name:
 
 @odp_weight.register_fake
 def _odp_weight_fake(w, bias, key, group_name, group_size):
-    return w.new_empty((w.shape[0], group_size * (w.shape[1] + 1)))
+    return w.new_empty((w.shape[0], group_size * w.shape[1] + 1))
 
 
 def clear_weight_cache() -> None:

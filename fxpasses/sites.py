@@ -1,15 +1,27 @@
-"""Find every linear site of a post-grad graph: prefix, layer class, kind and its nodes.
+"""Find every site of a post-grad graph: prefix, layer class, kind and its nodes.
 
-A site is one vLLM layer instance (RowParallelLinear, ColumnParallelLinear and its merged/QKV
-forms, VocabParallelEmbedding, ReplicatedLinear), recognised from the `nn_module_stack` Dynamo
-leaves on every node traced inside it. For each site we record its matmul (or embedding) node,
-the activation entering it, the weight/bias where visible, and the TP all-reduce that follows.
+A layer site is one vLLM layer instance (RowParallelLinear, ColumnParallelLinear and its merged/QKV
+forms, VocabParallelEmbedding, ReplicatedLinear, FusedMoE; subclasses included), recognised by
+its class from the `nn_module_stack` Dynamo leaves on every node traced inside it; the pattern
+set's `[overrides]` re-classify layers by prefix (a `MergedColumnParallelLinear(disable_tp=True)`
+is replicated). For each we record its matmul (or embedding) node, the activation entering it, the
+weight/bias where visible, and the all-reduce traced inside it.
+
+A reduce site is an all-reduce that no layer site contains: the one that ends an MoE block
+(routed + shared experts), a parallel-residual layer (attention + MLP) or any other sum of
+`reduce_results=False` partials. It is named after the module the all-reduce was traced in, so
+every all-reduce of a graph belongs to exactly one site and has its line in the site report.
+
+Prefixes are normalised: Dynamo's paths through globals and closures
+(`G.__import_vllm_dot_forward_context._forward_context.no_compile_layers.<prefix>...`,
+`....__closure__.0.cell_contents....`) become the vLLM prefix they stand for.
 Analysis only: nothing here mutates the graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
@@ -20,7 +32,7 @@ from fxpasses.patterns_loader import PatternSet
 class Site:
     prefix: str                         # vLLM layer prefix, e.g. "model.layers.0.self_attn.o_proj"
     layer_class: str
-    kind: str                           # row | column | embedding | replicated
+    kind: str                           # row | column | embedding | replicated | moe | reduce
     nodes: list[fx.Node] = field(default_factory=list)
     matmul: fx.Node | None = None       # mm/addmm/linear/onednn_mm (auto_functionalized) or embedding
     input: fx.Node | None = None        # activation entering the layer
@@ -63,9 +75,65 @@ def _matmul_operands(mm: fx.Node):
     return (mm.args[0] if mm.args else None), None, None
 
 
+_DYNAMO_SEGMENTS = {"cell_contents", "G"}
+
+
+def normalise_prefix(path: str) -> str:
+    """The vLLM prefix a Dynamo module path stands for.
+
+    A layer reached through vLLM's forward context (`...no_compile_layers.<prefix>`) is named by
+    what follows the last `no_compile_layers`; closure cells (`__closure__.<i>.cell_contents`),
+    other dunder attributes (`__import_vllm_dot_forward_context`) and the globals root `G` are
+    dropped."""
+    if "no_compile_layers." in path:
+        path = path.rsplit("no_compile_layers.", 1)[1]
+    out: list[str] = []
+    skip_index = False
+    for seg in path.split("."):
+        if skip_index and seg.isdigit():
+            skip_index = False
+            continue
+        skip_index = seg == "__closure__"
+        if seg.startswith("__") or seg in _DYNAMO_SEGMENTS or seg == "_forward_context":
+            continue
+        out.append(seg)
+    return ".".join(out)
+
+
+def _prefix(module_prefix: str, path: str) -> str:
+    path = normalise_prefix(path)
+    return f"{module_prefix}.{path}" if module_prefix and path else (path or module_prefix)
+
+
+def _reads_parameter(n) -> bool:
+    n = _strip_view(n)
+    while isinstance(n, fx.Node) and gf.op_name(n) in ("aten::view", "aten::reshape", "aten::_unsafe_view",
+                                                       "aten::clone", "aten::_to_copy", "aten::select",
+                                                       "aten::slice", "aten::expand"):
+        n = _strip_view(n.args[0])
+    if not isinstance(n, fx.Node) or n.op not in ("placeholder", "get_attr"):
+        return False
+    v = gf.val(n)
+    return isinstance(v, torch.Tensor) and v.dim() >= 2
+
+
+def unclassified_weight_matmuls(graph: fx.Graph) -> list[fx.Node]:
+    """Matmuls whose right operand is a parameter (a placeholder or attribute of rank >= 2, maybe
+    transposed or viewed): the candidates for a TP-sharded contraction (callers drop the ones a
+    site classifies)."""
+    out = []
+    for n in graph.nodes:
+        if n.op == "call_function" and gf.is_matmul(n):
+            _, w, _ = _matmul_operands(n)
+            if w is not None and _reads_parameter(w):
+                out.append(n)
+    return out
+
+
 def find_sites(graph: fx.Graph, patterns: PatternSet, module_prefix: str = "") -> list[Site]:
     """All sites in graph order (order of their first node)."""
-    by_path: dict[str, Site] = {}
+    by_path: dict[tuple[str, str], Site] = {}
+    claimed: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -74,26 +142,48 @@ def find_sites(graph: fx.Graph, patterns: PatternSet, module_prefix: str = "") -
             continue
         path, cls = last
         names = gf.class_names(cls)
-        kind = patterns.kind_of(names)
+        prefix = _prefix(module_prefix, path)
+        kind = patterns.kind_of(names, prefix)
         if kind is None:
             continue
-        prefix = f"{module_prefix}.{path}" if module_prefix and path else (path or module_prefix)
-        site = by_path.get(prefix)
+        site = by_path.get((prefix, kind))
         if site is None:
-            site = by_path[prefix] = Site(prefix, names[0], kind)
+            site = by_path[(prefix, kind)] = Site(prefix, names[0], kind)
         site.nodes.append(node)
     for site in by_path.values():
         for n in site.nodes:
             if site.matmul is None and (gf.is_matmul(n) or gf.op_name(n) in gf.EMBEDDING_OPS):
                 site.matmul = n
-            if site.all_reduce is None:
+            if site.all_reduce is None and site.kind in ("row", "embedding"):
                 ar = gf.match_all_reduce(n)
                 if ar is not None:
                     site.all_reduce = ar
+                    claimed.update(ar.nodes)
+        if site.matmul is None:  # a post-grad rewrite may drop the matmul's module stack: the
+            # matmul reading one of the layer's nodes (its weight's transpose) is the layer's
+            site.matmul = next((u for n in site.nodes for u in n.users if gf.is_matmul(u)), None)
         if site.matmul is not None:
             if gf.op_name(site.matmul) in gf.EMBEDDING_OPS:
                 site.weight, site.input = site.matmul.args[0], site.matmul.args[1]
             else:
                 site.input, site.weight, site.bias = _matmul_operands(site.matmul)
+    sites = list(by_path.values()) + _reduce_sites(graph, claimed, module_prefix)
     # nodes were appended in graph order, so each site's first node orders the sites
-    return list(by_path.values())
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(sites, key=lambda s: order[s.nodes[0]])
+
+
+def _reduce_sites(graph: fx.Graph, claimed: set[fx.Node], module_prefix: str) -> list[Site]:
+    """One site per all-reduce that no row/embedding site contains, named after its module."""
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node in claimed:
+            continue
+        ar = gf.match_all_reduce(node)
+        if ar is None:
+            continue
+        last = gf.module_stack_last(node)
+        path, cls = last if last is not None else (f"<graph>.{node.name}", "graph")
+        out.append(Site(_prefix(module_prefix, path), gf.class_names(cls)[0], "reduce", nodes=list(ar.nodes),
+                        input=ar.input, all_reduce=ar))
+    return out

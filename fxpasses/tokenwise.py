@@ -168,6 +168,19 @@ def along_other_dim(f: OpFacts):
     return [f.x]
 
 
+@rule("aten::topk", "aten::sort")
+def along_last_dim(f: OpFacts):
+    """topk / sort along a dim other than 0 (the router's top-k over experts)."""
+    nd = f.ndim(f.x)
+    default = -1
+    dim = _dim_arg(f.node, 2 if f.name == "aten::topk" else 1, "dim", default)
+    if f.name == "aten::sort" and isinstance(dim, bool):  # sort(x, stable, dim=...) overload
+        dim = f.node.kwargs.get("dim", -1)
+    if nd is None or not f.is_token(f.x) or _norm_dim(dim, nd) == 0:
+        return None
+    return [f.x]
+
+
 @rule(*REDUCTIONS)
 def reduction(f: OpFacts):
     """Reductions over non-token dims."""
@@ -258,10 +271,12 @@ def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool],
     return r(f) if r is not None else None
 
 
-def shape_arg_fix(node: fx.Node) -> None:
-    """After `node` becomes token-sharded, make explicit shape arguments follow (dim 0 -> -1)."""
+def shape_arg_fix(node: fx.Node, shard_rows: Callable[[], object]) -> None:
+    """After `node` becomes token-sharded, make explicit shape arguments follow: dim 0 becomes -1,
+    or the shard's row count (`shard_rows()`: an int or a graph value) when another dim is
+    already inferred (-1) or the op is an expand (where -1 keeps the input's size, which is fine)."""
     name = gf.op_name(node)
     if name in VIEW_LIKE and isinstance(node.args[1], (list, tuple)):
         shape = list(node.args[1])
-        shape[0] = -1
+        shape[0] = shard_rows() if any(isinstance(d, int) and d == -1 for d in shape[1:]) else -1
         node.args = (node.args[0], shape, *node.args[2:])

@@ -58,21 +58,27 @@ def test_golden_graph_text(pools, which):
     assert got == path.read_text(), f"{which}-graph changed; inspect and regenerate {path} if intended"
 
 
-def test_excluded_prefixes_are_untouched(pools, tmp_path):
+def test_excluded_prefixes_are_untouched_and_their_cost_refused(pools, tmp_path):
+    # layer 0 excluded: it keeps its two all-reduces, and the sharded stream around it must be
+    # gathered before and inside it. In ring all-reduce units (AR = 2, RS = AG = 1) per step:
+    # before 5 AR = 10; after: embedding RS 1 + layer 0 (AG, AR, AG, AR) 6 + layer 1 (AG, RS, AG, RS) 4
+    # + output AG 1 = 12. More bytes than without the pass: the whole rewrite is refused.
     pat = tmp_path / "no_layer0.toml"
     pat.write_text('name = "no-layer0"\n[exclude]\nprefixes = ["layers.0."]\n')
     summaries = capture(pools.get(2, "c10d"), bundled_spec(num_hidden_layers=2),
                         patterns=["default", str(pat)])
     for s in summaries:
-        by = {x["prefix"]: x for x in s["report"]["sites"]}
+        rep = s["report"]
+        assert not rep["applied"] and "bytes per step" in rep["reason"] and "layer 0" in rep["reason"], rep["reason"]
+        assert rep["bytes_per_step"]["ratio"] == pytest.approx(12 / 10), rep["bytes_per_step"]
+        by = {x["prefix"]: x for x in rep["sites"]}
         for p, x in by.items():
             if ".layers.0." in p:
                 assert x["status"] == "untouched" and "excluded" in x["reason"], x
             else:
-                assert x["status"] == "rewritten", x
-        after, _ = _counts(s)
-        assert after["all_reduce"] == 2       # layer 0's o_proj and down_proj keep theirs
-        assert after["reduce_scatter"] == 3   # embedding + layer 1
+                assert x["status"] == "skipped" and "bytes per step" in x["reason"], x
+        after, before = _counts(s)
+        assert after == before
 
 
 def test_shared_expert_prefix_excluded_by_default():

@@ -162,10 +162,10 @@ def test_odp_weight_gathered_on_first_call_only(pools, tp, form, k):
     pool, summaries = _capture(pools, tp, form, k, FC12)
     for first, second in pool.run(rank_weight_gathers, summaries[0]["key"]):
         assert first["calls"] == LAYERS and first["gathers"] == LAYERS
-        # [H, D/K + n] float64 per layer (each of the n ODP peers' shards carries its bias column)
+        # [H, D/K + 1] float64 per layer (the n ODP peers' shards side by side, then the bias column)
         spec = _spec()
         d = spec["num_attention_heads"] * spec["head_dim"]
-        assert first["bytes"] == LAYERS * spec["hidden_size"] * (d // k + tp // k) * 8
+        assert first["bytes"] == LAYERS * spec["hidden_size"] * (d // k + 1) * 8
         assert second == {"calls": LAYERS, "gathers": 0, "bytes": 0}
     for s in summaries:
         for x in s["report"]["sites"]:
@@ -179,8 +179,8 @@ def test_odp_weight_gathered_on_first_call_only(pools, tp, form, k):
                          ids=["tp2-K1-fc1+fc2", "tp4-K2-fc2"])
 def test_o_proj_bias_is_added_once_by_tp_rank_0(pools, tp, form, k, strategies):
     """The row bias is in TP rank 0's graph only: every rank rewrites the site alike (same collectives),
-    rank 0 adds the bias through the extra column, and every token gets it exactly once (K=2: only
-    the ODP group of rank 0 carries it into the OTP reduce-scatter)."""
+    the bias travels with the one-time weight gather, and every token gets it exactly once (K=2: only
+    the ODP group of rank 0 holds it, one member per OTP group, so the OTP reduce-scatter adds it once)."""
     pool, summaries = _capture(pools, tp, form, k, strategies, o_proj_bias=True)
     for s in summaries:
         o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]

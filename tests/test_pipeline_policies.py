@@ -35,18 +35,23 @@ def test_min_tokens_on_a_graph_compiled_for_a_fixed_size(pools, T, applied):
         assert r["shape_ok"] and r["rel"] <= 1e-12, r
 
 
-def test_strict_mode_raises_on_a_skipped_site(pools):
-    # a down_proj with reduce_results=False (Qwen2-MoE's block) is owned by FlashComm1 but has no
-    # all-reduce to rewrite: skipped with the reason, or refused in strict mode
+def test_partials_reduced_elsewhere_are_not_skips_and_strict_refuses_real_skips(pools):
+    # Qwen2-MoE's block: down_proj and the shared expert's down_proj have reduce_results=False; the
+    # block's one all-reduce (a reduce site named after the block) is what FlashComm1 rewrites, so
+    # the row layers are left alone with that reason, and strict mode has nothing to refuse
     pool = pools.get(2, "c10d")
     spec = bundled_spec(num_hidden_layers=1, shared_expert_intermediate_size=32, intermediate_size=64)
-    summaries = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]})
-    for s in summaries:
-        skipped = [x for x in s["report"]["sites"] if x["status"] == "skipped"]
-        assert s["report"]["applied"] and skipped
-        assert all("no TP all-reduce follows" in x["reason"] for x in skipped), skipped
-    with pytest.raises(RankError, match="strict mode: sites could not be rewritten: model.layers.0.mlp.mlp.down_proj"):
-        pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "strict": True})
+    for s in pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "strict": True}):
+        by = {(x["prefix"], x["kind"]): x for x in s["report"]["sites"]}
+        block = by[("model.layers.0.mlp", "reduce")]
+        assert block["status"] == "rewritten" and "reduce_scatter" in block["reason"], block
+        down = by[("model.layers.0.mlp.mlp.down_proj", "row")]
+        assert down["status"] == "untouched", down
+        assert "reduced by the all-reduce of model.layers.0.mlp" in down["reason"], down
+        assert not [x for x in by.values() if x["status"] == "skipped"]
+    # FlashComm2 alone cannot take a packed (oneDNN) o_proj weight: skipped, or refused when strict
+    with pytest.raises(RankError, match="strict mode: sites could not be rewritten: model.layers.0.self_attn.o_proj"):
+        pool.run(rank_capture, spec, {"strategies": ["flashcomm2"], "strict": True}, "float32", True)
 
 
 def test_failed_verification_keeps_the_original_graph():

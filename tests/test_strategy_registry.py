@@ -20,14 +20,16 @@ from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_contex
 TINY = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
 
 
-class ScatterOProj(base.Strategy):
-    """A toy: only o_proj's all-reduce becomes pad + reduce_scatter (Shard0 then flows onward)."""
+class ScatterRows(base.Strategy):
+    """A toy: the all-reduces of row layers and the embedding become pad + reduce_scatter (Shard0
+    then flows onward). (Scattering o_proj alone would gather before every down_proj and move more
+    bytes than the original graph, which the pipeline refuses.)"""
 
     name = "toy_scatter_oproj"
     aliases = ("toy",)
-    site_kinds = frozenset({"row"})
+    site_kinds = frozenset({"row", "embedding"})
     precedence = 5  # below FlashComm1: it only owns what nothing else wants
-    default_patterns = {"row": ["o_proj"]}
+    default_patterns = {"row": ["*"], "embedding": ["*"]}
 
     def precheck(self, plan, rw, ctx):
         ar = plan.site.all_reduce
@@ -46,7 +48,7 @@ class ScatterOProj(base.Strategy):
 
 @pytest.fixture
 def toy():
-    s = base.register(ScatterOProj())
+    s = base.register(ScatterRows())
     yield s
     base.unregister(s.name)
 
@@ -68,17 +70,16 @@ def test_a_toy_strategy_is_parsed_planned_and_rewritten_without_core_edits(toy):
         rep = run_passes(gm.graph, cfg, tp_context(4))
     assert rep.applied, rep.reason
     mine = [p for p in rep.sites if p.strategy == "toy_scatter_oproj"]
-    assert [p.site.prefix.rsplit(".", 1)[-1] for p in mine] == ["o_proj"] * TINY.layers
+    assert [p.site.prefix.rsplit(".", 1)[-1] for p in mine] == ["embed_tokens"] + ["o_proj", "down_proj"] * TINY.layers
     assert all(p.status is SiteStatus.REWRITTEN for p in mine)
     others = [p for p in rep.sites if p.strategy != "toy_scatter_oproj"]
     assert others and all(p.status is SiteStatus.UNTOUCHED for p in others)
     after = collective_counts(gm.graph)
-    assert after["reduce_scatter"] == TINY.layers
-    assert after["all_reduce"] == before["all_reduce"] - TINY.layers
+    assert after["reduce_scatter"] == before["all_reduce"] == 1 + 2 * TINY.layers
+    assert after["all_reduce"] == 0
     # the sharded stream is all-gathered wherever a consumer needs every token
     assert after["all_gather"] >= 1
-    assert all(gf.collective_kind(n) != "all_reduce" or "o_proj" not in str(gf.module_stack_last(n))
-               for n in gm.graph.nodes)
+    assert not any(gf.collective_kind(n) == "all_reduce" for n in gm.graph.nodes)
 
 
 def test_the_toy_loses_to_a_higher_precedence_strategy(toy):
@@ -101,11 +102,11 @@ def test_pattern_files_may_name_registered_strategies_only(toy):
 
 
 def test_registration_refuses_clashing_aliases_and_unknown_kinds(toy):
-    class Clash(ScatterOProj):
+    class Clash(ScatterRows):
         name = "other"
         aliases = ("toy",)
 
-    class BadKind(ScatterOProj):
+    class BadKind(ScatterRows):
         name = "bad"
         aliases = ()
         site_kinds = frozenset({"rows"})

@@ -76,10 +76,18 @@ def test_pointwise_respects_broadcasting():
 
 
 def test_unknown_ops_are_not_tokenwise():
-    nodes, is_token = _trace(lambda x: torch.sort(x, 0)[0], (5, 16))
-    sort = next(n for n in nodes.values() if gf.op_name(n) == "aten::sort")
-    assert tw.rule_for(sort) is None
-    assert tw.token_aligned_args(sort, is_token) is None
+    nodes, is_token = _trace(lambda x: torch.kthvalue(x, 2, 1)[0], (5, 16))
+    kth = next(n for n in nodes.values() if gf.op_name(n) == "aten::kthvalue")
+    assert tw.rule_for(kth) is None
+    assert tw.token_aligned_args(kth, is_token) is None
+
+
+def test_topk_and_sort_are_tokenwise_along_features_only():
+    # the MoE router's top-k over experts keeps rows; top-k or sort over tokens does not
+    assert _aligned(lambda x: torch.topk(x, 2)[0], "aten::topk", (5, 16)) == ["x_1"]
+    assert _aligned(lambda x: torch.topk(x, 2, dim=0)[0], "aten::topk", (5, 16)) is None
+    assert _aligned(lambda x: torch.sort(x, -1)[0], "aten::sort", (5, 16)) == ["x_1"]
+    assert _aligned(lambda x: torch.sort(x, 0)[0], "aten::sort", (5, 16)) is None
 
 
 @pytest.mark.parametrize("name,rule", [("aten::view", tw.view), ("aten::mm", tw.mm), ("aten::cat", tw.cat),

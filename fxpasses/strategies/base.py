@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from fxpasses.plan import SitePlan
     from fxpasses.rewriter import LayoutRewriter
 
-SITE_KINDS = ("row", "column", "embedding", "replicated", "moe")
+# "reduce": an all-reduce outside any layer (the end of an MoE block or a parallel-residual layer)
+SITE_KINDS = ("row", "column", "embedding", "replicated", "moe", "reduce")
 # kinds whose weights vLLM shards over the TP group: their outputs are rank-local (feature shards or
 # partial sums) until an all-reduce, whatever strategy owns them (see `fxpasses.rewriter`)
 TP_SHARDED_KINDS = ("row", "column", "embedding", "moe")
@@ -46,6 +47,8 @@ class GraphFamily:
     whether the rank can rewrite at all, the token count and the group the LayoutRewriter pads over."""
 
     name: ClassVar[str] = ""
+    # the pipeline keeps a rewrite only if it sends no more bytes per step than the original graph
+    bounded_by_original_bytes: ClassVar[bool] = True
 
     def validate(self, config: "FxPassesConfig", tp: int, world: int) -> None:
         """Raise ConfigError when graphs of this family cannot be rewritten at this tp / world."""
@@ -86,15 +89,25 @@ class _TPGraphs(GraphFamily):
         return None
 
     def token_count(self, plans):
-        """dim 0 of the first owned row/embedding site's all-reduced tensor."""
+        """The graph's token count T, read from the graph rather than assumed at dim 0: the size
+        of the token ids entering the embedding ([T], or [1, T] for Transformers-backend models),
+        else the first symbolic size (or dim 0) of the first owned all-reduced tensor."""
+        import torch
+
         from fxpasses import graph_forms as gf
 
+        for p in plans:
+            if p.site.kind == "embedding" and p.site.input is not None:
+                ids = gf.val(p.site.input)
+                if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+                    sizes = [s for s in ids.shape if not (isinstance(s, int) and s == 1)]
+                    return sizes[0] if sizes else ids.shape[0]
         for p in plans:
             ar = p.site.all_reduce
             if p.strategy and ar is not None:
                 v = gf.val(ar.input)
-                if v is not None and v.dim() >= 1:
-                    return v.shape[0]
+                if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                    return next((s for s in v.shape if isinstance(s, torch.SymInt)), v.shape[0])
         return None
 
     def rewriter_group(self, ctx, config):
@@ -102,12 +115,21 @@ class _TPGraphs(GraphFamily):
 
     def rank_local_values(self, plans):
         """Every TP-sharded site's matmul (or embedding), rewritten or not; every op of a fused MoE
-        (its expert weights are sharded and hidden inside the op)."""
+        (its expert weights are sharded and hidden inside the op); and every matmul against a
+        parameter that no site classifies (whatever cannot be classified may hold a TP shard, so
+        it must see every token)."""
+        from fxpasses.sites import unclassified_weight_matmuls
+
         out = []
+        if plans:
+            graph = plans[0].site.nodes[0].graph
+            known = {p.site.matmul for p in plans if p.site.matmul is not None}
+            out += [n for n in unclassified_weight_matmuls(graph) if n not in known]
+        reduces = {n for p in plans if p.site.all_reduce is not None for n in p.site.all_reduce.nodes}
         for p in plans:
             site = p.site
             if site.kind == "moe":
-                out += [n for n in site.nodes if n.op == "call_function"]
+                out += [n for n in site.nodes if n.op == "call_function" and n not in reduces]
             elif site.kind in TP_SHARDED_KINDS and site.matmul is not None:
                 out.append(site.matmul)
         return out

@@ -126,6 +126,8 @@ class _DPAttentionGraphs(GraphFamily):
     """TP=1 graphs of a DP-attention deployment: the groups are the strategies' own."""
 
     name = "dp_attention"
+    # the original graph is the TP=1 graph: the layout's collectives are its price, by design
+    bounded_by_original_bytes = False
 
     def validate(self, config, tp, world):
         pass  # each strategy checks its group size against the world

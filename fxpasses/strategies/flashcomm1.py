@@ -13,8 +13,14 @@ After::
     g = all_gather(h)[:T]                         # Shard0 -> Replicate before the column matmul
     y = reduce_scatter(pad(down_proj(act(gate_up(g)))))
 
-Row sites and the embedding: all_reduce -> pad + reduce_scatter. Column sites: their matmul
-demands Replicate, so propagation all-gathers + unpads its input. Graph outputs: all_gather + unpad.
+Every TP all-reduce of the token stream becomes pad + reduce_scatter: row layers', the
+embedding's, and the reduce sites (`fxpasses.sites`): the all-reduce that ends an MoE block
+(routed experts plus the shared experts vLLM sums in before it) or a parallel-residual layer
+(attention + MLP partials), after which the rest of the layer runs on shards. Column sites, fused
+MoE experts and every other consumer of a rank-local value demand Replicate, so propagation
+all-gathers + unpads their input, once per value; token-wise work whose every consumer demands
+Replicate anyway (an MoE router next to its experts) runs on that gathered input instead of being
+gathered itself (`LayoutRewriter.propagate`). Graph outputs: all_gather + unpad.
 """
 from __future__ import annotations
 
@@ -27,19 +33,19 @@ from fxpasses.strategies.base import Strategy, register
 class FlashComm1(Strategy):
     name = "flashcomm1"
     aliases = ("sp", "fc1", "sequence_parallel")
-    site_kinds = frozenset({"row", "column", "embedding"})
+    site_kinds = frozenset({"row", "column", "embedding", "reduce"})
     precedence = 10
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         site = plan.site
-        if site.kind in ("row", "embedding"):
+        if site.kind in ("row", "embedding", "reduce"):
             ar = site.all_reduce
             if ar is None:
-                return "no TP all-reduce follows this layer (reduce_results=False or already rewritten)"
+                return "no TP all-reduce follows this layer"
             if not ar.runs_on(ctx.tp_group):
                 return f"its all-reduce runs on group {ar.group_name!r}, not the TP group"
             if not rw.is_token(ar.input):
-                return "the all-reduced tensor's dim 0 is not the token dimension"
+                return f"the all-reduced tensor's dim 0 is not the token dimension ({rw.token_dim_note()})"
             return None
         if site.kind == "column":
             if site.matmul is None:
@@ -48,19 +54,38 @@ class FlashComm1(Strategy):
         return f"FlashComm1 does not rewrite {site.kind} sites"
 
     def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
+        reducers = {p.site.all_reduce.nodes[0]: p.site.prefix for p in plans if p.site.all_reduce is not None}
         for plan in self.mine(plans):
+            site = plan.site
+            if site.kind == "row" and site.all_reduce is None and site.matmul is not None:
+                by = _reduced_by(site.matmul, reducers)
+                plan.leave("reduce_results=False: its partial sum is reduced " +
+                           (f"by the all-reduce of {by}" if by else "nowhere in this graph"))
+                continue
             why = self.precheck(plan, rw, ctx)
             if why:
                 plan.skip(why)
-                continue
-            site = plan.site
-            if site.kind == "column":
+            elif site.kind == "column":
                 # nothing to insert: a column matmul is rank-local (TP-sharded weight), so propagation
                 # already gives it Replicate input (all_gather + unpad of a Shard0 value)
                 plan.done("input all_gather + unpad (Replicate) before the matmul")
             else:
                 rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))
                 plan.done("all_reduce -> pad + reduce_scatter")
+
+
+def _reduced_by(node, reducers: dict, limit: int = 2000) -> str | None:
+    """The site of the first all-reduce downstream of `node` (breadth first), or None."""
+    seen, todo = {node}, [node]
+    while todo and len(seen) < limit:
+        n = todo.pop(0)
+        if n in reducers:
+            return reducers[n]
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return None
 
 
 STRATEGY = register(FlashComm1())

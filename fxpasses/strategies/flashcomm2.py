@@ -10,23 +10,24 @@ Before (vanilla TP)::
 
 After::
 
-    xp  = pad(x, one column, T_pad - T rows, value c)  # [T_pad, D/tp + 1]; c = 1 where this rank's
-                                                       #   graph adds the row bias (TP rank 0), else 0
-    c   = xp.view(K, n, b, D/tp+1).permute(1, 0, 2, 3) # tp chunks of b = T_pad/tp rows, reordered
+    xp  = pad(x, T_pad - T rows)                       # [T_pad, D/tp]
+    c   = xp.view(K, n, b, D/tp).permute(1, 0, 2, 3)   # tp chunks of b = T_pad/tp rows, reordered
                                                        #   to ids [[i + j*n for j] for i] (K > 1 only)
-    a   = all_to_all_single(c.view(T_pad, D/tp+1), odp)            # n equal splits of K*b rows
-    a   = a.view(n, K*b, D/tp+1).permute(1, 0, 2).reshape(K*b, n*(D/tp+1))  # peers' heads side by side
-    wo  = fxpasses.odp_weight(w, bias | None, key, odp)  # [H, n*(D/tp+1)]: [w | bias or 0] gathered once
-    o   = mm(a, wo.T)                                  # [K*b, H], partial over OTP
+    a   = all_to_all_single(c.view(T_pad, D/tp), odp)  # n equal splits of K*b rows
+    a   = a.view(n, K*b, D/tp).permute(1, 0, 2).reshape(K*b, n*D/tp)  # peers' heads side by side
+    wo  = fxpasses.odp_weight(w, bias | None, key, odp)  # [H, n*D/tp + 1]: gathered once, last
+                                                       #   column the row bias (zeros off ODP group 0)
+    o   = addmm(wo[:, -1], a, wo[:, :-1].T)            # [K*b, H], partial over OTP
     y   = reduce_scatter(o, otp)       if K > 1        # [b, H] = padded token chunk r: Shard0(TP)
     y   = all_gather(y, tp)[:T]        without FlashComm1 (with it, Shard0 chains into propagation)
 
-The row bias. vLLM adds a row layer's bias on TP rank 0 only, so only rank 0's graph has it. Rank 0
-adds it before the reduce, as the seed does, through the extra column: its ones meet the bias
-column of the weight block in every ODP peer's matmul, so every token gets the bias exactly once
-(K > 1: only the ODP group of rank 0 has the ones, and the OTP reduce-scatter sums it in once).
-Every rank appends the column whether or not it sees a bias, so the graph's structure and every
-decision are the same on all ranks (the cost: one extra feature column on the all-to-all).
+The row bias. vLLM adds a row layer's bias on TP rank 0 only, so only rank 0's graph has it. It
+travels with the one-time weight gather, not with the activations: every rank appends a bias
+column to its weight shard (the bias on rank 0, zeros elsewhere) and `odp_weight` sums the gathered
+columns, so the ranks of TP rank 0's ODP group hold the bias and the others zeros. K = 1: each rank
+adds it to its own token chunk, once per token. K > 1: the members of ODP group 0 are one per OTP
+group, so the OTP reduce-scatter sums it in exactly once. Every rank emits the same addmm, so the
+graph and every decision are the same on all ranks, and the step's wire bytes are the layout's own.
 
 The o_proj weight block a rank needs is produced by `fxpasses::odp_weight`
 (`fxpasses.runtime_ops`), which all-gathers once per weight version, not per step.
@@ -162,9 +163,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     mm, x, w, ar = site.matmul, site.input, site.weight, site.all_reduce
     tp, k, n = groups.tp, groups.k, groups.n
     wv = gf.val(w)
-    h, dl = int(wv.shape[0]), int(wv.shape[1]) + 1            # + the bias column
-    ones = 1.0 if site.bias is not None else 0.0              # 1 only where this rank adds the bias
-
+    h, dl = int(wv.shape[0]), int(wv.shape[1])
     def call(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
@@ -173,7 +172,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         pad, _ = rw.padded_count()
         b = rw.shard_rows()                                   # rows per TP chunk = T_pad / tp
         kb = rw.sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
-        xp = call(aten.constant_pad_nd.default, x, [0, 1, 0, pad], ones)  # pad rows are dropped later
+        xp = call(aten.constant_pad_nd.default, x, [0, 0, 0, pad], 0.0)  # pad rows are dropped later
         if k > 1:
             # chunk c = j*n + i  ->  order (i, j): ids [[i + j*n for j in range(K)] for i in range(n)]
             v = call(aten.view.default, xp, [k, n, b, dl])
@@ -186,13 +185,14 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         y = call(aten.view.default, a2a, [n, kb, dl])
         y = call(aten.permute.default, y, [1, 0, 2])
         y = call(aten.clone.default, y, memory_format=torch.contiguous_format)
-        y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, D/K + n]
+        y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, n*D/tp]
         key = f"{site.prefix}|odp={groups.odp.c10d_name}|{','.join(map(str, groups.odp.ranks))}"
         wo = call(torch.ops.fxpasses.odp_weight.default, w, site.bias, key, groups.odp.c10d_name, n)
         wo.meta["fxpasses"] = {"role": "odp_weight", "weight_collective": "all_gather_once",
                                "group": groups.odp.label, "group_size": n}
-        wt = call(aten.permute.default, wo, [1, 0])
-        out = call(aten.mm.default, y, wt)                    # [T_pad/n, H], partial over OTP
+        wt = call(aten.permute.default, call(aten.slice.Tensor, wo, 1, 0, n * dl), [1, 0])
+        bias = call(aten.select.int, wo, 1, n * dl)
+        out = call(aten.addmm.default, bias, y, wt)           # [T_pad/n, H], partial over OTP
         res = rw.comm.reduce_scatter(g, out, groups.otp) if k > 1 else out
     # register everything inserted (so propagation leaves it alone) and copy the layer's stack
     stack = mm.meta.get("nn_module_stack")
@@ -209,7 +209,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
     for node in (mm, _weight_t(mm)):
         if isinstance(node, fx.Node) and not node.users:
             g.erase_node(node)
-    return h * n * dl * wv.element_size()
+    return h * (n * dl + 1) * wv.element_size()
 
 
 STRATEGY = register(FlashComm2())

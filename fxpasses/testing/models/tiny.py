@@ -1,4 +1,5 @@
-"""A dense decoder (Llama / Mistral / Qwen2 / Qwen3 shapes) built from real vLLM TP layers.
+"""A decoder (Llama / Mistral / Qwen2 / Qwen3 shapes, and the MoE, MLA and parallel-residual
+variants below) built from real vLLM TP layers.
 
 VocabParallelEmbedding -> N x [RMSNorm, QKVParallelLinear, causal SDPA over the local heads,
 RowParallelLinear o_proj, fused-residual RMSNorm, MergedColumnParallelLinear gate_up + SiluAndMul,
@@ -6,7 +7,16 @@ RowParallelLinear down_proj] -> final RMSNorm. With `shared_expert_intermediate_
 shaped like Qwen2-MoE's block (a dense stand-in for the routed experts): its down_proj does not
 reduce (`reduce_results=False`), a gated shared expert (MergedColumnParallelLinear +
 RowParallelLinear with `reduce_results=False`, scaled by sigmoid of a ReplicatedLinear gate) is
-added to it, and one TP all-reduce ends the block. Weights are random (seeded, identical on every rank
+added to it, and one TP all-reduce ends the block. With `num_experts` the block's dense MLP is
+replaced by routed experts: a ReplicatedLinear router, softmax and top-k outside the experts (as
+vLLM's CPU path has them), then `TinyExperts`, a plain module holding this rank's shard of every
+expert's weights (a dense CPU reference of a fused MoE kernel, unknown to the default pattern set:
+whatever fxpasses cannot classify must still be rewritten soundly). With `kv_lora_rank` the
+attention is shaped like DeepSeek's MLA: a `MergedColumnParallelLinear(disable_tp=True)` latent
+down-projection, latent RMSNorms, q_b/kv_b ColumnParallelLinear up-projections, a
+`reshape(T, 1, -1)` of the rope key and causal SDPA. With `parallel_residual` (Cohere) attention
+and MLP read the same normed input, neither reduces, and one all-reduce of their sum ends the
+layer. Weights are random (seeded, identical on every rank
 before sharding), nothing is downloaded. Must be built after vLLM's model-parallel groups exist.
 """
 from __future__ import annotations
@@ -43,6 +53,12 @@ class DecoderSpec:
     qk_norm: bool = False
     shared_expert_intermediate_size: int = 0
     model_type: str = "llama"
+    num_experts: int = 0                 # routed experts (needs shared_expert_intermediate_size)
+    num_experts_per_tok: int = 2
+    kv_lora_rank: int = 0                # MLA attention when > 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    parallel_residual: bool = False
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "DecoderSpec":
@@ -135,7 +151,8 @@ class Attention(nn.Module):
                                           spec.num_key_value_heads, bias=spec.qkv_bias,
                                           prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(spec.num_attention_heads * spec.head_dim, spec.hidden_size,
-                                        bias=spec.o_proj_bias, prefix=f"{prefix}.o_proj")
+                                        bias=spec.o_proj_bias, reduce_results=not spec.parallel_residual,
+                                        prefix=f"{prefix}.o_proj")
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, eps=spec.rms_norm_eps)
@@ -156,6 +173,72 @@ class Attention(nn.Module):
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         out = out.transpose(0, 1).reshape(t, self.q_size)
         out, _ = self.o_proj(out)
+        return out
+
+
+class MLAAttention(nn.Module):
+    """DeepSeek MLA's shape: latent down-projection replicated on every rank, heads sharded."""
+
+    def __init__(self, spec: DecoderSpec, prefix: str):
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                                       RowParallelLinear)
+
+        tp = get_tensor_model_parallel_world_size()
+        self.nh = spec.num_attention_heads // tp
+        self.nope, self.rope, self.vd = spec.head_dim, spec.qk_rope_head_dim, spec.head_dim
+        self.q_lora, self.kv_lora = spec.q_lora_rank, spec.kv_lora_rank
+        self.fused_qkv_a_proj = MergedColumnParallelLinear(
+            spec.hidden_size, [self.q_lora, self.kv_lora + self.rope], bias=False, disable_tp=True,
+            prefix=f"{prefix}.fused_qkv_a_proj")
+        self.q_a_layernorm = RMSNorm(self.q_lora, eps=spec.rms_norm_eps)
+        self.q_b_proj = ColumnParallelLinear(self.q_lora, spec.num_attention_heads * (self.nope + self.rope),
+                                             bias=False, prefix=f"{prefix}.q_b_proj")
+        self.kv_a_layernorm = RMSNorm(self.kv_lora, eps=spec.rms_norm_eps)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora, spec.num_attention_heads * (self.nope + self.vd),
+                                              bias=False, prefix=f"{prefix}.kv_b_proj")
+        self.o_proj = RowParallelLinear(spec.num_attention_heads * self.vd, spec.hidden_size, bias=False,
+                                        reduce_results=not spec.parallel_residual, prefix=f"{prefix}.o_proj")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        t = hidden.shape[0]
+        latent, _ = self.fused_qkv_a_proj(hidden)
+        q_c, kv_lora = latent.split([self.q_lora, self.kv_lora + self.rope], dim=-1)
+        q, _ = self.q_b_proj(self.q_a_layernorm(q_c))
+        q = q.view(-1, self.nh, self.nope + self.rope)
+        kv_c, k_pe = kv_lora.split([self.kv_lora, self.rope], dim=-1)
+        k_pe = k_pe.reshape(t, 1, -1)  # token-dependent size plus an inferred dim (DeepSeek's form)
+        kv, _ = self.kv_b_proj(self.kv_a_layernorm(kv_c))
+        kv = kv.view(-1, self.nh, self.nope + self.vd)
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=True)
+        out, _ = self.o_proj(out.transpose(0, 1).reshape(t, self.nh * self.vd))
+        return out
+
+
+class TinyExperts(nn.Module):
+    """Routed experts, dense CPU reference: this rank's shard of every expert's gate/up rows and
+    down columns (as a fused MoE kernel holds them); its output is a partial sum over TP."""
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        inter = spec.intermediate_size // get_tensor_model_parallel_world_size()
+        self.num_experts, self.inter = spec.num_experts, inter
+        self.w13 = nn.Parameter(torch.empty(spec.num_experts, 2 * inter, spec.hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size, inter), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        combine = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype).scatter(1, topk_ids, topk_weights)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            gate, up = (x @ self.w13[e].t()).split([self.inter, self.inter], dim=-1)
+            out = out + combine[:, e:e + 1] * ((F.silu(gate) * up) @ self.w2[e].t())
         return out
 
 
@@ -187,7 +270,12 @@ class SharedExpertBlock(nn.Module):
         super().__init__()
         from vllm.model_executor.layers.linear import ReplicatedLinear
 
-        self.mlp = MLP(spec, prefix, reduce_results=False)
+        self.top_k = spec.num_experts_per_tok
+        if spec.num_experts:
+            self.gate = ReplicatedLinear(spec.hidden_size, spec.num_experts, bias=False, prefix=f"{prefix}.gate")
+            self.experts = TinyExperts(spec)
+        else:
+            self.mlp = MLP(spec, prefix, reduce_results=False)
         self.shared_expert = MLP(spec, f"{prefix}.shared_expert", spec.shared_expert_intermediate_size,
                                  reduce_results=False)
         self.shared_expert_gate = ReplicatedLinear(spec.hidden_size, 1, bias=False,
@@ -196,8 +284,14 @@ class SharedExpertBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from vllm.distributed import tensor_model_parallel_all_reduce
 
+        if hasattr(self, "experts"):
+            logits, _ = self.gate(x)
+            weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+            routed = self.experts(x, weights, ids)
+        else:
+            routed = self.mlp(x)
         gate, _ = self.shared_expert_gate(x)
-        out = self.mlp(x) + torch.sigmoid(gate) * self.shared_expert(x)
+        out = routed + torch.sigmoid(gate) * self.shared_expert(x)
         return tensor_model_parallel_all_reduce(out)
 
 
@@ -206,18 +300,23 @@ class DecoderLayer(nn.Module):
         super().__init__()
         from vllm.model_executor.layers.layernorm import RMSNorm
 
+        self.parallel_residual = spec.parallel_residual
         self.input_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
-        self.self_attn = Attention(spec, prefix=f"{prefix}.self_attn")
+        self.self_attn = (MLAAttention if spec.kv_lora_rank else Attention)(spec, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
         self.mlp = (SharedExpertBlock(spec, f"{prefix}.mlp") if spec.shared_expert_intermediate_size
-                    else MLP(spec, prefix=f"{prefix}.mlp"))
+                    else MLP(spec, prefix=f"{prefix}.mlp", reduce_results=not spec.parallel_residual))
 
     def forward(self, hidden, residual):
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
+        if self.parallel_residual:  # one all-reduce of attention + MLP partials
+            return tensor_model_parallel_all_reduce(self.self_attn(hidden) + self.mlp(hidden)), residual
         hidden = self.self_attn(hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
@@ -286,26 +385,53 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         if spec.mlp_bias:
             load(mlp.down_proj.bias, rnd(h, scale=0.1))
 
+    def load_experts(experts):
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        i, r = experts.inter, get_tensor_model_parallel_rank()
+        for e in range(spec.num_experts):
+            gate, up, down = rnd(spec.intermediate_size, h), rnd(spec.intermediate_size, h), \
+                rnd(h, spec.intermediate_size)
+            experts.w13.data[e].copy_(torch.cat([gate[r * i:(r + 1) * i], up[r * i:(r + 1) * i]]))
+            experts.w2.data[e].copy_(down[:, r * i:(r + 1) * i])
+
+    def load_mla(att):
+        nh = spec.num_attention_heads
+        load(att.fused_qkv_a_proj.weight, rnd(att.q_lora, h), 0)
+        load(att.fused_qkv_a_proj.weight, rnd(att.kv_lora + att.rope, h), 1)
+        load(att.q_b_proj.weight, rnd(nh * (att.nope + att.rope), att.q_lora))
+        load(att.kv_b_proj.weight, rnd(nh * (att.nope + att.vd), att.kv_lora))
+        load(att.o_proj.weight, rnd(h, nh * att.vd))
+        for norm, d in ((att.q_a_layernorm, att.q_lora), (att.kv_a_layernorm, att.kv_lora)):
+            norm.weight.data.copy_(1.0 + rnd(d, scale=0.1))
+
     for layer in model.layers:
         att = layer.self_attn
-        for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
-                           ("v", spec.num_key_value_heads * hd)):
-            load(att.qkv_proj.weight, rnd(rows, h), name)
-            if spec.qkv_bias:
-                load(att.qkv_proj.bias, rnd(rows, scale=0.1), name)
-        load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
-        if spec.o_proj_bias:
-            load(att.o_proj.bias, rnd(h, scale=0.1))
+        if spec.kv_lora_rank:
+            load_mla(att)
+        else:
+            for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
+                               ("v", spec.num_key_value_heads * hd)):
+                load(att.qkv_proj.weight, rnd(rows, h), name)
+                if spec.qkv_bias:
+                    load(att.qkv_proj.bias, rnd(rows, scale=0.1), name)
+            load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
+            if spec.o_proj_bias:
+                load(att.o_proj.bias, rnd(h, scale=0.1))
         if spec.shared_expert_intermediate_size:
             block = layer.mlp
-            load_mlp(block.mlp, spec.intermediate_size)
+            if spec.num_experts:
+                load(block.gate.weight, rnd(spec.num_experts, h))
+                load_experts(block.experts)
+            else:
+                load_mlp(block.mlp, spec.intermediate_size)
             load_mlp(block.shared_expert, spec.shared_expert_intermediate_size)
             load(block.shared_expert_gate.weight, rnd(1, h))
         else:
             load_mlp(layer.mlp, spec.intermediate_size)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
-        if spec.qk_norm:
+        if spec.qk_norm and not spec.kv_lora_rank:
             att.q_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
             att.k_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
     model.norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
