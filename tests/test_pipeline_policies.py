@@ -72,3 +72,38 @@ def test_failed_verification_keeps_the_original_graph():
                 pytest.raises(RewriteError, match="failed on TP rank 0"):
             run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",)), tp_context(4), fail_loudly=True)
         assert gm.graph.python_code("self").src == before
+
+
+def test_a_site_flashcomm2_refuses_goes_to_flashcomm1(pools):
+    # oneDNN-packed o_proj weights are invisible: FlashComm2 refuses them, FlashComm1 takes them, so
+    # flashcomm1+flashcomm2 rewrites exactly what flashcomm1 alone does (never worse than its parts)
+    pool = pools.get(2, "c10d")
+    spec = bundled_spec(num_hidden_layers=2)
+    both = pool.run(rank_capture, spec, {"strategies": ["flashcomm1", "flashcomm2"]}, "float32", True)
+    alone = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]}, "float32", True)
+    for s, a in zip(both, alone):
+        o_proj = [x for x in s["report"]["sites"] if x["prefix"].endswith("o_proj")]
+        assert len(o_proj) == 2
+        for x in o_proj:
+            assert x["strategy"] == "flashcomm1" and x["status"] == "rewritten", x
+            assert x["reason"].startswith("flashcomm2 skipped it: the weight is not visible"), x
+        assert s["report"]["collectives_after"] == a["report"]["collectives_after"]
+        assert s["report"]["bytes_per_step"]["ratio"] == a["report"]["bytes_per_step"]["ratio"] <= 1.0
+    for results in pool.run(rank_compare, both[0]["key"], [1, 3, 8]):
+        assert all(r["shape_ok"] and r["rel"] <= 1e-5 for r in results), results
+
+
+def test_an_abandoned_rewrite_still_writes_its_report_and_before_graph(tmp_path):
+    with enable_python_dispatcher():
+        gm = build_graph(LLAMA, 4)
+        with mock.patch("fxpasses.pipeline.verify", side_effect=VerificationError("injected")):
+            rep = run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",), dump_dir=str(tmp_path)),
+                             tp_context(4), tag="g")
+    assert not rep.applied
+    out = tmp_path / "rank0"
+    assert "def forward" in (out / "g.before.py").read_text()
+    assert not (out / "g.after.py").exists()
+    import json
+    dumped = json.loads((out / "site_report.json").read_text())
+    assert "injected" in dumped["reason"] and not dumped["applied"]
+    assert dumped["sites"] and all(x["status"] != "rewritten" for x in dumped["sites"])

@@ -37,3 +37,89 @@ def test_sites_match_vllm_prefixes(pools, form, pack):
             assert x["all_reduce"] == want_form, (p, x)
         if pack and x["kind"] != "embedding" and "qkv_proj" not in p:  # biased qkv stays an addmm
             assert "auto_functionalized" in x["matmul"], x
+
+
+# ---- recognition beyond Llama's names --------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,expected", [
+    # the MoE router reached through vLLM's forward context (Qwen3-MoE in the CPU engine)
+    ("model.G.__import_vllm_dot_forward_context._forward_context.no_compile_layers."
+     "model.layers.0.mlp.experts.gate", "model.layers.0.mlp.experts.gate"),
+    # a shared expert reached through a closure cell (Qwen2-MoE in the CPU engine)
+    ("model.layers.0.mlp.experts._shared_experts._mk_can_overlap_shared_experts.__closure__.0."
+     "cell_contents._shared_experts._layer.gate_up_proj",
+     "model.layers.0.mlp.experts._shared_experts._mk_can_overlap_shared_experts._shared_experts._layer.gate_up_proj"),
+    ("model.layers.3.self_attn.o_proj", "model.layers.3.self_attn.o_proj"),
+])
+def test_mangled_prefixes_are_normalised(raw, expected):
+    from fxpasses.sites import normalise_prefix
+    assert normalise_prefix(raw) == expected
+
+
+def test_default_patterns_own_rows_by_class_and_name_the_override():
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.patterns_loader import load_patterns
+    from fxpasses.strategies import base
+
+    ps = load_patterns("default")
+    fc1, fc2 = ps.for_strategy(base.get("flashcomm1")), ps.for_strategy(base.get("flashcomm2"))
+    for name in ("attention.dense", "mlp.dense_4h_to_h", "attn.c_proj", "mlp.c_proj", "self_attn.out_proj",
+                 "mlp.fc2", "mlp.w2", "block.o_proj"):
+        assert fc1.matches("row", f"model.layers.0.{name}"), name
+    assert fc1.matches("reduce", "model.layers.0.mlp")
+    for name in ("attention.dense", "attn.c_proj", "self_attn.out_proj"):
+        assert fc2.matches("row", f"model.layers.0.{name}"), name
+    assert not fc2.matches("row", "model.layers.0.mlp.dense_4h_to_h")
+    # a MergedColumnParallelLinear built with disable_tp=True is replicated by prefix
+    assert ps.kind_of(["MergedColumnParallelLinear", "ColumnParallelLinear"],
+                      "model.layers.0.self_attn.fused_qkv_a_proj") == "replicated"
+    assert ps.kind_of(["MergedColumnParallelLinear", "ColumnParallelLinear"],
+                      "model.layers.0.mlp.gate_up_proj") == "column"
+    # subclasses are recognised by their bases (vLLM's MoE router GateLinear is a ReplicatedLinear)
+    assert ps.kind_of(["GateLinear", "ReplicatedLinear", "LinearBase"], "model.layers.0.mlp.gate") == "replicated"
+    assert FxPassesConfig(strategies=("flashcomm1",)).patterns == ("default",)
+
+
+def test_overrides_name_a_site_kind(tmp_path):
+    from fxpasses.errors import PatternError
+    from fxpasses.patterns_loader import load_patterns
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[classes]\nrow = ["RowParallelLinear"]\n[overrides]\nreplicate = ["q_a_proj"]\n')
+    with pytest.raises(PatternError, match="overrides.replicate is not a site kind"):
+        load_patterns(str(bad))
+
+
+def test_a_batch_of_one_layout_is_recognised_and_left_unsharded():
+    """vLLM's Transformers backend runs [1, T, H]: dim 0 is the batch, the token count is dim 1. The
+    rewriter shards dim 0 only, so it must not pad the batch of one (rank 1 would compute padding)."""
+    import torch
+    from torch._dispatch.python import enable_python_dispatcher
+
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.pipeline import run_passes
+    from fxpasses.report import collective_counts
+    from fxpasses.testing import synthetic_graphs as sg
+
+    aten = torch.ops.aten
+    cls = sg._vllm_classes()
+    with enable_python_dispatcher():
+        b = sg.FakeGraphBuilder(dtype=torch.float32)
+        H, V = 32, 64
+        ids = b(aten.unsqueeze.default, b.ids, 0)                      # [1, T]
+        w_e = b.weight(V, H)
+        with b.module("embed_tokens", cls["embed"]):
+            x = sg._all_reduce(b, b(aten.embedding.default, w_e, ids))  # [1, T, H]
+        w = b.weight(H, H)
+        with b.module("layers.0.mlp.down_proj", cls["row"]):
+            flat = b(aten.view.default, x, [b.T_node, H])
+            y = b(aten.view.default, sg._linear(b, flat, w), [1, b.T_node, H])
+            y = sg._all_reduce(b, y)
+        gm = b.output(y)
+        before = collective_counts(gm.graph)
+        rep = run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",), module_prefix="model"),
+                         sg.tp_context(2))
+    assert not rep.applied
+    rows = [p for p in rep.sites if p.site.kind in ("row", "embedding")]
+    assert len(rows) == 2 and all("dim 1 of shape [1, s" in p.reason for p in rows), [p.reason for p in rows]
+    assert collective_counts(gm.graph) == before

@@ -58,7 +58,8 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
         raise RuntimeError(f"expected one captured graph, got {len(cap.graphs)} (graph breaks?)")
     summary = {"key": key, "report": reports[0].to_dict(), "before": graph_text(cap.originals[0]),
                "after": graph_text(cap.graphs[0])}
-    cache[key] = {"cap": cap, "ids0": ids0, "spec": ds, "summary": summary}
+    # the model stays alive with its graphs: packed (oneDNN) weights are handles the module owns
+    cache[key] = {"cap": cap, "ids0": ids0, "spec": ds, "summary": summary, "model": model}
     return summary
 
 
