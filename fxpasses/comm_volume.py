@@ -223,12 +223,15 @@ def padded(T: int, n: int) -> int:
 
 
 def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
-                         k: int = 1) -> dict[str, int]:
+                         k: int = 1, attn_in: int | None = None) -> dict[str, int]:
     """Per-rank bytes sent per decoder layer by the *layout* each strategy produces.
 
-    attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K.
+    attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K;
+    attn_in = the width all-gathered before attention (default H: the normed hidden state feeding
+    qkv_proj; MLA gathers its latents instead, q_lora + kv_lora + rope, computed on the shards).
     vanilla:     2 all_reduce [T, H]                       2 x 2(tp-1)/tp T H b
-    flashcomm1:  rs(o) + ag(gate_up in) + rs(down) + ag(next qkv in), each (tp-1)/tp T_pad H b
+    flashcomm1:  rs(o) + ag(gate_up in) + rs(down), each (tp-1)/tp T_pad H b, + ag(attention in),
+                 (tp-1)/tp T_pad attn_in b
     flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp] (the row bias travels with
                  the one-time weight gather, see `fxpasses.strategies.flashcomm2`) + (k>1) rs over OTP of
                  [T_pad/n, H]; then all_gather [T_pad, H] back to Replicate (alone) ; MLP all_reduce
@@ -240,11 +243,12 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
     ar = 2 * (tp - 1) * T * H * b // tp
     fc1_rs = ring(Tp * H * b, tp)
+    attn_ag = ring(Tp * (attn_in or H) * b, tp)
     fc2_o = ring(Tp * (D // tp) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
     if strategy == "vanilla":
         return {"all_reduce": 2 * ar, "total": 2 * ar}
     if strategy == "flashcomm1":
-        return {"reduce_scatter": 2 * fc1_rs, "all_gather": 2 * fc1_rs, "total": 4 * fc1_rs}
+        return {"reduce_scatter": 2 * fc1_rs, "all_gather": fc1_rs + attn_ag, "total": 3 * fc1_rs + attn_ag}
     if strategy == "flashcomm2":
         d = {"all_to_all": ring(Tp * (D // tp) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
         if k > 1:
@@ -254,7 +258,7 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     if strategy == "flashcomm1+flashcomm2":
         d = {"all_to_all": ring(Tp * (D // tp) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
                                                                                     if k > 1 else 0),
-             "all_gather": 2 * fc1_rs}
-        d["total"] = fc2_o + 3 * fc1_rs
+             "all_gather": fc1_rs + attn_ag}
+        d["total"] = fc2_o + 2 * fc1_rs + attn_ag
         return d
     raise ValueError(f"no analytic model for strategy {strategy!r}")

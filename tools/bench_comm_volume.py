@@ -74,7 +74,9 @@ def main(argv=None) -> int:
                   f"{'graph/AR':>8}")
             for T in tokens:
                 pl = cv.per_layer(vols, {sym: T})
-                ana = cv.analytic_layer_bytes(s, T=T, tp=args.tp, hidden=m.hidden, attn_out=D, dtype_bytes=2)
+                attn_in = m.q_lora + m.kv_lora + m.rope_dim if m.mla else m.hidden  # MLA gathers latents
+                ana = cv.analytic_layer_bytes(s, T=T, tp=args.tp, hidden=m.hidden, attn_out=D, dtype_bytes=2,
+                                              attn_in=attn_in)
                 van = cv.analytic_layer_bytes("vanilla", T=T, tp=args.tp, hidden=m.hidden, attn_out=D,
                                               dtype_bytes=2)["total"]
                 for lay in [k for k in pl if k not in ("pre", "post")][:1] + [mid]:
