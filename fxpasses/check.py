@@ -429,6 +429,13 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     progress(f"      done in {wall_p:.0f} s (engine start {got['engine_start_s']:.1f} s)")
 
     res.tokens_equal, res.max_logprob_diff, res.first_divergence = compare(base, got, lens)
+    decide(res)
+    return res
+
+
+def decide(res: CheckResult) -> CheckResult:
+    """Set res.exit_code and res.message from the compared outputs, site reports and bytes."""
+    tol = res.tolerance
     T = max(res.bytes_before) if res.bytes_before else None
     if not res.tokens_equal or res.max_logprob_diff > tol:
         res.exit_code = EXIT_DIFFERENT
@@ -439,6 +446,15 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         res.message = ("NOTHING REWRITTEN: outputs equal, but no site was rewritten"
                        + (f" ({'; '.join(res.reasons[:3])})" if res.reasons else
                           " (no site report: the pass did not run)"))
+    elif res.collectives_before and res.collectives_before == res.collectives_after:
+        # e.g. only column sites marked rewritten (their input gather) while every row site was skipped
+        res.exit_code = EXIT_NOTHING_REWRITTEN
+        skipped = sorted({s.get("reason", "") for s in res.sites if s.get("status") == "skipped"})
+        res.message = ("NOTHING REWRITTEN: outputs equal, but the rewrite left every collective as it was ("
+                       + ", ".join(f"{k}: {v} -> {res.collectives_after.get(k, 0)}"
+                                   for k, v in res.collectives_before.items() if v)
+                       + f"); {res.rewritten} sites are marked rewritten"
+                       + (f"; skipped because: {'; '.join(skipped[:3])}" if skipped else ""))
     elif T is not None and res.bytes_after.get(T, 0) > res.bytes_before[T]:
         res.exit_code = EXIT_MORE_BYTES
         res.message = (f"MORE BYTES: outputs equal, but the pass sends {res.bytes_after[T]} bytes per step at "
@@ -465,7 +481,7 @@ def format_report(res: CheckResult) -> str:
     """The printed report: sites, collectives, bytes per step, compile and pass times, verdict."""
     out = [f"model {res.model}  tp={res.tp}  strategies={'+'.join(res.strategies)}"]
     if res.sites:
-        w = max([len(s.get("prefix", "")) for s in res.sites] + [10])
+        w = min(max([len(s.get("prefix", "")) for s in res.sites] + [10]), 60)  # longer ones overflow
         out.append(f"sites (rank 0): {res.rewritten} rewritten of {len(res.sites)}")
         for s in res.sites:
             out.append(f"  {s.get('prefix', ''):<{w}} {str(s.get('class', '')):<28} "

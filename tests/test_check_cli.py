@@ -125,3 +125,30 @@ def test_check_llama_flashcomm1_end_to_end(tmp_path):
     assert res["collectives_after"]["reduce_scatter"] >= 5 and res["collectives_after"]["all_reduce"] == 0
     assert res["compile_s"]["baseline"] and res["compile_s"]["pass"]
     assert res["pass_ms"].get("total", 0) > 0 and "pass time (rank 0)" in text
+
+
+def _result(**kw) -> check.CheckResult:
+    base = dict(exit_code=-1, model="m", tp=2, strategies=["flashcomm1"], tokens_equal=True, max_logprob_diff=0.0,
+                tolerance=1e-3, rewritten=5, applied_ranks=[0, 1], sites=[{"status": "rewritten"}] * 5,
+                collectives_before={"all_reduce": 5, "reduce_scatter": 0},
+                collectives_after={"all_reduce": 0, "reduce_scatter": 5},
+                bytes_before={256: 1000}, bytes_after={256: 1000})
+    return check.CheckResult(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, code, words", [
+    ({}, 0, "EQUAL"),
+    ({"tokens_equal": False, "first_divergence": "prompt 0"}, 1, "greedy tokens diverged"),
+    ({"max_logprob_diff": 0.5}, 1, "logprobs differ"),
+    ({"rewritten": 0, "applied_ranks": [], "sites": [], "reasons": ["the graph has no linear sites"]}, 3,
+     "no site was rewritten"),
+    # column sites marked rewritten but every row site skipped: no collective changed
+    ({"collectives_after": {"all_reduce": 5, "reduce_scatter": 0}, "rewritten": 4,
+      "sites": [{"status": "skipped", "reason": "dim 0 is not the token dimension"}]}, 3,
+     "left every collective as it was"),
+    ({"bytes_after": {256: 1001}}, 4, "MORE BYTES"),
+])
+def test_exit_codes(kw, code, words):
+    res = check.decide(_result(**kw))
+    assert res.exit_code == code and words in res.message, res.message
+    assert f"[exit {code}]" in check.format_report(res)
