@@ -189,11 +189,11 @@ REFERENCE_TOKENS = 4096
 
 
 def step_bytes_pair(before: fx.Graph, after: fx.Graph, group_sizes: dict[str, int],
-                    default_group_size: int) -> tuple[dict, dict, int]:
+                    default_group_size: int, static_tokens: int | None = None) -> tuple[dict, dict, int]:
     """Per-step send bytes of each rank for two versions of one graph: ({"total": bytes,
     "layers": {layer: bytes}} before, the same after, tokens), at the graph's static token count,
     or at REFERENCE_TOKENS x the group size when it is symbolic (every free symbol of the inputs
-    takes that value)."""
+    takes that value). `static_tokens`: the token count reported for a graph without symbols."""
     syms = token_symbols(before)
     tokens = REFERENCE_TOKENS * default_group_size
     subs = {s: tokens for s in syms}
@@ -202,18 +202,7 @@ def step_bytes_pair(before: fx.Graph, after: fx.Graph, group_sizes: dict[str, in
         vols = collective_volumes(g, group_sizes, default_group_size)
         out.append({"total": float(totals(vols, subs)["per_step_send"]),
                     "layers": {k: float(v["total"]) for k, v in per_layer(vols, subs).items()}})
-    if not syms:
-        tokens = _static_tokens(before)
-    return out[0], out[1], tokens
-
-
-def _static_tokens(graph: fx.Graph) -> int:
-    """dim 0 of the first tensor input (the token count of a static graph), 0 if none."""
-    for n in graph.nodes:
-        v = gf.val(n) if n.op == "placeholder" else None
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            return int(v.shape[0])
-    return 0
+    return out[0], out[1], (tokens if syms else static_tokens)
 
 
 # ---- analytic minima for each layout (bytes each rank sends per decoder layer) ----------------------

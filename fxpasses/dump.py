@@ -50,8 +50,8 @@ def emit(graph: fx.Graph, report: PassReport, config, before: str, tag: str) -> 
 
 
 def emit_abandoned(graph: fx.Graph, report: PassReport, config, tag: str) -> None:
-    """After an abandoned rewrite (the graph is unchanged): the before-graph and the site report,
-    no after-graph."""
+    """For a graph kept as it was after planning (nothing to rewrite, or the rewrite abandoned):
+    the before-graph and the site report, no after-graph."""
     if config.dump_dir and graph.owning_module is not None:
         write_dumps(config.dump_dir, report, graph_text(graph.owning_module), None, tag)
 

@@ -4,9 +4,10 @@
 tests). The rewrite happens on a copy of the graph (`fxpasses.graph_copy`); only a copy that
 verifies replaces the original, so a failure leaves the graph exactly as it was (and, with
 `strict`, raises: `_failed` is the whole failure policy). A rewrite that would put more bytes
-on the wire per step than the original graph is not kept either (`_more_bytes`). An abandoned
-rewrite still writes its site report and before-graph to the dump directory. Which strategies exist and what kind of
-graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).
+on the wire per step than the original graph is not kept either (`_more_bytes`). A graph that
+keeps its original form after planning (nothing owned, every site skipped, the rewrite abandoned)
+still gets its site report and before-graph in the dump directory. Which strategies exist and
+what kind of graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).
 """
 from __future__ import annotations
 
@@ -59,16 +60,16 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             report.sites = plans = plan_sites(sites, config, patterns)
         why = _nothing_owned(plans, config, sites)
         if why:
-            return _finish(report, why)
+            return _kept(report, why, graph, config, tag)
         try:
             with report.timed("rewrite"):
                 rw = _rewrite(work, plans, config, ctx)
             if not any(p.status is SiteStatus.REWRITTEN for p in plans):
                 _enforce_strict(plans, config)
-                return _finish(report, "every owned site was skipped")
+                return _kept(report, "every owned site was skipped", graph, config, tag)
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
-                more = _more_bytes(graph, work, config, ctx, report)
+                more = _more_bytes(graph, work, config, ctx, report, rw.T)
             if more:
                 raise WireBytesError(more)
         except Exception as e:
@@ -85,7 +86,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
 
 
 def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext,
-                report: PassReport) -> str | None:
+                report: PassReport, tokens) -> str | None:
     """Why the rewritten graph may not be kept for its bytes on the wire, or None. Per step (one
     forward), each rank's send bytes as `fxpasses.comm_volume` counts them, at the graph's static
     token count, or at `comm_volume.REFERENCE_TOKENS` x the group size for a symbolic one (where
@@ -94,7 +95,8 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
     if not config.family().bounded_by_original_bytes:
         return None
     sizes = {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
-    v0, v1, tokens = comm_volume.step_bytes_pair(before, after, sizes, ctx.tp)
+    static = tokens if isinstance(tokens, int) else None
+    v0, v1, tokens = comm_volume.step_bytes_pair(before, after, sizes, ctx.tp, static)
     b0, b1 = v0["total"], v1["total"]
     report.extra["bytes_per_step"] = {"tokens": tokens, "before": b0, "after": b1,
                                       "ratio": round(b1 / b0, 4) if b0 else None}
@@ -142,8 +144,17 @@ def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx:
     for name in config.strategies:
         strategies.get(name).rewrite(rw, plans, ctx)
     rw.propagate()
+    for name in config.strategies:
+        strategies.get(name).after_propagation(rw, plans, ctx)
     work.eliminate_dead_code()
     return rw
+
+
+def _kept(report: PassReport, reason: str, graph: fx.Graph, config: FxPassesConfig, tag: str | None) -> PassReport:
+    """Nothing to rewrite after planning: the graph stays, its site report is still dumped."""
+    report.reason = reason
+    dump.emit_abandoned(graph, report, config, tag or f"graph{next(_graph_ids)}")
+    return _finish(report, reason)
 
 
 def _abandon(e: Exception, graph: fx.Graph, report: PassReport, plans: list[SitePlan],

@@ -101,7 +101,10 @@ def normalise_prefix(path: str) -> str:
 
 
 def _prefix(module_prefix: str, path: str) -> str:
+    absolute = "no_compile_layers." in path  # vLLM's forward context is keyed by the full prefix
     path = normalise_prefix(path)
+    if absolute:
+        return path
     return f"{module_prefix}.{path}" if module_prefix and path else (path or module_prefix)
 
 

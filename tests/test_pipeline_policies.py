@@ -107,3 +107,22 @@ def test_an_abandoned_rewrite_still_writes_its_report_and_before_graph(tmp_path)
     dumped = json.loads((out / "site_report.json").read_text())
     assert "injected" in dumped["reason"] and not dumped["applied"]
     assert dumped["sites"] and all(x["status"] != "rewritten" for x in dumped["sites"])
+
+
+@pytest.mark.parametrize("T,applied", [(1, False), (5, False), (6, True)])
+def test_a_static_graph_whose_padding_costs_bytes_is_kept_as_it_was(pools, T, applied):
+    # a graph compiled for T tokens (a decode or cudagraph size): FlashComm1 pads T to a multiple of
+    # tp, so for T % tp != 0 its reduce-scatters and all-gathers move T_pad rows where the all-reduces
+    # moved T: more bytes, refused; for T % tp == 0 it moves exactly the same, kept
+    pool = pools.get(2, "c10d")
+    spec = bundled_spec(num_hidden_layers=1)
+    for s in pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]}, "float64", False, T, 0, True):
+        rep = s["report"]
+        assert rep["applied"] is applied, rep["reason"]
+        assert rep["bytes_per_step"]["tokens"] == T
+        if applied:
+            assert rep["bytes_per_step"]["ratio"] == pytest.approx(1.0)
+        else:
+            assert "bytes per step" in rep["reason"]
+            assert rep["bytes_per_step"]["ratio"] == pytest.approx(((T + 1) // 2 * 2) / T)
+            assert rep["collectives_after"] == rep["collectives_before"]

@@ -123,3 +123,10 @@ def test_a_batch_of_one_layout_is_recognised_and_left_unsharded():
     rows = [p for p in rep.sites if p.site.kind in ("row", "embedding")]
     assert len(rows) == 2 and all("dim 1 of shape [1, s" in p.reason for p in rows), [p.reason for p in rows]
     assert collective_counts(gm.graph) == before
+
+
+def test_a_layer_reached_through_the_forward_context_keeps_its_full_prefix():
+    from fxpasses.sites import _prefix
+    raw = "G.__import_vllm_dot_forward_context._forward_context.no_compile_layers.model.layers.0.mlp.experts.gate"
+    assert _prefix("model", raw) == "model.layers.0.mlp.experts.gate"
+    assert _prefix("model", "layers.0.mlp.gate") == "model.layers.0.mlp.gate"

@@ -14,7 +14,8 @@ A strategy is one `Strategy` subclass instance, registered with `register()`. It
   created outside compilation (`create=True`), only looked up inside it,
 * `precheck(plan, rw, ctx)`: the reason one planned site cannot be rewritten, or None,
 * `rewrite(rw, plans, ctx)`: rewrite the sites it owns with the LayoutRewriter's primitives and mark
-  each plan rewritten or skipped with the reason.
+  each plan rewritten or skipped with the reason; `after_propagation` may correct plans whose
+  outcome the propagation walk decides.
 
 Built-in strategies are the modules of `fxpasses.strategies` that define a module-level `STRATEGY`;
 they are discovered (imported and registered) the first time the registry is read. Adding a strategy
@@ -163,6 +164,9 @@ class Strategy:
 
     def rewrite(self, rw: "LayoutRewriter", plans: list["SitePlan"], ctx: "TPContext") -> None:
         raise NotImplementedError
+
+    def after_propagation(self, rw: "LayoutRewriter", plans: list["SitePlan"], ctx: "TPContext") -> None:
+        """Called once propagation has run: correct the plans whose outcome propagation decides."""
 
     def mine(self, plans: list["SitePlan"]) -> list["SitePlan"]:
         """The plans this strategy owns that are still to be rewritten."""

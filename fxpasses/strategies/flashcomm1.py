@@ -25,7 +25,7 @@ gathered itself (`LayoutRewriter.propagate`). Graph outputs: all_gather + unpad.
 from __future__ import annotations
 
 from fxpasses.context import TPContext
-from fxpasses.plan import SitePlan
+from fxpasses.plan import SitePlan, SiteStatus
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.strategies.base import Strategy, register
 
@@ -72,6 +72,16 @@ class FlashComm1(Strategy):
             else:
                 rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))
                 plan.done("all_reduce -> pad + reduce_scatter")
+
+
+    def after_propagation(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
+        """A column site counts as rewritten only where propagation gathered its input."""
+        for plan in plans:
+            mm = plan.site.matmul
+            if (plan.strategy == self.name and plan.site.kind == "column" and plan.status is SiteStatus.REWRITTEN
+                    and mm is not None and not any(a in rw.created for a in mm.all_input_nodes)):
+                plan.leave("its input is Replicate where it is computed (never sharded, or gathered "
+                           "upstream for a cheaper point): nothing to gather here")
 
 
 def _reduced_by(node, reducers: dict, limit: int = 2000) -> str | None:

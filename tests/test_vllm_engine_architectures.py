@@ -1,0 +1,72 @@
+"""FlashComm1 in the real vLLM CPU engine at TP=2 on the architectures it exists for, each a tiny
+random checkpoint made from transformers' config classes (`fxpasses.tiny_checkpoints`, nothing
+downloaded), run without and with the pass in their own processes by `fxpasses.check.run_check`:
+
+  qwen3_moe    routed experts (8, top-2) after a GateLinear router: the block's all-reduce becomes a
+               reduce-scatter, its input is gathered once (router and experts share it)
+  deepseek_v2  MLA + grouped top-k MoE with a shared expert summed in before one all-reduce
+  cohere       parallel residual: one all-reduce of attention + MLP per layer
+  gpt_neox     vLLM's Transformers backend: [1, T, H] activations; the rewriter shards dim 0 only,
+               so it must leave this graph alone (never pad the batch of one)
+
+Greedy tokens must be identical and chosen-token/prompt logprobs within the check's tolerance; the
+pass may not send more bytes per step (measured on the graphs around the pass); every all-reduce
+left in the graph has a site line with its reason. (At TP=2 equal outputs cannot show a wrong shard
+on their own: the site report states the token dimension and the rows per rank, and the pass's
+verifier checks every Shard0 value holds ceil(T/tp) rows before it keeps a graph.)
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fxpasses import check
+
+TP = 2
+
+
+def _site_reports(res):
+    rank0 = check.Path(res.workdir) / "pass" / "dump" / "rank0"
+    return [json.loads(f.read_text()) for f in sorted(rank0.glob("*.site_report.json"))]
+
+
+def _common(res):
+    assert res.tokens_equal, res.message
+    assert res.max_logprob_diff <= res.tolerance, res.message
+    assert res.bytes_before and res.bytes_after, res.bytes_source
+    for T, b in res.bytes_after.items():
+        assert b <= res.bytes_before[T], (T, res.bytes_before, res.bytes_after)
+    # every all-reduce left in the graph has its line: a site of its own that says why it stays
+    left = [s for s in res.sites if s.get("all_reduce") and s["status"] != "rewritten"]
+    assert res.collectives_after.get("all_reduce", 0) == len(left), (res.collectives_after, left)
+    assert all(s["reason"] for s in left), left
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "cohere"])
+def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path):
+    res = check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None)
+    _common(res)
+    assert res.exit_code == check.EXIT_OK, res.message
+    assert res.collectives_after.get("all_reduce", 0) == 0, res.collectives_after
+    assert res.collectives_after["reduce_scatter"] == res.collectives_before["all_reduce"]
+    reports = _site_reports(res)
+    assert reports and all(r["applied"] for r in reports), [r["reason"] for r in reports]
+    for r in reports:
+        lay = r["token_layout"]
+        assert lay["token_dim"] == 0 and lay["group_size"] == TP, lay
+    kinds = {(s["kind"], s["status"]) for s in res.sites}
+    assert ("reduce", "rewritten") in kinds, kinds  # the MoE block's / the parallel layer's all-reduce
+    if arch in ("qwen3_moe", "deepseek_v2"):
+        # one gather per attention input and per MoE block input, plus the graph output: never logits
+        layers = sum(1 for s in res.sites if s["status"] == "rewritten" and s["prefix"].endswith("o_proj"))
+        assert res.collectives_after["all_gather"] == 2 * layers + 1, (res.collectives_after, layers)
+
+
+def test_a_transformers_backend_model_is_left_unsharded(tmp_path):
+    res = check.run_check(None, TP, "flashcomm1", arch="gpt_neox", workdir=tmp_path, progress=lambda line: None)
+    _common(res)
+    assert res.exit_code == check.EXIT_NOTHING_REWRITTEN, res.message
+    assert res.collectives_after == res.collectives_before
+    rows = [s for s in res.sites if s["kind"] in ("row", "embedding")]
+    assert rows and all("dim 1 of shape [1, " in s["reason"] for s in rows), [s["reason"] for s in rows]
