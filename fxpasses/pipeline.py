@@ -151,9 +151,11 @@ def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx:
 
 
 def _kept(report: PassReport, reason: str, graph: fx.Graph, config: FxPassesConfig, tag: str | None) -> PassReport:
-    """Nothing to rewrite after planning: the graph stays, its site report is still dumped."""
+    """Nothing to rewrite after planning: the graph stays; a graph with sites still dumps its report
+    (a graph without any has nothing to say, and would hide the rank's latest report)."""
     report.reason = reason
-    dump.emit_abandoned(graph, report, config, tag or f"graph{next(_graph_ids)}")
+    if report.sites:
+        dump.emit_abandoned(graph, report, config, tag or f"graph{next(_graph_ids)}")
     return _finish(report, reason)
 
 

@@ -303,9 +303,26 @@ class LayoutRewriter:
                     and node not in demands and node.users
                     and all(u in demands or u in candidates for u in node.users)):
                 candidates.add(node)
+        allowed = candidates
+        for _ in range(8):  # shrinks every round; converges in a few
+            early = self._cheaper_replicated(allowed, demands)
+            kept: set[fx.Node] = set()
+            for node in reversed(self.graph.nodes):  # users first: a Replicate output must not be re-sharded
+                if node in early and all(u in demands or u in kept for u in node.users):
+                    kept.add(node)
+            if kept == early:
+                return kept
+            allowed = kept
+        return set()
+
+    def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node]) -> set[fx.Node]:
+        """The nodes of `allowed` (graph order) whose Replicate inputs cost fewer bytes per token than
+        their output's gather: inputs already Replicate or gathered for a demanding consumer are free.
+        A node with several outputs (a fused norm's output and residual) only when all are free: not
+        every output of it would be gathered."""
         early: set[fx.Node] = set()
         for node in self.graph.nodes:
-            if node not in candidates:
+            if node not in allowed:
                 continue
             aligned = token_aligned_args(node, self.is_token, self.ndim) or []
             cost = 0
@@ -313,7 +330,8 @@ class LayoutRewriter:
                 if a in early or a in demands or any(u in demands for u in a.users):
                     continue  # Replicate anyway (or gathered anyway for another consumer)
                 cost += self._row_bytes(a)
-            if cost < self._row_bytes(node) or (aligned and cost == 0):
+            multi = isinstance(gf.val(node), (list, tuple))
+            if cost == 0 or (not multi and cost < self._row_bytes(node)):
                 early.add(node)
         return early
 
