@@ -303,17 +303,7 @@ class LayoutRewriter:
                     and node not in demands and node.users
                     and all(u in demands or u in candidates for u in node.users)):
                 candidates.add(node)
-        allowed = candidates
-        for _ in range(8):  # shrinks every round; converges in a few
-            early = self._cheaper_replicated(allowed, demands)
-            kept: set[fx.Node] = set()
-            for node in reversed(self.graph.nodes):  # users first: a Replicate output must not be re-sharded
-                if node in early and all(u in demands or u in kept for u in node.users):
-                    kept.add(node)
-            if kept == early:
-                return kept
-            allowed = kept
-        return set()
+        return self._cheaper_replicated(candidates, demands)
 
     def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node]) -> set[fx.Node]:
         """The nodes of `allowed` (graph order) whose Replicate inputs cost fewer bytes per token than
