@@ -308,8 +308,9 @@ class LayoutRewriter:
     def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node]) -> set[fx.Node]:
         """The nodes of `allowed` (graph order) whose Replicate inputs cost fewer bytes per token than
         their output's gather: inputs already Replicate or gathered for a demanding consumer are free.
-        A node with several outputs (a fused norm's output and residual) only when all are free: not
-        every output of it would be gathered."""
+        A node with several outputs in use (a fused norm's output and residual; not a matmul whose
+        auto_functionalized tuple carries one) only when all its inputs are free: not every output
+        of it would be gathered."""
         early: set[fx.Node] = set()
         for node in self.graph.nodes:
             if node not in allowed:
@@ -320,7 +321,7 @@ class LayoutRewriter:
                 if a in early or a in demands or any(u in demands for u in a.users):
                     continue  # Replicate anyway (or gathered anyway for another consumer)
                 cost += self._row_bytes(a)
-            multi = isinstance(gf.val(node), (list, tuple))
+            multi = len({u.args[1] for u in node.users if gf.is_getitem(u)}) > 1  # outputs in use
             if cost == 0 or (not multi and cost < self._row_bytes(node)):
                 early.add(node)
         return early
