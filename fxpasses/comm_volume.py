@@ -1,7 +1,8 @@
 """Communication volume read off a (rewritten) graph: bytes each rank sends and receives, per
 collective and per layer, symbolic in the token count.
 
-Every collective node of the graph (`_c10d_functional.*`, `vllm.*`, `_C.shm_allreduce`) is
+Every collective node of the graph (`_c10d_functional.*`, `vllm.*`, `_C.shm_allreduce`, and the
+platform collectives of `fxpasses.op_forms`, e.g. vllm-ascend's `vllm.maybe_pad_and_reduce`) is
 measured from its own fake shapes (`meta["val"]`), so the numbers are what the graph will move,
 not what a formula says it should. Accounting (n = group size, B = bytes of the full tensor):
 
@@ -13,7 +14,8 @@ not what a formula says it should. Accounting (n = group size, B = bytes of the 
 `fxpasses::odp_weight` (FlashComm2's one-time o_proj weight all-gather) is reported as a
 one-time weight transfer, not per-step traffic. Group sizes come from the node itself
 (reduce_scatter/all_gather carry it), from fxpasses' `meta["fxpasses"]["group_size"]` tag, or
-from `group_sizes` ({group name: size}) for the model's own all-reduces.
+from `group_sizes` ({group name: size}) for the model's own all-reduces (a platform op that names
+no group is looked up by its implicit group's label, else takes `default_group_size`).
 """
 from __future__ import annotations
 
@@ -92,13 +94,9 @@ def _group_size(node: fx.Node, group_sizes: dict[str, int] | None, default: int 
     tag = node.meta.get("fxpasses", {})
     if tag.get("group_size"):
         return int(tag["group_size"])
-    name = gf.op_name(node)
-    if name in ("_c10d_functional::reduce_scatter_tensor",):
-        return int(node.args[2])
-    if name in ("_c10d_functional::all_gather_into_tensor",):
-        return int(node.args[1])
-    if name in ("vllm::reduce_scatter", "vllm::all_gather"):
-        return int(node.kwargs.get("world_size", node.args[2]))
+    stated = gf.collective_world_size(node)
+    if stated is not None:
+        return stated
     g = gf.collective_group(node)
     if group_sizes and g in group_sizes:
         return int(group_sizes[g])
@@ -118,12 +116,7 @@ def _layer_and_site(node: fx.Node, last: tuple[str, str]) -> tuple[str, str] | N
 
 
 def _input_tensor(node: fx.Node) -> torch.Tensor | None:
-    if gf.is_auto_functionalized(node):  # shm_allreduce(data=...)
-        d = node.kwargs.get("data")
-        if d is None and node.kwargs.get("_all_bases") is not None:
-            d = node.kwargs["_all_bases"][node.kwargs.get("_data_base_index", 0)]
-        return gf.val(d)
-    return gf.val(node.args[0]) if node.args else None
+    return gf.val(gf.collective_input(node))
 
 
 def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = None,

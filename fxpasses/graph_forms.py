@@ -3,7 +3,9 @@
 Everything that asks "what kind of node is this?" lives here: matmuls (aten mm/addmm/linear/bmm,
 `_C.onednn_mm` inside `auto_functionalized[_v2]`), TP all-reduces (`vllm.all_reduce`,
 `_c10d_functional.all_reduce[_]` + `wait_tensor`, `_C.shm_allreduce` inside auto_functionalized),
-other collectives, and the module-stack -> vLLM prefix translation.
+other collectives, and the module-stack -> vLLM prefix translation. Platforms' custom ops
+(vllm-ascend's `vllm.unquantized_gemm`, `npu.npu_quant_matmul`, `vllm.maybe_pad_and_reduce`, ...)
+are data in `fxpasses.op_forms`, consulted here through `platform_form`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+
+from fxpasses import op_forms
 
 aten = torch.ops.aten
 HOP_AUTO_FUNC = ("auto_functionalized", "auto_functionalized_v2")
@@ -48,8 +52,15 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::
 EMBEDDING_OPS = {"aten::embedding"}
 
 
+def platform_form(node: fx.Node, kind: type | None = None) -> op_forms.OpForm | None:
+    """The `fxpasses.op_forms` record of `node`'s op (of `kind`, e.g. `op_forms.Matmul`), or None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    return op_forms.find(node.target._schema.name, node, kind)
+
+
 def is_matmul(node: fx.Node) -> bool:
-    return op_name(node) in MATMUL_OPS
+    return op_name(node) in MATMUL_OPS or platform_form(node, op_forms.Matmul) is not None
 
 
 @dataclass
@@ -67,8 +78,9 @@ class AllReduce:
 
     def runs_on(self, group) -> bool:
         """Does this all-reduce reduce over `group` (a GroupRef)? The shm form names no group: vLLM
-        creates its shared-memory all-reduce on the TP/PP groups only, so it is taken as TP's."""
-        if self.form == "shm":
+        creates its shared-memory all-reduce on the TP/PP groups only, so it is taken as TP's; so is
+        a platform form whose all-reduce is implicitly TP's (`op_forms.Collective`, no group arg)."""
+        if self.form == "shm" or self.group_name is None:
             return True
         return self.group_name in (group.c10d_name, group.vllm_name)
 
@@ -104,6 +116,10 @@ def match_all_reduce(node: fx.Node) -> AllReduce | None:
         if data is None or len(outs) != 1:
             return None
         return AllReduce("shm", data, outs[0], [node, *getters], None)
+    form = platform_form(node, op_forms.Collective)
+    if form is not None and _platform_kind(node, form) == "all_reduce":
+        gname = str(op_forms.arg(node, form.group_arg)) if form.group_arg else None
+        return AllReduce(form.comm, op_forms.arg(node, form.input), node, [node], gname)
     return None
 
 
@@ -160,12 +176,57 @@ COLLECTIVE_OPS = {
 }
 
 
+def _platform_kind(node: fx.Node, form: op_forms.Collective) -> str | None:
+    """A platform collective's kind, from its traced shapes (see `op_forms.Collective`)."""
+    x, out = val(op_forms.arg(node, form.input)), val(node)
+    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() >= 1 and out.dim() >= 1 \
+            and same_size(x.shape[0], out.shape[0]):
+        return form.same_rows
+    return form.other_rows
+
+
 def collective_kind(node: fx.Node) -> str | None:
-    return COLLECTIVE_OPS.get(op_name(node))
+    kind = COLLECTIVE_OPS.get(op_name(node))
+    if kind is None:
+        form = platform_form(node, op_forms.Collective)
+        kind = _platform_kind(node, form) if form is not None else None
+    return kind
+
+
+def collective_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a collective node sends (the data of an auto_functionalized shm all-reduce)."""
+    if is_auto_functionalized(node):  # shm_allreduce(data=...)
+        d = node.kwargs.get("data")
+        if d is None and node.kwargs.get("_all_bases") is not None:
+            d = node.kwargs["_all_bases"][node.kwargs.get("_data_base_index", 0)]
+        return d
+    form = platform_form(node, op_forms.Collective)
+    if form is not None:
+        return op_forms.arg(node, form.input)
+    return node.args[0] if node.args else None
+
+
+def collective_world_size(node: fx.Node) -> int | None:
+    """The group size a collective node states itself (None when it names none)."""
+    name = op_name(node)
+    if name == "_c10d_functional::reduce_scatter_tensor":
+        return int(node.args[2])
+    if name == "_c10d_functional::all_gather_into_tensor":
+        return int(node.args[1])
+    if name in ("vllm::reduce_scatter", "vllm::all_gather"):
+        return int(node.kwargs.get("world_size", node.args[2]))
+    form = platform_form(node, op_forms.Collective)
+    if form is not None and form.world_size_arg:
+        return int(op_forms.arg(node, form.world_size_arg))
+    return None
 
 
 def collective_group(node: fx.Node) -> str:
-    """The group a collective node runs on, as written in the graph."""
+    """The group a collective node runs on, as written in the graph (a platform op that names none:
+    its implicit group's label)."""
+    form = platform_form(node, op_forms.Collective)
+    if form is not None:
+        return str(op_forms.arg(node, form.group_arg)) if form.group_arg else form.implicit_group
     name = op_name(node)
     if name.startswith("vllm::"):
         return str(node.kwargs.get("group_name", node.args[-1]))

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses.patterns_loader import PatternSet
 
 
@@ -34,7 +35,8 @@ class Site:
     layer_class: str
     kind: str                           # row | column | embedding | replicated | moe | reduce
     nodes: list[fx.Node] = field(default_factory=list)
-    matmul: fx.Node | None = None       # mm/addmm/linear/onednn_mm (auto_functionalized) or embedding
+    matmul: fx.Node | None = None       # mm/addmm/linear/onednn_mm (auto_functionalized), a platform
+                                        # matmul (fxpasses.op_forms) or embedding
     input: fx.Node | None = None        # activation entering the layer
     weight: fx.Node | None = None       # visible weight (placeholder) or None when packed/hidden
     bias: fx.Node | None = None
@@ -58,7 +60,11 @@ def _strip_view(n: fx.Node | None) -> fx.Node | None:
 
 
 def _matmul_operands(mm: fx.Node):
-    """(activation, weight, bias) of a matmul node; weight None when hidden (packed)."""
+    """(activation, weight, bias) of a matmul node; weight None when hidden (packed). A platform
+    matmul (`fxpasses.op_forms.Matmul`) names its operands in its record."""
+    form = gf.platform_form(mm, op_forms.Matmul)
+    if form is not None:
+        return form.operands(mm)
     name = gf.op_name(mm)
     if name == "aten::mm":
         return mm.args[0], _strip_view(mm.args[1]), None

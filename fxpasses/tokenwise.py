@@ -12,7 +12,10 @@ or None, so each can be tested alone. Rules:
   * views/reshapes/expands that keep dim 0; permute/transpose/unsqueeze/squeeze/select/slice/
     split/cat on other dims; reductions over non-token dims;
   * matmul against a non-token (replicated) weight; embedding lookups of token ids;
-  * vLLM's norms and activations (`vllm_ir.*`, `_C.*`), also inside auto_functionalized[_v2].
+  * vLLM's norms and activations (`vllm_ir.*`, `_C.*`), also inside auto_functionalized[_v2];
+  * platforms' custom ops (`fxpasses.op_forms`: token-wise ops with their aligned arguments,
+    matmuls against a non-token weight, collectives that are the identity), decided before the
+    rest of the table by `platform_rule`.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 
 COPY_LIKE = {"aten::clone", "aten::_to_copy", "prims::convert_element_type", "aten::alias", "aten::detach",
              "aten::contiguous", "aten::lift_fresh_copy", "aten::masked_fill", "aten::where", "aten::fill"}
@@ -224,6 +228,34 @@ def onednn_mm(f: OpFacts):
     return f.token_tensor_args() if gf.is_auto_functionalized(f.node) else None
 
 
+def platform_rule(f: OpFacts, form: op_forms.OpForm):
+    """A platform op's rule from its `fxpasses.op_forms` record."""
+    node = f.node
+    if isinstance(form, op_forms.TokenWise):
+        if form.dim_arg:
+            d = op_forms.arg(node, form.dim_arg)
+            d = form.dim_default if d is None else d
+            first = op_forms.arg(node, form.args[0]) if form.args else None
+            nd = f.ndim(first) if isinstance(first, fx.Node) else None
+            if not isinstance(d, int) or nd is None or _norm_dim(d, nd) == 0:
+                return None
+        present = [a for a in (op_forms.arg(node, n) for n in form.args) if isinstance(a, fx.Node)]
+        aligned = [a for a in present if f.is_token(a)]
+        if form.all_args and len(aligned) != len(present):
+            return None
+        return aligned
+    if isinstance(form, op_forms.Matmul):
+        x, w, _ = form.operands(node)
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or f.is_token(w):
+            return None
+        extra = [a for a in (op_forms.arg(node, n) for n in form.token_args) if isinstance(a, fx.Node)]
+        return [x] + [a for a in extra if f.is_token(a)]
+    if isinstance(form, op_forms.Collective):  # token-wise only when it moves nothing (the identity)
+        x = op_forms.arg(node, form.input)
+        return [x] if gf.collective_kind(node) is None and isinstance(x, fx.Node) else None
+    return None
+
+
 def _is_custom_tokenwise(name: str) -> bool:
     ns, _, short = name.partition("::")
     return ns in CUSTOM_NAMESPACES and short.endswith(CUSTOM_TOKENWISE_SUFFIXES)
@@ -242,6 +274,9 @@ def rule_for(node: fx.Node) -> Rule | None:
     """The rule that decides `node`, or None (not token-wise). Call only on call_function nodes
     with a tensor output (`token_aligned_args` checks)."""
     name = gf.op_name(node)
+    form = gf.platform_form(node)
+    if form is not None:
+        return lambda f: platform_rule(f, form)
     if _is_custom_tokenwise(name):
         return custom_tokenwise
     r = RULES.get(name)
@@ -262,6 +297,9 @@ def token_aligned_args(node: fx.Node, is_token: Callable[[fx.Node], bool],
     if gf.is_getitem(node):
         return [node.args[0]]
     f = OpFacts(node, gf.op_name(node), is_token, ndim)
+    form = gf.platform_form(node)
+    if form is not None:
+        return platform_rule(f, form)
     if _is_custom_tokenwise(f.name):
         return custom_tokenwise(f)
     out = f.out

@@ -1,0 +1,227 @@
+"""Platform op forms as data: what a platform's custom ops mean to fxpasses.
+
+This package owns the table of custom ops that platforms put into traced graphs (vllm-ascend's
+`npu::npu_rms_norm`, `vllm::unquantized_gemm`, ...) and the few questions fxpasses asks of them.
+Each platform is one data module here (`npu.py`) defining `FORMS`, a tuple of records:
+
+    TokenWise(op, args, ...)      row i of every output depends only on row i of `args` (their
+                                  dim 0 is the token dim); every output is token-major
+    Matmul(op, x, weight, ...)    a linear layer's product: activation, weight and bias arguments,
+                                  token-aligned extras (a per-token dequant scale), the weight's
+                                  layout and whether the platform may keep it in a private format
+    Collective(op, input, ...)    a collective whose kind the traced shapes decide (an op whose
+                                  behaviour flips on a runtime switch records the result of the
+                                  switch in its fake output: same rows or not)
+
+Arguments are named as in the op's schema (`torch.ops.<ns>.<op>.default._schema`); a record whose
+names do not fit the traced op's schema is not applied (the op stays unknown: not token-wise,
+not a matmul, not a collective), so a schema change degrades to "left alone", never to a wrong
+rewrite. The interpreting code is small and generic: `fxpasses.graph_forms` (matmuls,
+collectives, all-reduces), `fxpasses.tokenwise` (the token-wise table), `fxpasses.sites` (matmul
+operands), `fxpasses.comm_volume` (bytes). Adding a platform is a new module here defining
+`FORMS` (found automatically), or `register(*forms)` from user code.
+
+This module imports nothing of fxpasses (graph_forms imports it).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class OpForm:
+    op: str                              # "namespace::name", any overload
+    note: str = ""                       # what the op is, where it comes from (documentation)
+
+    def arg_names(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class TokenWise(OpForm):
+    """Token-wise: row i of each output depends on row i of `args` only (norms, activations,
+    rotary embedding, per-token quantisation). Arguments not listed (weights, scales, caches) are
+    never token-aligned; a listed argument that is None or not token-sized is simply not aligned,
+    unless `all_args` demands every present listed argument be token-sized (rotary: positions,
+    query and key together, never a [3, T] M-RoPE position tensor). `dim_arg` (with its default
+    `dim_default`) names a dim argument the op works along: the op is not token-wise along dim 0."""
+
+    args: tuple[str, ...] = ()
+    all_args: bool = False
+    dim_arg: str | None = None
+    dim_default: int = -1
+
+    def arg_names(self):
+        return self.args + ((self.dim_arg,) if self.dim_arg else ())
+
+
+@dataclass(frozen=True)
+class Matmul(OpForm):
+    """A linear layer's matmul. `weight_layout`: "out_in" ([out, in], as F.linear reads it) or
+    "in_out" ([in, out], e.g. a quantised weight stored transposed). `token_args`: extra
+    arguments aligned with the activation's rows (a per-token dequant scale). `quantized`: the
+    activation is quantised and the result dequantised by the op. `private_format`: the name of a
+    device-private layout the platform may store this weight in (Ascend's FRACTAL_NZ), in which
+    case the weight is never sliced or gathered in the graph unless the configuration declares
+    plain weights (`weight_format`, see `weight_block_refusal`); `never_private`: dtypes the
+    platform never stores in it."""
+
+    x: str = "x"
+    weight: str = "weight"
+    bias: str | None = None
+    token_args: tuple[str, ...] = ()
+    weight_layout: str = "out_in"
+    quantized: bool = False
+    private_format: str | None = None
+    never_private: tuple[str, ...] = ()
+
+    def arg_names(self):
+        return (self.x, self.weight) + ((self.bias,) if self.bias else ()) + self.token_args
+
+    def operands(self, node: fx.Node):
+        """(activation, weight, bias) nodes (bias None when absent)."""
+        b = arg(node, self.bias) if self.bias else None
+        return arg(node, self.x), arg(node, self.weight), b if isinstance(b, fx.Node) else None
+
+
+@dataclass(frozen=True)
+class Collective(OpForm):
+    """A collective over dim 0 whose kind follows from the traced shapes: `same_rows` when its
+    output has as many rows as its input, `other_rows` otherwise (None = no communication: the
+    op is the identity and token-wise). Kinds: all_reduce, reduce_scatter, all_gather,
+    all_to_all. `group_arg` names a str argument holding the group's name; without one the op
+    runs on an implicit group labelled `implicit_group`. `world_size_arg` names an int argument
+    giving the group size, if any. `comm`: the collective family the graph uses ("vllm": vLLM's
+    custom ops), which the comm backend mirrors when it emits collectives next to it."""
+
+    input: str = "x"
+    same_rows: str | None = None
+    other_rows: str | None = None
+    group_arg: str | None = None
+    implicit_group: str = "tp"
+    world_size_arg: str | None = None
+    comm: str = "vllm"
+
+    def arg_names(self):
+        return tuple(a for a in (self.input, self.group_arg, self.world_size_arg) if a)
+
+
+# ---- the registry -------------------------------------------------------------------------------
+
+_FORMS: dict[str, OpForm] = {}
+_PLATFORMS: dict[str, str] = {}     # op -> the platform module that declared it
+_discovered = False
+_FIT_CACHE: dict[tuple[str, Any], bool] = {}  # (op, traced OpOverload) -> the record fits its schema
+
+
+def register(*forms: OpForm, platform: str = "user") -> None:
+    """Add (or replace) op forms."""
+    for f in forms:
+        if not isinstance(f, OpForm) or "::" not in f.op:
+            raise ValueError(f"an op form needs an 'namespace::name' op, got {f!r}")
+        _FORMS[f.op] = f
+        _PLATFORMS[f.op] = platform
+    _FIT_CACHE.clear()
+
+
+def _discover() -> None:
+    """Import the platform modules of this package once; each declares `FORMS`."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        forms = getattr(mod, "FORMS", None)
+        if forms:
+            register(*forms, platform=getattr(mod, "PLATFORM", info.name))
+
+
+def forms() -> dict[str, OpForm]:
+    """Every registered op form by op name."""
+    _discover()
+    return dict(_FORMS)
+
+
+def platform_of(op: str) -> str | None:
+    _discover()
+    return _PLATFORMS.get(op)
+
+
+def _fits(form: OpForm, target) -> bool:
+    """Every argument the record names exists in the traced op's schema (memoised per schema)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return False
+    key = (form.op, target)
+    hit = _FIT_CACHE.get(key)
+    if hit is None:
+        names = {a.name for a in schema.arguments}
+        hit = _FIT_CACHE[key] = all(n in names for n in form.arg_names())
+    return hit
+
+
+def find(name: str, node: fx.Node, kind: type | None = None) -> OpForm | None:
+    """The form registered for op `name` (as `graph_forms.op_name` spells it) if it is of `kind`
+    and fits `node`'s schema; None otherwise."""
+    if not _discovered:
+        _discover()
+    f = _FORMS.get(name)
+    if f is None or (kind is not None and not isinstance(f, kind)):
+        return None
+    return f if _fits(f, node.target) else None
+
+
+def arg(node: fx.Node, name: str) -> Any:
+    """The value of schema argument `name` at `node` (positional or keyword; its default when the
+    call left it out)."""
+    schema = node.target._schema
+    for i, a in enumerate(schema.arguments):
+        if a.name != name:
+            continue
+        if not a.kwarg_only and i < len(node.args):
+            return node.args[i]
+        if name in node.kwargs:
+            return node.kwargs[name]
+        return a.default_value if a.has_default_value() else None
+    raise KeyError(f"{schema.name} has no argument {name!r}")
+
+
+# ---- policy over the data -----------------------------------------------------------------------
+
+#: the `weight_format` configuration values (see `fxpasses.config.FxPassesConfig`)
+WEIGHT_FORMATS = ("unknown", "nd", "nd_float", "nz")
+
+
+def weight_block_refusal(form: Matmul, weight: fx.Node | None, weight_format: str) -> str | None:
+    """Why the weight of a platform matmul may not be sliced or gathered in the graph, or None.
+
+    `weight_format`: "nd" every weight is plain row-major; "nd_float" floating-point weights are,
+    quantised (integer) ones may not be; "nz" / "unknown" any weight may be in the private format.
+    Dtypes the platform never converts (`never_private`) are plain whatever the setting."""
+    if form.private_format is None:
+        return None
+    v = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    dtype = v.dtype if isinstance(v, torch.Tensor) else None
+    dname = str(dtype).removeprefix("torch.") if dtype is not None else "unknown dtype"
+    if dtype is not None and dname in form.never_private:
+        return None
+    if weight_format == "nd":
+        return None
+    if weight_format == "nd_float" and dtype is not None and dtype.is_floating_point:
+        return None
+    return (f"the weight of {form.op} ({dname}) may be stored in the device-private {form.private_format} "
+            f"format (weight_format={weight_format!r}), so it is never sliced or gathered in the graph; "
+            "declare plain ND weights with weight_format='nd' (vllm-ascend: additional_config "
+            "weight_nz_mode=0 or VLLM_ASCEND_ENABLE_NZ=0; 'nd_float' for mode 1 covers float weights) "
+            "to allow it")
+
+
+__all__ = ["OpForm", "TokenWise", "Matmul", "Collective", "register", "forms", "find", "arg",
+           "platform_of", "weight_block_refusal", "WEIGHT_FORMATS"]

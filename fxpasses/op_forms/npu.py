@@ -1,0 +1,70 @@
+"""Ascend NPU op forms: the custom ops vllm-ascend and torch_npu put into traced graphs.
+
+Data only (interpreted by `fxpasses.op_forms`). Schemas as read from the sources (vllm-ascend
+2026-08 `vllm_ascend/ops/register_custom_ops.py`, `ops/linear.py`, `csrc/torch_binding.cpp`;
+torch_npu's op-plugin `op_plugin/config/op_plugin_functions.yaml`); argument names below are the
+schemas' own. The TP all-reduce and vLLM's reduce_scatter / all_gather ops
+(`vllm::all_reduce(Tensor tensor, str group_name)`, ...) are vLLM's and known to
+`fxpasses.graph_forms` already.
+
+What the MoE communication ops mean here. `vllm::maybe_pad_and_reduce(Tensor x) -> Tensor` ends
+an MoE block. vllm-ascend decides at run time what it does and its fake kernel records the
+decision in the traced shape: same rows = `tensor_model_parallel_all_reduce(x)` (FlashComm off
+before Aug 2026; a VL draft model now): a TP all-reduce, a reduce site FlashComm1 turns into pad +
+reduce_scatter like any other; fewer rows = pad + reduce_scatter over dim 0 (EP group now, TP
+group with the old FlashComm1): the graph is already sequence parallel there, left alone and
+counted. `vllm::maybe_all_gather_and_maybe_unpad(Tensor x) -> Tensor` is its twin before the
+experts: more rows = all_gather (+ unpad), a collective that is not token-wise; same rows = the
+identity (FlashComm off), token-wise. Both name no group: the all-reduce is TP's; the
+reduce-scatter / all-gather run on the EP group (= TP at DP=1), and their bytes are counted with
+the TP size. (Before Aug 2026 their schemas were `(Tensor x, bool is_ep_comm=False)` and
+`(Tensor x, bool label, bool is_ep_comm=False)`; the records name only `x`, so both fit.)
+"""
+from fxpasses.op_forms import Collective, Matmul, TokenWise
+
+PLATFORM = "npu"
+
+#: Ascend's private weight layout; vllm-ascend never converts float32 weights to it
+_NZ = dict(private_format="NZ (ACL_FORMAT_FRACTAL_NZ)", never_private=("float32",))
+
+FORMS = (
+    # norms: (y, rstd) / (y, rstd, x1 + x2); rstd is [T, 1] for a [T, H] input, token-major too
+    TokenWise("npu::npu_rms_norm", args=("self",),
+              note="npu_rms_norm(Tensor self, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)"),
+    TokenWise("npu::npu_add_rms_norm", args=("x1", "x2"),
+              note="npu_add_rms_norm(Tensor x1, Tensor x2, Tensor gamma, float epsilon=1e-06) "
+                   "-> (Tensor, Tensor, Tensor): (y, rstd, x1 + x2)"),
+    TokenWise("_C_ascend::npu_add_rms_norm_bias", args=("x1", "x2"),
+              note="vllm-ascend custom op: npu_add_rms_norm_bias(Tensor x1, Tensor x2, Tensor gamma, "
+                   "Tensor? beta=None, float epsilon=1e-6) -> (Tensor y, Tensor rstd, Tensor x)"),
+    # activation: silu(first half) * second half along `dim`
+    TokenWise("npu::npu_swiglu", args=("self",), dim_arg="dim", dim_default=-1,
+              note="npu_swiglu(Tensor self, int dim=-1) -> Tensor"),
+    # rotary embedding: positions [T], query/key [T, heads * head_size]; all three together
+    TokenWise("vllm::npu_rotary_embedding", args=("positions", "query", "key"), all_args=True,
+              note="vllm-ascend op (rope_forward_oot): npu_rotary_embedding(Tensor positions, Tensor query, "
+                   "Tensor key, Tensor cos_sin_cache, SymInt head_size, SymInt rotary_dim, bool is_neox_style, "
+                   "Tensor? offsets=None) -> (Tensor, Tensor)"),
+    # W8A8 activation quantisation: static (per-tensor scale repeated over the features) and dynamic
+    # (per token: int8 values and a [T] scale, both token-major)
+    TokenWise("vllm::quantize", args=("in_tensor",),
+              note="vllm-ascend op wrapping npu_quantize(div_mode=False): quantize(Tensor in_tensor, "
+                   "Tensor input_scale, Tensor input_scale_reciprocal, Tensor input_offset) -> Tensor (int8)"),
+    TokenWise("npu::npu_dynamic_quant", args=("input",),
+              note="npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
+                   "ScalarType? dst_type=None) -> (Tensor, Tensor): int8 values and per-token scale"),
+    # matmuls
+    Matmul("vllm::unquantized_gemm", x="x", weight="weight", bias="bias", weight_layout="out_in", **_NZ,
+           note="vllm-ascend op: unquantized_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor "
+                "(F.linear; the weight is NZ when weight_nz_mode=2, ND with the default 1 for bf16/fp16)"),
+    Matmul("npu::npu_quant_matmul", x="x1", weight="x2", bias="bias", token_args=("pertoken_scale",),
+           weight_layout="in_out", quantized=True, **_NZ,
+           note="npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
+                "Tensor? pertoken_scale=None, Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor; "
+                "x2 is the int8 weight transposed to [in, out], NZ unless weight_nz_mode=0"),
+    # MoE communication (see the module docstring)
+    Collective("vllm::maybe_pad_and_reduce", input="x", same_rows="all_reduce", other_rows="reduce_scatter",
+               note="vllm-ascend op: maybe_pad_and_reduce(Tensor x) -> Tensor"),
+    Collective("vllm::maybe_all_gather_and_maybe_unpad", input="x", same_rows=None, other_rows="all_gather",
+               note="vllm-ascend op: maybe_all_gather_and_maybe_unpad(Tensor x) -> Tensor"),
+)
