@@ -1,6 +1,7 @@
 """The one configuration schema of fxpasses, its validation and every source it is read from.
 
-Sources, in increasing priority: defaults < vllm-ascend environment switches (migration path) <
+Sources, in increasing priority: defaults < vllm-ascend switches (migration path; also the weight
+NZ mode, `additional_config["weight_nz_mode"]` over `VLLM_ASCEND_ENABLE_NZ`, as `weight_format`) <
 vLLM `additional_config["fxpasses"]` < `FXPASSES_CONFIG` (inline JSON, or a path to a .json/.toml
 file) < explicit keyword arguments. `FXPASSES_DUMP_DIR` sets `dump_dir`.
 """
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from fxpasses import op_forms
 from fxpasses.errors import ConfigError
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.strategies import base as strategy_registry
@@ -41,6 +43,10 @@ class FxPassesConfig:
     dump_dir: str | None = None            # before/after graphs + site report, one folder per rank
     module_prefix: str = "model"           # prefix of the compiled module (vLLM compiles `model.`)
     check_token_counts: bool = False       # debug: check equal token counts across a group at run time
+    # may platform matmul weights be in a device-private layout (Ascend NZ)? "unknown" (assume so),
+    # "nd" (plain row-major: in-graph weight blocks allowed), "nd_float" (float weights plain,
+    # quantised ones may not be), "nz" (any may be); see fxpasses.op_forms.weight_block_refusal
+    weight_format: str = "unknown"
 
     def __post_init__(self):
         self._check_types()
@@ -82,6 +88,9 @@ class FxPassesConfig:
                                   f"{k}: false (no quotes)")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ConfigError(f"dump_dir must be a directory path, got {self.dump_dir!r}")
+        if self.weight_format not in op_forms.WEIGHT_FORMATS:
+            raise ConfigError(f"weight_format must be one of {list(op_forms.WEIGHT_FORMATS)}, got "
+                              f"{self.weight_format!r}; 'nd' declares plain (ND) weights, 'unknown' is the default")
         if not isinstance(self.module_prefix, str):
             raise ConfigError(f"module_prefix must be a string (vLLM compiles 'model'), got {self.module_prefix!r}")
 
@@ -187,9 +196,26 @@ def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str,
         strategies.append("otp")
         out["otp_size"] = k
         log.info("fxpasses: additional_config.oproj_tensor_parallel_size=%d mapped to otp with otp_size=%d", k, k)
+    nz = additional_config.get("weight_nz_mode") if additional_config else None
+    nz_from = "additional_config.weight_nz_mode"
+    if nz is None and env.get("VLLM_ASCEND_ENABLE_NZ", "") != "":
+        nz, nz_from = env["VLLM_ASCEND_ENABLE_NZ"], "VLLM_ASCEND_ENABLE_NZ"
+    if nz is not None:
+        fmt = _ASCEND_NZ_MODES.get(str(nz).strip())
+        if fmt is None or isinstance(nz, bool):
+            raise ConfigError(f"{nz_from}={nz!r} is not a vllm-ascend weight NZ mode; use 0 (ND weights), 1 "
+                              "(quantised weights NZ, the default) or 2 (float weights NZ too)")
+        out["weight_format"] = fmt
+        log.info("fxpasses: %s=%s mapped to weight_format=%r", nz_from, nz, fmt)
     if strategies:
         out["strategies"] = strategies
     return out
+
+
+# vllm-ascend's weight NZ modes (`AscendConfig.weight_nz_mode`, `vllm_ascend.utils._should_trans_nz`):
+# 0 none (but Atlas 300I / 310P converts every non-float32 weight whatever the mode), 1 quantised
+# weights only (the default), 2 float16/bfloat16 too; float32 weights are never converted
+_ASCEND_NZ_MODES = {"0": "nd", "1": "nd_float", "2": "nz"}
 
 
 def load_config(additional_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses import topology
 from fxpasses.context import GroupRef, TPContext
 from fxpasses.sites import Site
@@ -42,8 +43,9 @@ def tag(node: fx.Node, role: str, strategy: str) -> fx.Node:
     return node
 
 
-def dp_precheck(site: Site, ctx: TPContext) -> str | None:
-    """Reasons shared by OTP and MLP-TP sites."""
+def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown") -> str | None:
+    """Reasons shared by OTP and MLP-TP sites (`weight_format`: the config's, for platform matmuls
+    whose weight may be in a private layout, see `fxpasses.op_forms.weight_block_refusal`)."""
     if ctx.tp != 1:
         return (f"o_proj/MLP TP rewrites DP-attention graphs whose linears run at TP=1; this graph was "
                 f"traced at tp={ctx.tp}")
@@ -54,6 +56,10 @@ def dp_precheck(site: Site, ctx: TPContext) -> str | None:
     if site.weight is None:
         return ("the weight is not visible in the graph (packed oneDNN `_C.onednn_mm`); an in-graph "
                 "weight slice is impossible, shard the weight at load time instead")
+    form = gf.platform_form(site.matmul, op_forms.Matmul)
+    why = op_forms.weight_block_refusal(form, site.weight, weight_format) if form is not None else None
+    if why:
+        return f"the weight is sliced in the graph: {why}"
     name = gf.op_name(site.matmul)
     if name not in ("aten::mm", "aten::addmm"):
         return f"matmul form {name} is not supported (aten.mm / aten.addmm only)"

@@ -33,7 +33,11 @@ The o_proj weight block a rank needs is produced by `fxpasses::odp_weight`
 (`fxpasses.runtime_ops`), which all-gathers once per weight version, not per step.
 
 Skipped, with the reason, on every rank alike: sites whose weight is not visible (packed
-`_C.onednn_mm`), whose all-reduce is not the TP one or does not directly reduce the matmul.
+`_C.onednn_mm`), whose weight the platform may keep in a private layout (Ascend NZ, see
+`fxpasses.op_forms.weight_block_refusal` and the `weight_format` setting), whose all-reduce is not
+the TP one or does not directly reduce the matmul. Matmul forms: aten.mm / aten.addmm against the
+transposed weight, or a platform linear form reading the [H, D/tp] weight itself
+(vllm-ascend's `vllm.unquantized_gemm(x, weight, bias)`).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses import runtime_ops  # noqa: F401  (registers the odp_weight op this strategy emits)
 from fxpasses import topology
 from fxpasses.context import TPContext
@@ -112,9 +117,21 @@ class FlashComm2(Strategy):
 
 # ---- planning checks ----------------------------------------------------------------------------
 
-def _weight_t(mm: fx.Node) -> fx.Node:
-    """The matmul's transposed-weight operand (mm(x, wT) / addmm(bias, x, wT))."""
-    return mm.args[1] if gf.op_name(mm) == "aten::mm" else mm.args[2]
+def _weight_t(mm: fx.Node) -> fx.Node | None:
+    """The matmul's transposed-weight operand (mm(x, wT) / addmm(bias, x, wT)); None for a platform
+    linear form, which reads the [H, D/tp] weight itself."""
+    name = gf.op_name(mm)
+    if name == "aten::mm":
+        return mm.args[1]
+    return mm.args[2] if name == "aten::addmm" else None
+
+
+def _platform_linear(mm: fx.Node) -> op_forms.Matmul | None:
+    """A platform matmul computing x @ weight.T (+ bias) with the [out, in] weight (vllm-ascend's
+    `vllm.unquantized_gemm`), which this rewrite can replace like aten.mm / aten.addmm."""
+    form = gf.platform_form(mm, op_forms.Matmul)
+    return form if form is not None and form.weight_layout == "out_in" and not form.quantized \
+        and not form.token_args else None
 
 
 def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
@@ -133,8 +150,15 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     if site.weight is None:
         return (f"the weight is not visible in the graph ({gf.op_name(mm)}: packed weight); FlashComm2 needs "
                 "the o_proj weight to all-gather it over the ODP group")
-    if gf.op_name(mm) not in ("aten::mm", "aten::addmm"):
-        return f"matmul form {gf.op_name(mm)} is not supported (aten.mm / aten.addmm with a transposed weight are)"
+    form = gf.platform_form(mm, op_forms.Matmul)
+    if form is not None:
+        why = op_forms.weight_block_refusal(form, site.weight, rw.config.weight_format)
+        if why:
+            return f"FlashComm2 needs a block of the o_proj weight: {why}"
+    linear = _platform_linear(mm)
+    if gf.op_name(mm) not in ("aten::mm", "aten::addmm") and linear is None:
+        return (f"matmul form {gf.op_name(mm)} is not supported (aten.mm / aten.addmm with a transposed weight, or "
+                "a platform linear form reading the [out, in] weight, are)")
     if ar.input is not mm:
         return "the all-reduced tensor is not the o_proj matmul output"
     if not rw.is_token(ar.input) or not rw.is_token(site.input):
@@ -142,12 +166,12 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     if site.weight.op not in ("placeholder", "get_attr"):
         return "the weight is computed in the graph (not a parameter); it cannot be gathered once"
     rhs = _weight_t(mm)
-    x, w, wt = gf.val(site.input), gf.val(site.weight), gf.val(rhs)
+    x, w, wt = gf.val(site.input), gf.val(site.weight), gf.val(rhs) if rhs is not None else None
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2 and w.dim() == 2):
         return "input and weight must be 2-D"
     if site.bias is not None and (gf.val(site.bias) is None or gf.val(site.bias).dim() != 1):
         return "the row bias is not a [H] vector"
-    if wt is None or tuple(wt.shape) != (w.shape[1], w.shape[0]) or rhs is site.weight:
+    if linear is None and (wt is None or tuple(wt.shape) != (w.shape[1], w.shape[0]) or rhs is site.weight):
         return "the matmul does not use the transposed [H, D/tp] weight"
     if not gf.same_size(x.shape[1], w.shape[1]) or isinstance(w.shape[1], torch.SymInt):
         return "the input features do not match the weight shard"

@@ -69,9 +69,9 @@ def _pairs(mine: list[SitePlan]):
     return out
 
 
-def _check_site(plan: SitePlan, ctx: TPContext) -> str | None:
+def _check_site(plan: SitePlan, ctx: TPContext, weight_format: str = "unknown") -> str | None:
     s = plan.site
-    why = dc.dp_precheck(s, ctx)
+    why = dc.dp_precheck(s, ctx, weight_format)
     if why:
         return f"{s.prefix}: {why}"
     if not dc.matmul_rhs_is_weight_t(s):
@@ -83,7 +83,7 @@ def _check_pair(cp: SitePlan, rp: SitePlan, rw: LayoutRewriter, ctx: TPContext, 
     """(reason, None) or (None, the accepted Analysis with its edits) for a gate_up/down pair."""
     cs, rs = cp.site, rp.site
     for p in (cp, rp):
-        why = _check_site(p, ctx)
+        why = _check_site(p, ctx, rw.config.weight_format)
         if why:
             return why, None
     xv = gf.val(cs.input)
@@ -113,7 +113,7 @@ class MLPTP(dc.DPAttentionStrategy):
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         """Per site; the pair's activation is checked in `rewrite` (MLP-TP rewrites pairs)."""
-        return _check_site(plan, ctx)
+        return _check_site(plan, ctx, rw.config.weight_format)
 
     def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
         pairs = _pairs(self.mine(plans))

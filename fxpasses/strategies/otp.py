@@ -43,7 +43,7 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str
     site = plan.site
     if site.kind != "row":
         return f"OTP rewrites row-parallel o_proj sites, not {site.kind} sites"
-    why = dc.dp_precheck(site, ctx)
+    why = dc.dp_precheck(site, ctx, rw.config.weight_format)
     if why:
         return why
     x, w = gf.val(site.input), dc.weight_val(site)
