@@ -12,9 +12,21 @@ What it does: it wraps `VllmConfig.__post_init__` so that, once vLLM has built i
 * if the user configured fxpasses (`FXPASSES_CONFIG`, `additional_config["fxpasses"]`, or the
   vllm-ascend switches `VLLM_ASCEND_ENABLE_FLASHCOMM1=1`, `VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE`,
   `VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1`, `additional_config["oproj_tensor_parallel_size"]`) and did
-  not register the pass, the pass is added as
-  `compilation_config.inductor_compile_config["post_grad_custom_post_pass"]` (chained after any
-  pass already there).
+  not register the pass, the pass is added under the current platform's pass key (chained after
+  any pass already there).
+
+The key is `vllm.platforms.current_platform.pass_key` (default `"post_grad_custom_post_pass"`):
+
+* `"post_grad_custom_post_pass"` (CUDA, CPU, ...): `compilation_config.inductor_compile_config`
+  gets `fxpasses.vllm_pass.FxPassesInductorPass` (chained with `ChainedInductorPass`);
+* any other key, in particular vllm-ascend's `"graph_fusion_manager"`: vLLM hands the entry under
+  that key to the platform's own pass manager, and vllm-ascend's accepts only `VllmInductorPass`
+  instances and runs without Inductor, so the entry is `fxpasses.ascend_pass.FxPassesAscendPass`
+  (chained with `ChainedAscendPass`); a hand registration under that key is bound and validated the
+  same way. An fxpasses pass left under the Inductor key on such a platform would never be called:
+  the plugin says so and, when nothing of ours is under the platform's key, registers that same
+  pass there. vllm-ascend's npugraph_ex compiler (its default for the FULL graph modes) never calls
+  the manager either: the plugin warns when `ascend_compilation_config.enable_npugraph_ex` is on.
 
 It also wraps vLLM's `initialize_model_parallel`, so that in every worker, right after vLLM has
 created its own groups (worker start, before any graph is compiled or loaded from a cache), the
@@ -29,14 +41,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Mapping
 
 from fxpasses.logs import bridge_logging
 
 log = logging.getLogger("fxpasses")
 
-PASS_KEY = "post_grad_custom_post_pass"
+PASS_KEY = "post_grad_custom_post_pass"   # Inductor's post-grad custom pass (vLLM's default pass_key)
+ASCEND_PASS_KEY = "graph_fusion_manager"  # vllm-ascend's platform pass_key (fxpasses.ascend_pass)
 _installed = False
+
+
+def platform_pass_key() -> str:
+    """The current vLLM platform's pass key (`current_platform.pass_key`), `PASS_KEY` if it has none."""
+    try:
+        from vllm import platforms
+        key = getattr(platforms.current_platform, "pass_key", None)
+    except Exception:  # no resolvable platform (a tool outside vLLM): Inductor's key
+        return PASS_KEY
+    return key if isinstance(key, str) and key else PASS_KEY
 
 
 def _config_requested(additional_config: Mapping[str, Any] | None, env: Mapping[str, str]) -> bool:
@@ -52,12 +76,49 @@ def _config_requested(additional_config: Mapping[str, Any] | None, env: Mapping[
 
 
 def _fxpasses_passes(obj) -> list:
+    """The fxpasses passes in a pass-key entry (the entry itself, or the members of a chain)."""
+    if obj is None:
+        return []
     from fxpasses.vllm_pass import ChainedInductorPass, FxPassesInductorPass
     if isinstance(obj, FxPassesInductorPass):
         return [obj]
     if isinstance(obj, ChainedInductorPass):
         return [p for p in obj.passes if isinstance(p, FxPassesInductorPass)]
+    if "fxpasses.ascend_pass" not in sys.modules:  # none of its passes can exist; keep register() light
+        return []
+    from fxpasses.ascend_pass import ChainedAscendPass, FxPassesAscendPass
+    if isinstance(obj, FxPassesAscendPass):
+        return [obj]
+    if isinstance(obj, ChainedAscendPass):
+        return [p for p in obj.passes if isinstance(p, (FxPassesAscendPass, FxPassesInductorPass))]
     return []
+
+
+def _new_pass(key: str, vllm_config, inner=None):
+    """A pass of the form the platform's pass manager takes (see the module docstring)."""
+    if key == PASS_KEY:
+        from fxpasses.vllm_pass import FxPassesInductorPass
+        return inner if inner is not None else FxPassesInductorPass().bind(vllm_config)
+    from fxpasses.ascend_pass import FxPassesAscendPass
+    if isinstance(inner, FxPassesAscendPass):
+        return inner
+    p = FxPassesAscendPass(vllm_config, inner=inner)
+    return p if inner is not None else p.bind(vllm_config)
+
+
+def _install(icc: dict, key: str, p, vllm_config) -> None:
+    """icc[key] = p, run after the entry already there if any."""
+    existing = icc.get(key)
+    if existing is None:
+        icc[key] = p
+        return
+    log.info("fxpasses: another %s is set (%r); fxpasses runs after it", key, existing)
+    if key == PASS_KEY:
+        from fxpasses.vllm_pass import ChainedInductorPass
+        icc[key] = ChainedInductorPass([existing, p])
+    else:
+        from fxpasses.ascend_pass import ChainedAscendPass
+        icc[key] = ChainedAscendPass([existing, p], vllm_config)
 
 
 def _sizes(vllm_config) -> tuple[int, int]:
@@ -68,7 +129,8 @@ def _sizes(vllm_config) -> tuple[int, int]:
 
 
 def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> Any:
-    """Bind / validate / add the fxpasses pass on a built VllmConfig. Returns the pass or None.
+    """Bind / validate / add the fxpasses pass on a built VllmConfig, under the current platform's
+    pass key (`platform_pass_key()`). Returns the pass or None.
 
     Raises `fxpasses.errors.ConfigError` (message names the fix) for an invalid configuration.
     """
@@ -78,52 +140,68 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
         return None  # a default VllmConfig() (tests, tools): no model, nothing to compile
     cc = vllm_config.compilation_config
     icc = cc.inductor_compile_config
-    existing = icc.get(PASS_KEY)
-    ours = _fxpasses_passes(existing)
+    key = platform_pass_key()
+    ours = _fxpasses_passes(icc.get(key))
+    # on a platform with its own pass manager (vllm-ascend) Inductor's hook is never called
+    stray = _fxpasses_passes(icc.get(PASS_KEY)) if key != PASS_KEY else []
     ac = vllm_config.additional_config if isinstance(vllm_config.additional_config, Mapping) else {}
-    if not ours and not _config_requested(ac, env):
+    if not ours and not stray and not _config_requested(ac, env):
         return None  # not configured: leave vLLM exactly as it is
 
-    from fxpasses.vllm_pass import ChainedInductorPass, FxPassesInductorPass
-
     tp, world = _sizes(vllm_config)
+    adopted = None
+    if stray:
+        if ours:
+            log.warning("fxpasses: the pass under inductor_compile_config[%r] is never called on this platform "
+                        "(its pass key is %r); the one under %r runs", PASS_KEY, key, key)
+        else:
+            log.warning("fxpasses: the pass under inductor_compile_config[%r] would never be called on this "
+                        "platform (its pass key is %r, no Inductor post-grad passes run); registering it as "
+                        "inductor_compile_config[%r] instead (register it there yourself to silence this)",
+                        PASS_KEY, key, key)
+            adopted = _new_pass(key, vllm_config, inner=stray[0])
+            ours = [adopted]
     if ours:
         for p in ours:
             p.bind(vllm_config)
             cfg = p.resolve_config(env)
             if cfg.strategies:
                 cfg.validate_for(tp, world)
-        log.info("fxpasses: registered pass bound to the vLLM config (tp=%d): %s", tp, ours[0].resolve_config(env).key())
+        if adopted is not None:
+            _install(icc, key, adopted, vllm_config)
+        log.info("fxpasses: registered pass under %r bound to the vLLM config (tp=%d): %s", key, tp,
+                 ours[0].resolve_config(env).key())
         _warn_if_not_compiled(vllm_config)
         return ours[0]
 
-    p = FxPassesInductorPass().bind(vllm_config)
+    p = _new_pass(key, vllm_config)
     cfg = p.resolve_config(env)
     if not cfg.strategies:
         log.info("fxpasses: configured without any strategy; pass not registered")
         return None
     cfg.validate_for(tp, world)
-    if existing is not None:
-        log.info("fxpasses: another %s is set (%r); fxpasses runs after it", PASS_KEY, existing)
-        icc[PASS_KEY] = ChainedInductorPass([existing, p])
-    else:
-        icc[PASS_KEY] = p
-    log.info("fxpasses: plugin registered the pass as inductor_compile_config[%r] (tp=%d, world=%d): %s",
-             PASS_KEY, tp, world, cfg.key())
+    _install(icc, key, p, vllm_config)
+    log.info("fxpasses: plugin registered the pass (%s) as inductor_compile_config[%r] (tp=%d, world=%d): %s",
+             type(p).__name__, key, tp, world, cfg.key())
     _warn_if_not_compiled(vllm_config)
     return p
 
 
 def configs_of(vllm_config, env: Mapping[str, str] | None = None) -> list:
-    """The fxpasses configurations a VllmConfig carries (registered passes, or the config sources)."""
+    """The fxpasses configurations a VllmConfig carries (registered passes under the platform's key or
+    Inductor's, or the config sources)."""
     from fxpasses.config import load_config
 
     env = os.environ if env is None else env
     cc = getattr(vllm_config, "compilation_config", None)
     icc = getattr(cc, "inductor_compile_config", None) or {}
-    ours = _fxpasses_passes(icc.get(PASS_KEY))
+    ours = [p for k in dict.fromkeys((platform_pass_key(), PASS_KEY)) for p in _fxpasses_passes(icc.get(k))]
     if ours:
-        return [p.resolve_config(env) for p in ours]
+        cfgs = {}
+        for p in ours:
+            cfg = p.resolve_config(env)
+            cfgs.setdefault(cfg.key(), cfg)
+        return list(cfgs.values())
     ac = vllm_config.additional_config if isinstance(vllm_config.additional_config, Mapping) else {}
     return [load_config(ac, env)] if _config_requested(ac, env) else []
 
@@ -168,6 +246,8 @@ def _wrap_model_parallel_init() -> None:
 
 
 def _warn_if_not_compiled(vllm_config) -> None:
+    if platform_pass_key() == ASCEND_PASS_KEY:
+        _warn_if_npugraph_ex(vllm_config)
     try:
         from vllm.config import CompilationMode
         if vllm_config.compilation_config.mode == CompilationMode.NONE:
@@ -175,6 +255,20 @@ def _warn_if_not_compiled(vllm_config) -> None:
                         "pass cannot run; start without enforce_eager to apply it")
     except Exception:  # pragma: no cover - older vLLM without CompilationMode
         pass
+
+
+def _warn_if_npugraph_ex(vllm_config) -> None:
+    """vllm-ascend compiles with npugraph_ex unless it turned it off (it does for its piecewise graph
+    modes and for cudagraph mode NONE; `ascend_compilation_config.enable_npugraph_ex`, default
+    true), and that compiler never calls the graph-fusion pass manager: the pass would not run."""
+    ac = vllm_config.additional_config if isinstance(vllm_config.additional_config, Mapping) else {}
+    acc = ac.get("ascend_compilation_config")
+    acc = acc if isinstance(acc, Mapping) else {}
+    if acc.get("enable_npugraph_ex", True):
+        log.warning("fxpasses: vllm-ascend compiles this configuration with npugraph_ex "
+                    "(ascend_compilation_config.enable_npugraph_ex), which never calls the graph fusion pass "
+                    "manager, so the pass will not run; use a piecewise graph mode or "
+                    "additional_config={\"ascend_compilation_config\": {\"enable_npugraph_ex\": false}}")
 
 
 def register() -> None:
