@@ -24,8 +24,22 @@ from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def capture_key(spec: dict, config: dict, dtype: str, pack: bool) -> str:
-    return hashlib.sha1(json.dumps([spec, config, dtype, pack], sort_keys=True).encode()).hexdigest()[:12]
+def capture_key(spec: dict, config: dict, dtype: str, pack: bool, builder: str = "",
+                builder_kwargs: dict | None = None) -> str:
+    parts = [spec, config, dtype, pack] + ([builder, builder_kwargs or {}] if builder else [])
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build(ds: DecoderSpec, dtype: str, seed: int, pack: bool, builder: str, builder_kwargs: dict | None):
+    """The tiny decoder, or the model `builder` ("module:function", called as
+    fn(spec, dtype=, seed=, **builder_kwargs)) builds, e.g. the NPU-form decoder
+    `fxpasses.testing.models.npu_tiny:build_npu_decoder`."""
+    if not builder:
+        return build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed, pack_weights=pack)
+    import importlib
+
+    mod, _, fn = builder.partition(":")
+    return getattr(importlib.import_module(mod), fn)(ds, dtype=DTYPES[dtype], seed=seed, **(builder_kwargs or {}))
 
 
 def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
@@ -33,17 +47,18 @@ def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", pack: bool = False,
-                 first_tokens: int = 7, seed: int = 0, static: bool = False) -> dict[str, Any]:
+                 first_tokens: int = 7, seed: int = 0, static: bool = False, builder: str = "",
+                 builder_kwargs: dict | None = None) -> dict[str, Any]:
     """Build the model on this rank, compile it once with the pass, return the report and graphs.
     `static=True` compiles for exactly `first_tokens` tokens (no symbolic token count), as vLLM does
-    for a compile size."""
-    key = capture_key(spec, config, dtype, pack) + (f"-static{first_tokens}" if static else "")
+    for a compile size. `builder` / `builder_kwargs`: another model than the tiny decoder (`_build`)."""
+    key = capture_key(spec, config, dtype, pack, builder, builder_kwargs) + (f"-static{first_tokens}" if static else "")
     cache = state.setdefault("captures", {})
     if key in cache:
         return cache[key]["summary"]
     ds = DecoderSpec(**spec)
     cfg = FxPassesConfig.from_dict(config)
-    model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed, pack_weights=pack)
+    model = _build(ds, dtype, seed, pack, builder, builder_kwargs)
     ctx = TPContext.from_vllm()
     prepare_process_groups(cfg, ctx)  # collective group creation before compiling, not inside it
     reports = []
