@@ -23,6 +23,7 @@ from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.errors import FxPassesError, RewriteError, WireBytesError
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
+from fxpasses.graph_mode import WHOLE_BY_CALLER, GraphMode
 from fxpasses.patterns_loader import PatternSet, load_patterns
 from fxpasses.plan import SitePlan, SiteStatus, plan_sites
 from fxpasses.report import PassReport, collective_counts
@@ -37,17 +38,20 @@ _graph_ids = itertools.count()
 
 def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
-               fail_loudly: bool = False) -> PassReport:
+               fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER) -> PassReport:
     """Rewrite `graph` in place (or leave it untouched and say why in the report).
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
     because Inductor recompiles the module itself after its post-grad passes. `fail_loudly=True`
     raises when a started rewrite fails instead of keeping the original graph: where the other
     ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
-    would issue other collectives than its peers."""
+    would issue other collectives than its peers. `graph_mode` says whether `graph` is the whole
+    model or one piece of vLLM's FX split (`fxpasses.graph_mode`); it is stated in the report, and a
+    piece's inputs and outputs keep their original (replicated) layout either way."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
+    report.extra["graph_mode"] = graph_mode.to_dict()
     with report.timed("total"):
         why = _nothing_to_do(config, ctx)
         if why:
@@ -69,9 +73,22 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                 return _kept(report, "every owned site was skipped", graph, config, tag)
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
-                more = _more_bytes(graph, work, config, ctx, report, rw.T)
+                more = _more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
             if more:
                 raise WireBytesError(more)
+        except WireBytesError as e:
+            rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
+            if not rest or len(rest) == len(config.strategies):
+                return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
+            # the layer-spanning strategy costs the bytes (a piece's boundaries, excluded layers):
+            # the others still pay on their own, decided from the same shapes on every rank
+            dropped = [n for n in config.strategies if n not in rest]
+            retry = run_passes(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
+                               recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode)
+            retry.strategies = list(config.strategies)
+            retry.extra["left_out"] = {n: str(e) for n in dropped}
+            retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")
+            return retry
         except Exception as e:
             return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
         _enforce_strict(plans, config)
@@ -86,7 +103,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
 
 
 def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext,
-                report: PassReport, tokens) -> str | None:
+                report: PassReport, tokens, graph_mode: GraphMode = WHOLE_BY_CALLER) -> str | None:
     """Why the rewritten graph may not be kept for its bytes on the wire, or None. Per step (one
     forward), each rank's send bytes as `fxpasses.comm_volume` counts them, at the graph's static
     token count, or at `comm_volume.REFERENCE_TOKENS` x the group size for a symbolic one (where
@@ -104,10 +121,14 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
         return None
     grew = [f"{'layer ' if k.isdigit() else ''}{k} {v0['layers'].get(k, 0):.0f} -> {v:.0f}"
             for k, v in v1["layers"].items() if v > v0["layers"].get(k, 0)]
-    return (f"the rewritten graph would send {b1:.0f} bytes per step per rank against {b0:.0f} without "
-            f"the pass (at {tokens} tokens; more in {', '.join(grew)}); every site is left as it was. "
-            "A layer left in its original layout between sharded ones costs an all-gather at each "
-            "boundary: exclude fewer sites, or none")
+    head = (f"the rewritten graph would send {b1:.0f} bytes per step per rank against {b0:.0f} without "
+            f"the pass (at {tokens} tokens; more in {', '.join(grew)}); every site is left as it was. ")
+    if graph_mode.is_piece:
+        return head + ("This graph is one piece of vLLM's FX split, so every token tensor crossing its "
+                       "boundary stays replicated (gathered before the piece ends): sequence parallelism "
+                       "across layers needs the whole graph: " + graph_mode.whole_graph_setting)
+    return head + ("A layer left in its original layout between sharded ones costs an all-gather at each "
+                   "boundary: exclude fewer sites, or none")
 
 
 def _nothing_to_do(config: FxPassesConfig, ctx: TPContext) -> str | None:

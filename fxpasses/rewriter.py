@@ -181,6 +181,16 @@ class LayoutRewriter:
         self.rank_local.add(node)
 
     # ---- primitive layout changes (insert right after `value`) --------------------------------
+    def _anchor(self, value: fx.Node) -> fx.Node:
+        """The node after which work on `value` that needs the padding values goes: after `value`, the
+        padding values and the run of inputs (in a piecewise graph a token value may be an input that
+        comes before the token count the padding is computed from)."""
+        self._padding_values()
+        cands = [value] + [v for v in self._padding or () if isinstance(v, fx.Node)]
+        if value.op == "placeholder":
+            cands.append(next(n for n in reversed(self.graph.nodes) if n.op == "placeholder"))
+        return max(cands)
+
     def _pad(self, x: fx.Node) -> fx.Node:
         pad, _ = self.padded_count()
         nd = self.ndim(x)
@@ -189,7 +199,7 @@ class LayoutRewriter:
 
     def to_shard0_from_partial(self, partial: fx.Node) -> fx.Node:
         """Partial -> Shard0: pad + reduce_scatter."""
-        with self.graph.inserting_before(partial.next):
+        with self.graph.inserting_before(self._anchor(partial).next):
             padded = self._pad(partial)
         with self.graph.inserting_before(padded.next):
             rs = self.comm.reduce_scatter(self.graph, padded, self.group)
@@ -219,7 +229,7 @@ class LayoutRewriter:
         if value in self._gathered:
             return self._gathered[value]
         t = self.token_count_node()
-        with self.graph.inserting_before(value.next):
+        with self.graph.inserting_before(max(value, t).next if isinstance(t, fx.Node) else value.next):
             ag = self.comm.all_gather(self.graph, value, self.group)
         self._record_collective(value, ag)
         with self.graph.inserting_before(ag.next):
@@ -233,7 +243,7 @@ class LayoutRewriter:
         """Replicate -> Shard0 without communication: pad + this rank's chunk. Once per value."""
         if value in self._local:
             return self._local[value]
-        with self.graph.inserting_before(value.next):
+        with self.graph.inserting_before(self._anchor(value).next):
             padded = self._pad(value)
         with self.graph.inserting_before(padded.next):
             chunk = self.shard_rows()

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from fxpasses.config import FxPassesConfig, load_config
+from fxpasses.graph_mode import graph_mode_of
 
 log = logging.getLogger("fxpasses")
 
@@ -236,6 +237,11 @@ class FxPassesInductorPass(InductorPass):
         return int(start) >= cfg.min_tokens
 
     def __call__(self, graph) -> None:
+        self.apply(graph)
+
+    def apply(self, graph):
+        """Rewrite `graph` in place; returns the pass report (None when no strategy is configured or
+        the compile range is below `min_tokens`)."""
         from fxpasses.context import TPContext
         from fxpasses.pipeline import run_passes
         from fxpasses.logs import bridge_logging
@@ -266,13 +272,18 @@ class FxPassesInductorPass(InductorPass):
                        "min_tokens is left unchanged)", cfg.min_tokens)
         # Inductor recompiles after post-grad passes; a rank whose rewrite fails must not run its
         # original graph beside peers that run theirs rewritten: it raises
-        report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True)
+        mode = graph_mode_of(find_vllm_config())
+        report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode)
+        if mode.is_piece and not report.applied and "bytes per step" in report.reason:
+            self._once("piece", logging.WARNING, "fxpasses: %s; %s is kept in its original layout in such "
+                       "pieces. For the whole graph set %s", mode.why, "+".join(cfg.strategies),
+                       mode.whole_graph_setting)
         statuses: dict[str, int] = {}
         for s in report.sites:
             statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
         log.info("fxpasses: rank %d/%d %s: applied=%s sites=%s%s", ctx.rank, ctx.tp, "+".join(cfg.strategies),
                  report.applied, json.dumps(statuses, sort_keys=True), f" ({report.reason})" if report.reason else "")
-        return None
+        return report
 
     def _once(self, key: str, level: int, msg: str, *args) -> None:
         if key not in self._warned:

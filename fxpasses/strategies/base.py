@@ -148,6 +148,10 @@ class Strategy:
     site_kinds: ClassVar[frozenset[str]] = frozenset()
     precedence: ClassVar[int] = 0
     default_patterns: ClassVar[dict[str, list[str]]] = {}  # kind -> prefix substrings ("*": all)
+    # tokens stay sharded from one layer to the next (sequence parallelism): in one piece of vLLM's
+    # FX split the residual must leave replicated, so this is the strategy left out first when the
+    # whole rewrite would send more bytes than the original graph
+    spans_layers: ClassVar[bool] = False
 
     def validate(self, config: "FxPassesConfig", tp: int, world: int) -> None:
         """Raise ConfigError (naming the fix) when `config` cannot run at this tp / world size."""

@@ -35,6 +35,7 @@ class FlashComm1(Strategy):
     aliases = ("sp", "fc1", "sequence_parallel")
     site_kinds = frozenset({"row", "column", "embedding", "reduce"})
     precedence = 10
+    spans_layers = True
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         site = plan.site

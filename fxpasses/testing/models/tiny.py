@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpasses.errors import ConfigError
+from fxpasses.testing.models.attention_op import attend
 
 BUNDLED_CONFIG = Path(__file__).with_name("tiny_llama.json")
 
@@ -59,6 +60,7 @@ class DecoderSpec:
     q_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     parallel_residual: bool = False
+    splitting_attention: bool = False    # attention as one custom op vLLM can split the graph at
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "DecoderSpec":
@@ -154,6 +156,7 @@ class Attention(nn.Module):
                                         bias=spec.o_proj_bias, reduce_results=not spec.parallel_residual,
                                         prefix=f"{prefix}.o_proj")
         self.qk_norm = spec.qk_norm
+        self.splitting_attention = spec.splitting_attention
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, eps=spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, eps=spec.rms_norm_eps)
@@ -168,10 +171,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        out = out.transpose(0, 1).reshape(t, self.q_size)
+        out = attend(q, k, v, self.splitting_attention).reshape(t, self.q_size)
         out, _ = self.o_proj(out)
         return out
 
@@ -188,6 +188,7 @@ class MLAAttention(nn.Module):
 
         tp = get_tensor_model_parallel_world_size()
         self.nh = spec.num_attention_heads // tp
+        self.splitting_attention = spec.splitting_attention
         self.nope, self.rope, self.vd = spec.head_dim, spec.qk_rope_head_dim, spec.head_dim
         self.q_lora, self.kv_lora = spec.q_lora_rank, spec.kv_lora_rank
         self.fused_qkv_a_proj = MergedColumnParallelLinear(
@@ -214,9 +215,8 @@ class MLAAttention(nn.Module):
         kv = kv.view(-1, self.nh, self.nope + self.vd)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True)
-        out, _ = self.o_proj(out.transpose(0, 1).reshape(t, self.nh * self.vd))
+        out = attend(q, k, v, self.splitting_attention)
+        out, _ = self.o_proj(out.reshape(t, self.nh * self.vd))
         return out
 
 
