@@ -9,11 +9,12 @@ schemas' own. The TP all-reduce and vLLM's reduce_scatter / all_gather ops
 
 What the MoE communication ops mean here. `vllm::maybe_pad_and_reduce(Tensor x) -> Tensor` ends
 an MoE block. vllm-ascend decides at run time what it does and its fake kernel records the
-decision in the traced shape: same rows = `tensor_model_parallel_all_reduce(x)` (FlashComm off
-before Aug 2026; a VL draft model now): a TP all-reduce, a reduce site FlashComm1 turns into pad +
-reduce_scatter like any other; fewer rows = pad + reduce_scatter over dim 0 (EP group now, TP
-group with the old FlashComm1): the graph is already sequence parallel there, left alone and
-counted. `vllm::maybe_all_gather_and_maybe_unpad(Tensor x) -> Tensor` is its twin before the
+decision in the traced shape: same rows = `tensor_model_parallel_all_reduce(x)` (vllm-ascend before
+Aug 2026 with its FlashComm1 off): a TP all-reduce, a reduce site FlashComm1 turns into pad +
+reduce_scatter like any other; fewer rows = pad + reduce_scatter over dim 0 (the EP group now, the
+TP group with the old FlashComm1): the graph is already sequence parallel there, left alone and
+counted. (Now a VL draft model's call all-reduces while its fake kernel states fewer rows: such a
+node is counted as the reduce_scatter its shape says, and left alone.) `vllm::maybe_all_gather_and_maybe_unpad(Tensor x) -> Tensor` is its twin before the
 experts: more rows = all_gather (+ unpad), a collective that is not token-wise; same rows = the
 identity (FlashComm off), token-wise. Both name no group: the all-reduce is TP's; the
 reduce-scatter / all-gather run on the EP group (= TP at DP=1), and their bytes are counted with
