@@ -77,6 +77,7 @@ class FxPassesAscendPass(VllmInductorPass):
         if inner is not None and not isinstance(inner, FxPassesInductorPass):
             raise TypeError(f"inner must be an FxPassesInductorPass, got {type(inner).__name__}")
         self.inner = inner if inner is not None else FxPassesInductorPass(**overrides)
+        self.inner.platform_pass_key = ASCEND_PASS_KEY
 
     # -- configuration: the inner pass's ----------------------------------------------------------
     @property

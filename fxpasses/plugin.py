@@ -172,6 +172,7 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
         log.info("fxpasses: registered pass under %r bound to the vLLM config (tp=%d): %s", key, tp,
                  ours[0].resolve_config(env).key())
         _warn_if_not_compiled(vllm_config)
+        _warn_if_pieces(vllm_config, ours[0].resolve_config(env), key)
         return ours[0]
 
     p = _new_pass(key, vllm_config)
@@ -184,6 +185,7 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
     log.info("fxpasses: plugin registered the pass (%s) as inductor_compile_config[%r] (tp=%d, world=%d): %s",
              type(p).__name__, key, tp, world, cfg.key())
     _warn_if_not_compiled(vllm_config)
+    _warn_if_pieces(vllm_config, cfg, key)
     return p
 
 
@@ -255,6 +257,21 @@ def _warn_if_not_compiled(vllm_config) -> None:
                         "pass cannot run; start without enforce_eager to apply it")
     except Exception:  # pragma: no cover - older vLLM without CompilationMode
         pass
+
+
+def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
+    """A layer-spanning strategy (FlashComm1) under vLLM's FX split: say at start-up that it can only
+    be kept per piece, and which setting hands the pass the whole graph."""
+    from fxpasses.graph_mode import graph_mode_of
+    from fxpasses.strategies import base as strategy_registry
+
+    mode = graph_mode_of(vllm_config, key)
+    spanning = [n for n in cfg.strategies if strategy_registry.get(n).spans_layers]
+    if mode.is_piece and spanning:
+        log.warning("fxpasses: %s; %s keeps token tensors replicated at every piece boundary and is applied "
+                    "only to pieces where that moves no more bytes than the all-reduces it replaces. For "
+                    "sequence parallelism across layers set %s", mode.why, "+".join(spanning),
+                    mode.whole_graph_setting)
 
 
 def _warn_if_npugraph_ex(vllm_config) -> None:

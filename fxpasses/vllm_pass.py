@@ -165,6 +165,9 @@ class FxPassesInductorPass(InductorPass):
         self.overrides = dict(overrides)
         self.additional_config: dict[str, Any] | None = None  # set by bind(); travels to workers
         self.tp_size_hint: int | None = None
+        # the platform's pass key when it is not Inductor's (vllm-ascend's route sets it): it picks
+        # the whole-graph setting the report names for a piece (`fxpasses.graph_mode`)
+        self.platform_pass_key: str | None = None
         self.world_size_hint: int | None = None
         self._warned: set[str] = set()
 
@@ -272,7 +275,7 @@ class FxPassesInductorPass(InductorPass):
                        "min_tokens is left unchanged)", cfg.min_tokens)
         # Inductor recompiles after post-grad passes; a rank whose rewrite fails must not run its
         # original graph beside peers that run theirs rewritten: it raises
-        mode = graph_mode_of(find_vllm_config())
+        mode = graph_mode_of(find_vllm_config(), getattr(self, "platform_pass_key", None))
         report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode)
         if mode.is_piece and not report.applied and "bytes per step" in report.reason:
             self._once("piece", logging.WARNING, "fxpasses: %s; %s is kept in its original layout in such "

@@ -285,25 +285,34 @@ def test_standin_piecewise_flashcomm2_rewritten_per_piece_and_equal(pool):
 
 
 FC1 = {"strategies": ["flashcomm1"]}
-PIECEWISE_FC1 = ("piecewise FlashComm1 is being reworked in pipeline.py / rewriter.py. Seen at d023a3e: the rewrite of "
-                 "the piece after layer 0's attention raises RewriteError (a pad node uses its row count before "
-                 "the count is defined: 'Argument sub of Node constant_pad_nd_default_2 was used before it has "
-                 "been defined'); with the rework in progress: only the embedding piece is rewritten, the pieces "
-                 "after attention are refused by the bytes rule (WireBytesError: every Shard0 value is gathered "
-                 "at the piece boundary) and kept")
 
 
-@pytest.mark.xfail(reason=PIECEWISE_FC1, strict=False)
-def test_standin_piecewise_flashcomm1_equal(pool):
-    """FlashComm1 per piece (not strict): whatever each piece keeps, the model computes the same."""
+def test_standin_piecewise_flashcomm1_kept_where_it_costs_bytes_and_equal(pool):
+    """FlashComm1 per piece: a tensor crossing a piece boundary stays replicated, so a piece is
+    rewritten only where that moves no more bytes than its all-reduces (the embedding piece: one
+    replicated tensor out), and kept otherwise with vllm-ascend's whole-graph setting in its reason
+    (the middle piece sends the residual and the normed hidden state on; the last piece here also
+    writes its residual input back in place, as the graph runs without Inductor). Every piece decides
+    the same on both ranks, and the model stays exact."""
     summaries = _compile(pool, FC1, "piecewise")
     for s in summaries:
         _once_per_piece(s)
+        assert [r["graph_mode"]["kind"] for r in s["reports"]] == ["piece"] * 3
+        for c, r in zip(s["calls"], s["reports"]):
+            if r["applied"]:
+                assert c["after"]["all_reduce"] == 0 and c["after"]["reduce_scatter"] == c["before"]["all_reduce"], c
+                assert r["bytes_per_step"]["ratio"] <= 1
+            else:
+                assert c["after"] == c["before"], c
+                assert "bytes per step" in r["reason"] and "enable_npugraph_ex" in r["reason"], r["reason"]
+        assert [r["applied"] for r in s["reports"][:2]] == [True, False]
+    assert [r["fingerprint_digest"] for r in summaries[0]["reports"]] == \
+        [r["fingerprint_digest"] for r in summaries[1]["reports"]]
     _assert_equal(pool, summaries)
 
 
-@pytest.mark.xfail(reason=PIECEWISE_FC1, strict=False)
-def test_standin_piecewise_flashcomm1_rewrites_every_piece(pool):
-    for s in _compile(pool, FC1, "piecewise"):
-        for c in s["calls"]:
-            assert c["after"]["all_reduce"] == 0 and c["after"]["reduce_scatter"] == c["before"]["all_reduce"], c
+def test_standin_whole_graph_mode_is_stated(pool):
+    env = {"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1", "FXPASSES_CONFIG": '{"strict": true}'}
+    for s in _compile(pool, {}, "whole", env=env):
+        (r,) = s["reports"]
+        assert r["graph_mode"]["kind"] == "whole" and "splitting_ops=[]" in r["graph_mode"]["why"]

@@ -8,8 +8,9 @@ symbolic token count, and keeps it with the manager's record of calls; `rank_asc
 the compiled model and the eager model (same weights, same tokens) per token count.
 
 For the piecewise mode the decoder's attention is one opaque custom op,
-`fxpasses_ascend_standin::causal_attention` (`SPLITTING_OP`), as vLLM's attention is one op the
-graph is split at (`vllm::unified_attention_with_output` and vllm-ascend's MLA/DSA twins).
+`fxpasses_testing::causal_attention` (`SPLITTING_OP`, `DecoderSpec.splitting_attention`), as vLLM's
+attention is one op the graph is split at (`vllm::unified_attention_with_output` and vllm-ascend's
+MLA/DSA twins). The compilation config vllm-ascend sets for the mode is current while compiling.
 """
 from __future__ import annotations
 
@@ -18,56 +19,30 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fxpasses.testing.harness import DTYPES, _tokens
-from fxpasses.testing.models.tiny import Attention
+from fxpasses.testing.models.attention_op import SPLITTING_OP
 
-SPLITTING_OP = "fxpasses_ascend_standin::causal_attention"
 GRAPH_MODES = ("whole", "piecewise")
-
-
-@torch.library.custom_op(SPLITTING_OP, mutates_args=())
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[T, nh, d] x [T, nkv, d] x [T, nkv, dv] -> [T, nh, dv]: causal SDPA over the local heads."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1).contiguous()
-
-
-@causal_attention.register_fake
-def _(q, k, v):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-class SplitAttention(Attention):
-    """The tiny decoder's attention with its core as `causal_attention` (same math, one op)."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t = q.shape[0]
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out, _ = self.o_proj(causal_attention(q, k, v).reshape(t, self.q_size))
-        return out
 
 
 def build_model(spec: dict, dtype: str, seed: int, graph_mode: str):
     from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
 
-    ds = DecoderSpec(**spec)
-    model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)
-    if graph_mode == "piecewise":
-        for layer in model.layers:
-            if type(layer.self_attn) is not Attention:
-                raise TypeError("piecewise mode splits the tiny decoder's Attention, not "
-                                f"{type(layer.self_attn).__name__}")
-            layer.self_attn.__class__ = SplitAttention
-    return ds, model
+    ds = DecoderSpec(**{**spec, "splitting_attention": graph_mode == "piecewise"})
+    return ds, build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)
+
+
+def ascend_vllm_config(graph_mode: str):
+    """The compilation settings vllm-ascend's platform gives each mode (`_setup_compile_backend`):
+    VLLM_COMPILE; piecewise modes split at attention, FULL modes get `splitting_ops=[]`."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode, VllmConfig
+
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE,
+                           splitting_ops=[SPLITTING_OP] if graph_mode == "piecewise" else [])
+    vc = VllmConfig(compilation_config=cc)
+    vc.compilation_config.mode = CompilationMode.VLLM_COMPILE  # this CPU platform set DYNAMO_TRACE_ONCE
+    return vc
 
 
 def rank_ascend_compile(state: dict, spec: dict, config: dict, graph_mode: str = "whole",
@@ -95,9 +70,10 @@ def _environ(env: dict[str, str]):
 
 
 def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, env) -> dict[str, Any]:
-    from vllm.config import get_current_vllm_config
+    from vllm.config import set_current_vllm_config
 
     from fxpasses.ascend_pass import FxPassesAscendPass
+    from fxpasses.testing.piecewise import RecordingPass
     from fxpasses.context import TPContext
     from fxpasses.testing.ascend_standin import AscendStandinBackend, GraphFusionPassManagerStandin
     from fxpasses.topology import prepare_process_groups
@@ -109,10 +85,11 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
     if key in cache:
         return cache[key]["summary"]
     ds, model = build_model(spec, dtype, seed, graph_mode)
-    pass_ = FxPassesAscendPass(get_current_vllm_config(), **config)
+    vc = ascend_vllm_config(graph_mode)
+    pass_ = FxPassesAscendPass(vc, inner=RecordingPass(**config))
     prepare_process_groups(pass_.resolve_config(), TPContext.from_vllm())  # at start-up, not in the compile
     manager = GraphFusionPassManagerStandin()
-    manager.configure(get_current_vllm_config())
+    manager.configure(vc)
     manager.add(pass_)
     backend = AscendStandinBackend(manager, [SPLITTING_OP] if graph_mode == "piecewise" else [])
     torch._dynamo.reset()
@@ -120,17 +97,20 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
     # one graph serves every token count (no recompilation for other sizes)
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False,
                              options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
-    entry = {"model": model, "compiled": compiled, "manager": manager, "backend": backend, "spec": ds}
+    entry = {"model": model, "compiled": compiled, "manager": manager, "backend": backend, "spec": ds, "vc": vc}
     _run(entry, first_tokens, seed)  # compiles
-    entry["summary"] = {"key": key, "pieces": list(backend.pieces), "calls": list(manager.calls)}
+    entry["summary"] = {"key": key, "pieces": list(backend.pieces), "calls": list(manager.calls),
+                        "reports": [c["report"] for c in pass_.inner.calls]}
     cache[key] = entry
     return entry["summary"]
 
 
 def _run(entry: dict, T: int, seed: int) -> torch.Tensor:
+    from vllm.config import set_current_vllm_config
+
     ids = _tokens(T, entry["spec"].vocab_size, seed)
     torch._dynamo.mark_dynamic(ids, 0)
-    with torch.no_grad():
+    with torch.no_grad(), set_current_vllm_config(entry["vc"]):
         return entry["compiled"](ids)
 
 
