@@ -312,6 +312,7 @@ VALUES = {
     "dump_dir": st.one_of(st.none(), st.sampled_from(["/tmp/a", "/tmp/b"])),
     "module_prefix": st.sampled_from(["model", "language_model.model"]),
     "check_token_counts": st.booleans(),
+    "weight_format": st.sampled_from(["unknown", "nd", "nd_float", "nz"]),
 }
 configs = st.fixed_dictionaries(VALUES)
 
