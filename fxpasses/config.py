@@ -29,6 +29,10 @@ def parse_strategies(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return strategy_registry.canonical([i for i in items if str(i).strip()])
 
 
+#: the `int8_comm` values (see `FxPassesConfig`)
+INT8_COMM_MODES = ("auto", "off")
+
+
 @dataclass(frozen=True)
 class FxPassesConfig:
     """What to rewrite and how. See README "Configuration" for each key."""
@@ -47,6 +51,9 @@ class FxPassesConfig:
     # "nd" (plain row-major: in-graph weight blocks allowed), "nd_float" (float weights plain,
     # quantised ones may not be), "nz" (any may be); see fxpasses.op_forms.weight_block_refusal
     weight_format: str = "unknown"
+    # W8A8: send a quantised linear input as int8 (+ its scales) where a rewrite communicates it
+    # ("auto"), or gather / exchange the float input and quantise after the collective ("off")
+    int8_comm: str = "auto"
 
     def __post_init__(self):
         self._check_types()
@@ -91,6 +98,9 @@ class FxPassesConfig:
         if self.weight_format not in op_forms.WEIGHT_FORMATS:
             raise ConfigError(f"weight_format must be one of {list(op_forms.WEIGHT_FORMATS)}, got "
                               f"{self.weight_format!r}; 'nd' declares plain (ND) weights, 'unknown' is the default")
+        if self.int8_comm not in INT8_COMM_MODES:
+            raise ConfigError(f"int8_comm must be one of {list(INT8_COMM_MODES)}, got {self.int8_comm!r}; "
+                              "'off' communicates the float input of quantised linears")
         if not isinstance(self.module_prefix, str):
             raise ConfigError(f"module_prefix must be a string (vLLM compiles 'model'), got {self.module_prefix!r}")
 
