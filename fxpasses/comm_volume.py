@@ -11,8 +11,9 @@ not what a formula says it should. Accounting (n = group size, B = bytes of the 
     all_gather      B = output (n x input)          send = recv =   (n-1)/n B
     all_to_all      B = input                       send = recv =   (n-1)/n B   (equal splits)
 
-`fxpasses::odp_weight` (FlashComm2's one-time o_proj weight all-gather) is reported as a
-one-time weight transfer, not per-step traffic. Group sizes come from the node itself
+`fxpasses::odp_weight` and `fxpasses::odp_quant_blocks` (FlashComm2's one-time o_proj weight
+all-gathers) are reported as one-time weight transfers, not per-step traffic. Bytes follow each
+tensor's dtype: int8 values count 1 byte per element, their float32 scales 4. Group sizes come from the node itself
 (reduce_scatter/all_gather carry it), from fxpasses' `meta["fxpasses"]["group_size"]` tag, or
 from `group_sizes` ({group name: size}) for the model's own all-reduces (a platform op that names
 no group is looked up by its implicit group's label, else takes `default_group_size`).
@@ -29,6 +30,8 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses.lowering.match import FUSED_COLLECTIVES
+from fxpasses.lowering.match import ONE_TIME as LOWERING_ONE_TIME
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -119,6 +122,10 @@ def _input_tensor(node: fx.Node) -> torch.Tensor | None:
     return gf.val(gf.collective_input(node))
 
 
+#: fxpasses' one-time weight gathers (FlashComm2): op -> positions of its group_name, group_size
+ONE_TIME_GATHERS = {"fxpasses::odp_weight": (3, 4), "fxpasses::odp_quant_blocks": (6, 7)}
+
+
 def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = None,
                        default_group_size: int | None = None) -> list[CollectiveVolume]:
     """Every collective of `graph`, in graph order, with its per-rank send/recv bytes."""
@@ -134,12 +141,17 @@ def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = Non
                 layer = "post"
             site = path
         name = gf.op_name(node)
-        if name == "fxpasses::odp_weight":
-            n = int(node.args[4] if len(node.args) > 4 else node.kwargs["group_size"])
-            full = numel_bytes(gf.val(node))
+        if name in ONE_TIME_GATHERS:
+            gpos, pos = ONE_TIME_GATHERS[name]
+            n = int(node.args[pos] if len(node.args) > pos else node.kwargs["group_size"])
+            v = gf.val(node)
+            full = sum((numel_bytes(t) for t in (v if isinstance(v, (list, tuple)) else [v])), sympy.Integer(0))
             part = full * sympy.Rational(n - 1, n)
-            out.append(CollectiveVolume(node.name, "weight_gather", str(node.args[3]), n, layer, site, full,
+            out.append(CollectiveVolume(node.name, "weight_gather", str(node.args[gpos]), n, layer, site, full,
                                         part, part, one_time=True))
+            continue
+        if name in FUSED_COLLECTIVES or name in LOWERING_ONE_TIME:  # a lowered pair (fxpasses.lowering)
+            out.append(_fused_volume(node, name, layer, site, group_sizes, default_group_size))
             continue
         kind = gf.collective_kind(node)
         if kind is None:
@@ -155,6 +167,36 @@ def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = Non
         b = sympy.expand(full * factor) if n > 1 else sympy.Integer(0)
         out.append(CollectiveVolume(node.name, kind, gf.collective_group(node), n, layer, site, full, b, b))
     return out
+
+
+def _fused_volume(node: fx.Node, name: str, layer: str, site: str, group_sizes, default) -> CollectiveVolume:
+    """A fused matmul + collective (`fxpasses.lowering`) counts as the collective inside it: the
+    bytes its pair's collective moved (`FUSED_COLLECTIVES` says which tensor they are measured on);
+    `fxpasses::rank0_bias` is a one-time transfer of one bias vector."""
+    from fxpasses import op_forms
+
+    if name in LOWERING_ONE_TIME:
+        garg, sarg = LOWERING_ONE_TIME[name]
+        n = int(op_forms.arg(node, sarg))
+        full = numel_bytes(gf.val(node))
+        b = sympy.expand(full * sympy.Rational(2 * (n - 1), n))
+        return CollectiveVolume(node.name, "bias_reduce", str(op_forms.arg(node, garg)), n, layer, site, full, b, b,
+                                one_time=True)
+    kind, on, targ, sarg, garg = FUSED_COLLECTIVES[name]
+    tag = node.meta.get("fxpasses", {})
+    n = int(op_forms.arg(node, sarg)) if sarg else int(tag.get("group_size") or default or 0)
+    if not n:
+        raise ValueError(f"cannot tell the group size of fused op {node.name}; pass default_group_size")
+    v = gf.val(node)
+    if on == "in_x_n":
+        full = numel_bytes(gf.val(op_forms.arg(node, targ))) * n
+    else:
+        outv = v if isinstance(v, torch.Tensor) else (v[1][0] if name.startswith("symm_mem") else v[0])
+        full = numel_bytes(outv) * (n if on == "out_x_n" else 1)
+    factor = sympy.Rational(2 * (n - 1), n) if kind == "all_reduce" else sympy.Rational(n - 1, n)
+    b = sympy.expand(full * factor) if n > 1 else sympy.Integer(0)
+    return CollectiveVolume(node.name, kind, str(tag.get("group") or op_forms.arg(node, garg)), n, layer, site,
+                            full, b, b)
 
 
 def per_layer(vols: list[CollectiveVolume], subs: dict) -> "OrderedDict[str, dict]":

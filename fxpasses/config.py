@@ -51,6 +51,9 @@ class FxPassesConfig:
     # "nd" (plain row-major: in-graph weight blocks allowed), "nd_float" (float weights plain,
     # quantised ones may not be), "nz" (any may be); see fxpasses.op_forms.weight_block_refusal
     weight_format: str = "unknown"
+    # fused matmul + collective kernels after the rewrite (fxpasses.lowering): "auto" (the platform's:
+    # npu, cuda with symmetric memory; nothing on CPU), "off", "reference" (the CPU reference ops)
+    lowering: str = "auto"
     # W8A8: send a quantised linear input as int8 (+ its scales) where a rewrite communicates it
     # ("auto"), or gather / exchange the float input and quantise after the collective ("off")
     int8_comm: str = "auto"
@@ -101,6 +104,9 @@ class FxPassesConfig:
         if self.int8_comm not in INT8_COMM_MODES:
             raise ConfigError(f"int8_comm must be one of {list(INT8_COMM_MODES)}, got {self.int8_comm!r}; "
                               "'off' communicates the float input of quantised linears")
+        if self.lowering not in ("auto", "off", "reference"):
+            raise ConfigError(f"lowering must be one of ['auto', 'off', 'reference'], got {self.lowering!r}; 'auto' "
+                              "fuses with the platform's kernels (none on CPU), 'off' never fuses")
         if not isinstance(self.module_prefix, str):
             raise ConfigError(f"module_prefix must be a string (vLLM compiles 'model'), got {self.module_prefix!r}")
 

@@ -8,6 +8,8 @@ on the wire per step than the original graph is not kept either (`_more_bytes`).
 keeps its original form after planning (nothing owned, every site skipped, the rewrite abandoned)
 still gets its site report and before-graph in the dump directory. Which strategies exist and
 what kind of graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).
+Last, whatever graph stays (rewritten or not) is lowered: matmul + collective pairs become fused
+kernels where the platform has them (`fxpasses.lowering`, the `lowering` key).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import torch
 import torch.fx as fx
 
-from fxpasses import comm_volume, dump
+from fxpasses import comm_volume, dump, lowering
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
@@ -39,7 +41,25 @@ _graph_ids = itertools.count()
 def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
                fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER) -> PassReport:
-    """Rewrite `graph` in place (or leave it untouched and say why in the report).
+    """Rewrite `graph` in place (or leave it untouched and say why in the report), then lower it:
+    the graph as it now is, rewritten or not, gets its matmul + collective pairs fused by the
+    backend the `lowering` key picks (`fxpasses.lowering`; nothing on CPU unless `reference`), with
+    the record in `report.extra["lowering"]`. See `_run_strategies` for the arguments."""
+    report = _run_strategies(graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile,
+                             fail_loudly=fail_loudly, graph_mode=graph_mode)
+    if config.lowering != "off":
+        with report.timed("lowering"):
+            rec = lowering.lower_graph(graph, config.lowering, ctx, module_prefix=config.module_prefix)
+        report.extra["lowering"] = rec
+        if rec["fused"] and graph.owning_module is not None and recompile:
+            graph.owning_module.recompile()
+    return report
+
+
+def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
+                    patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
+                    fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER) -> PassReport:
+    """The rewrite of `run_passes`, without the lowering.
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
     because Inductor recompiles the module itself after its post-grad passes. `fail_loudly=True`
@@ -83,8 +103,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             # the layer-spanning strategy costs the bytes (a piece's boundaries, excluded layers):
             # the others still pay on their own, decided from the same shapes on every rank
             dropped = [n for n in config.strategies if n not in rest]
-            retry = run_passes(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
-                               recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode)
+            retry = _run_strategies(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
+                                    recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode)
             retry.strategies = list(config.strategies)
             retry.extra["left_out"] = {n: str(e) for n in dropped}
             retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")

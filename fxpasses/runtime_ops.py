@@ -12,6 +12,17 @@ through the plugin entry point).
   Gathered once per weight version: again only when w or the bias is replaced or updated in place
   (its version counter moves); every rank of a group loads and updates its weights together, so
   every rank takes the same path.
+* `fxpasses::odp_quant_blocks(w, scale, bias, per_token, out_dtype, key, group_name, group_size)`:
+  FlashComm2's blocks for a quantised (W8A8) o_proj, gathered over the ODP group once per weight
+  version like `odp_weight`: (the n peers' int8 weight shards [n, D/tp, H], their dequant scales
+  [n, H], the row bias terms [2, H] summed over the group). A bias term is this rank's row bias
+  where its graph has one (vLLM's TP rank 0), zeros elsewhere: a float bias (added after the
+  dequant) in row 0; an integer bias (vllm-ascend's int32 quant_bias, added to the int32
+  accumulator) times the dequant scale, in row 0, or in row 1 when the matmul also scales per
+  token (then it is multiplied by the first peer's per-token scale). Terms are in out_dtype
+  promoted to at least float32.
+* the lowering's ops (`fxpasses::mm_all_reduce`, `mm_reduce_scatter`, `all_gather_mm`, `rank0_bias`),
+  defined in `fxpasses.lowering.ops` and registered from here.
 * `fxpasses::check_group_tokens(x, group_name, group_size, where)`: OTP / MLP-TP debug check that
   every rank of a group runs the same token count (raises the same clear error on every rank).
 """
@@ -20,6 +31,8 @@ from __future__ import annotations
 import threading
 
 import torch
+
+from fxpasses.lowering import ops as _lowering_ops  # noqa: F401  (fused reference ops, fxpasses::rank0_bias)
 
 _LOCK = threading.Lock()
 _WEIGHTS: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -84,6 +97,56 @@ def clear_weight_cache() -> None:
 def weight_stats() -> dict:
     with _LOCK:
         return {**STATS, "cached": len(_WEIGHTS)}
+
+
+def _gather_blocks(t: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    flat = t.contiguous().reshape(1, -1)
+    out = flat.new_empty((group_size, flat.shape[1]))
+    dist.all_gather_into_tensor(out, flat, group=_resolve_process_group(group_name))
+    return out.view(group_size, *t.shape)
+
+
+def bias_terms(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """This rank's [2, H] bias terms (see the module docstring)."""
+    dt = torch.promote_types(out_dtype, torch.float32)
+    terms = torch.zeros((2, w.shape[-1]), dtype=dt, device=w.device)
+    if bias is not None:
+        if bias.is_floating_point():
+            terms[0] = bias.to(dt)
+        else:
+            terms[1 if per_token else 0] = (bias.to(torch.float64) * scale.to(torch.float64)).to(dt)
+    return terms
+
+
+@torch.library.custom_op("fxpasses::odp_quant_blocks", mutates_args=())
+def odp_quant_blocks(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+                     out_dtype: torch.dtype, key: str, group_name: str,
+                     group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See the module docstring."""
+    ident = (_version(w), _version(scale), _version(bias), per_token, out_dtype)
+    with _LOCK:
+        STATS["calls"] += 1
+        hit = _WEIGHTS.get(key)
+        if hit is not None and hit[0] == ident:
+            return hit[1]
+    full = (_gather_blocks(w, group_name, group_size), _gather_blocks(scale, group_name, group_size),
+            _gather_blocks(bias_terms(w, scale, bias, per_token, out_dtype), group_name, group_size).sum(0))
+    with _LOCK:
+        _WEIGHTS[key] = (ident, full)
+        STATS["gathers"] += 1
+        STATS["bytes"] += sum(t.numel() * t.element_size() for t in full)
+    return full
+
+
+@odp_quant_blocks.register_fake
+def _odp_quant_blocks_fake(w, scale, bias, per_token, out_dtype, key, group_name, group_size):
+    dt = torch.promote_types(out_dtype, torch.float32)
+    return (w.new_empty((group_size, *w.shape)), scale.new_empty((group_size, *scale.shape)),
+            w.new_empty((2, w.shape[-1]), dtype=dt))
 
 
 class TokenCountMismatch(RuntimeError):

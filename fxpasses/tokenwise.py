@@ -43,7 +43,10 @@ DIM_OPS = {"aten::select", "aten::slice", "aten::split", "aten::split_with_sizes
 CUSTOM_TOKENWISE_SUFFIXES = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul",
                              "gelu_tanh_and_mul", "mul_and_silu", "fatrelu_and_mul", "swigluoai_and_mul",
                              "gelu_new", "gelu_fast", "gelu_quick", "layer_norm", "rotary_embedding",
-                             "static_scaled_fp8_quant", "dynamic_per_token_scaled_fp8_quant")
+                             "static_scaled_fp8_quant", "dynamic_per_token_scaled_fp8_quant",
+                             "static_scaled_int8_quant", "dynamic_scaled_int8_quant")
+# activation quantisation for a quantised matmul (vLLM's `_C` ops; platforms' by `quantizes`)
+QUANTIZE_SUFFIXES = ("scaled_fp8_quant", "scaled_int8_quant")
 CUSTOM_NAMESPACES = ("vllm_ir", "_C", "vllm")
 
 
@@ -254,6 +257,18 @@ def platform_rule(f: OpFacts, form: op_forms.OpForm):
         x = op_forms.arg(node, form.input)
         return [x] if gf.collective_kind(node) is None and isinstance(x, fx.Node) else None
     return None
+
+
+def is_quantize(node: fx.Node) -> bool:
+    """`node` quantises a linear layer's input (vLLM's `_C` int8/fp8 activation quantisation, also
+    inside auto_functionalized, or a platform op whose record says `quantizes`)."""
+    if node.op != "call_function":
+        return False
+    form = gf.platform_form(node, op_forms.TokenWise)
+    if form is not None:
+        return form.quantizes
+    ns, _, short = gf.op_name(node).partition("::")
+    return ns in CUSTOM_NAMESPACES and short.endswith(QUANTIZE_SUFFIXES)
 
 
 def _is_custom_tokenwise(name: str) -> bool:

@@ -231,8 +231,13 @@ def prepare_process_groups(config, ctx: TPContext) -> None:
 
     The passes create them lazily on first use, which is correct when every rank compiles the same
     graphs in the same order (vLLM's workers do), but it puts a collective (`new_group`) inside the
-    compiler. Callers that can, call this first on every rank: the harness does before capturing."""
+    compiler. Callers that can, call this first on every rank: the harness does before capturing.
+    It also records what the lowering's platform kernels need about those groups
+    (`fxpasses.lowering.groups.prepare`: HCCL names on NPU, symmetric memory on CUDA)."""
     from fxpasses.strategies import base
 
     for name in config.strategies:
         base.get(name).prepare_groups(config, ctx, create=True)
+    from fxpasses.lowering import groups as lowering_groups
+
+    lowering_groups.prepare(config, ctx)  # HCCL names / symmetric memory for the fused kernels

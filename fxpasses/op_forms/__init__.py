@@ -50,12 +50,16 @@ class TokenWise(OpForm):
     never token-aligned; a listed argument that is None or not token-sized is simply not aligned,
     unless `all_args` demands every present listed argument be token-sized (rotary: positions,
     query and key together, never a [3, T] M-RoPE position tensor). `dim_arg` (with its default
-    `dim_default`) names a dim argument the op works along: the op is not token-wise along dim 0."""
+    `dim_default`) names a dim argument the op works along: the op is not token-wise along dim 0.
+    `quantizes`: the op quantises a linear layer's input (its outputs are the int8 values and, for
+    a dynamic scheme, their per-token scales); `int8_comm` decides which side of a collective it
+    runs on (`fxpasses.rewriter`)."""
 
     args: tuple[str, ...] = ()
     all_args: bool = False
     dim_arg: str | None = None
     dim_default: int = -1
+    quantizes: bool = False
 
     def arg_names(self):
         return self.args + ((self.dim_arg,) if self.dim_arg else ())
@@ -70,7 +74,9 @@ class Matmul(OpForm):
     device-private layout the platform may store this weight in (Ascend's FRACTAL_NZ), in which
     case the weight is never sliced or gathered in the graph unless the configuration declares
     plain weights (`weight_format`, see `weight_block_refusal`); `never_private`: dtypes the
-    platform never stores in it."""
+    platform never stores in it. `channel_args`: per-output-channel arguments of a quantised
+    matmul (its dequant scale [out]); `offset`: an argument that must be None for FlashComm2's
+    quantised rewrite (an asymmetric output offset)."""
 
     x: str = "x"
     weight: str = "weight"
@@ -80,9 +86,12 @@ class Matmul(OpForm):
     quantized: bool = False
     private_format: str | None = None
     never_private: tuple[str, ...] = ()
+    channel_args: tuple[str, ...] = ()
+    offset: str | None = None
 
     def arg_names(self):
-        return (self.x, self.weight) + ((self.bias,) if self.bias else ()) + self.token_args
+        return ((self.x, self.weight) + ((self.bias,) if self.bias else ()) + self.token_args
+                + self.channel_args + ((self.offset,) if self.offset else ()))
 
     def operands(self, node: fx.Node):
         """(activation, weight, bias) nodes (bias None when absent)."""

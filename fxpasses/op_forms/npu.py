@@ -48,10 +48,10 @@ FORMS = (
                    "Tensor? offsets=None) -> (Tensor, Tensor)"),
     # W8A8 activation quantisation: static (per-tensor scale repeated over the features) and dynamic
     # (per token: int8 values and a [T] scale, both token-major)
-    TokenWise("vllm::quantize", args=("in_tensor",),
+    TokenWise("vllm::quantize", args=("in_tensor",), quantizes=True,
               note="vllm-ascend op wrapping npu_quantize(div_mode=False): quantize(Tensor in_tensor, "
                    "Tensor input_scale, Tensor input_scale_reciprocal, Tensor input_offset) -> Tensor (int8)"),
-    TokenWise("npu::npu_dynamic_quant", args=("input",),
+    TokenWise("npu::npu_dynamic_quant", args=("input",), quantizes=True,
               note="npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
                    "ScalarType? dst_type=None) -> (Tensor, Tensor): int8 values and per-token scale"),
     # matmuls
@@ -59,7 +59,7 @@ FORMS = (
            note="vllm-ascend op: unquantized_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor "
                 "(F.linear; the weight is NZ when weight_nz_mode=2, ND with the default 1 for bf16/fp16)"),
     Matmul("npu::npu_quant_matmul", x="x1", weight="x2", bias="bias", token_args=("pertoken_scale",),
-           weight_layout="in_out", quantized=True, **_NZ,
+           weight_layout="in_out", quantized=True, channel_args=("scale",), offset="offset", **_NZ,
            note="npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
                 "Tensor? pertoken_scale=None, Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor; "
                 "x2 is the int8 weight transposed to [in, out], NZ unless weight_nz_mode=0"),
