@@ -313,6 +313,7 @@ VALUES = {
     "module_prefix": st.sampled_from(["model", "language_model.model"]),
     "check_token_counts": st.booleans(),
     "weight_format": st.sampled_from(["unknown", "nd", "nd_float", "nz"]),
+    "lowering": st.sampled_from(["auto", "off", "reference"]),
 }
 configs = st.fixed_dictionaries(VALUES)
 
