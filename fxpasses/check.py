@@ -210,12 +210,13 @@ def run_engine(spec: dict) -> dict:
     kw: dict[str, Any] = dict(model=spec["model"], tensor_parallel_size=spec["tp"], skip_tokenizer_init=True,
                               dtype=spec["dtype"], enforce_eager=False, max_model_len=spec["max_model_len"],
                               max_num_seqs=16, kv_cache_memory_bytes=int(spec["kv_cache_mb"]) << 20, seed=0)
+    kw["compilation_config"] = dict(spec.get("compilation") or {})
     if spec.get("measure"):
         m = spec["measure"]
         import fxpasses.check as this  # the importable module (the worker runs as __main__)
         cls = this.MeasuringPass
-        kw["compilation_config"] = {"inductor_compile_config": {
-            "post_grad_custom_post_pass": cls(m["volume_dir"], m["bytes_at"], spec["tp"])}}
+        kw["compilation_config"]["inductor_compile_config"] = {
+            "post_grad_custom_post_pass": cls(m["volume_dir"], m["bytes_at"], spec["tp"])}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     t_start = time.perf_counter() - t0
@@ -371,11 +372,14 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
               workdir: str | os.PathLike = "fxpasses-check", dtype: str = "float32", max_tokens: int = MAX_TOKENS,
               tolerance: float | None = None, bytes_at: list[int] | tuple[int, ...] = BYTES_AT,
               config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
-              timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress) -> CheckResult:
+              timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
+              compilation: dict | None = None, env: dict[str, str] | None = None) -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
-    keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). Never raises for engine
+    keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `compilation`: vLLM
+    compilation_config keys for both engines; `env`: further environment variables for both.
+    Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
     if dtype not in TOLERANCE:
@@ -393,7 +397,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
     lens = list(tokens) + list(SOLO_LENS)
     spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
-            "kv_cache_mb": kv_cache_mb, "max_tokens": max_tokens,
+            "kv_cache_mb": kv_cache_mb, "max_tokens": max_tokens, "compilation": compilation or {},
             "batch": [prompt_ids(n, n, vocab) for n in tokens],
             "solo": [prompt_ids(n, 100 + n, vocab) for n in SOLO_LENS]}
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
@@ -404,7 +408,8 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
             shutil.rmtree(d)
 
     progress(f"[1/2] baseline engine (no pass), tp={tp}, {model.name} ...")
-    base, log_b, wall_b = _launch("baseline", spec, _engine_env(run_base, tp, None), run_base, timeout_s)
+    base, log_b, wall_b = _launch("baseline", spec, {**_engine_env(run_base, tp, None), **(env or {})}, run_base,
+                                   timeout_s)
     res.logs["baseline"] = str(run_base / "engine.log")
     if base is None:
         res.message = (f"the baseline engine (without the pass) failed: vLLM cannot run this model here; "
@@ -414,7 +419,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
 
     progress(f"[2/2] engine with {'+'.join(cfg.strategies)} ...")
     spec_p = {**spec, "measure": {"volume_dir": str(run_pass / "volume"), "bytes_at": list(bytes_at)}}
-    got, log_p, wall_p = _launch("pass", spec_p, _engine_env(run_pass, tp, cfg), run_pass, timeout_s)
+    got, log_p, wall_p = _launch("pass", spec_p, {**_engine_env(run_pass, tp, cfg), **(env or {})}, run_pass, timeout_s)
     res.logs["pass"] = str(run_pass / "engine.log")
     (cb, what), (cp, _) = compile_seconds(log_b), compile_seconds(log_p)
     res.compile_s = {"baseline": cb, "pass": cp if got else None}

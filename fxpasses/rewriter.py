@@ -22,7 +22,12 @@ token-wise node whose every consumer demands Replicate would have its output gat
 on Replicate inputs instead (the original computation, on all tokens) when that moves fewer bytes
 per token: when its inputs are gathered anyway for another consumer (an MoE router reading the
 hidden state its experts gather) or are narrower than its output. Decided once, before the walk,
-from the graph's fake values (`_replicate_early`). Padding is
+from the graph's fake values (`_replicate_early`). A linear layer's input quantisation (int8
+values, plus per-token scales for a dynamic scheme) is therefore run on the shards and its int8
+output gathered (a token-wise quantisation commutes with a gather over tokens, bit for bit):
+half the bytes of a bf16 input. A dynamic quantisation's int8 values and float32 per-token scales
+are gathered in one all_gather (the scales as 4 more int8 columns, `_gather_packed`). With `int8_comm: off` the quantisation runs after the gather
+instead, on the gathered float input. Padding is
 symbolic and computed once per graph, right after the inputs, from the graph's own token count:
 rows = ceil(T / n) = (T + n - 1) // n, T_pad = rows * n, pad = T_pad - T. (The ceil-div form keeps
 the shape expressions small, which keeps FakeTensor propagation of the sharded stream cheap.)
@@ -39,7 +44,7 @@ from fxpasses import layouts
 from fxpasses.comm import CommBackend
 from fxpasses.context import GroupRef
 from fxpasses.errors import RewriteError
-from fxpasses.tokenwise import shape_arg_fix, token_aligned_args
+from fxpasses.tokenwise import is_quantize, shape_arg_fix, token_aligned_args
 
 aten = torch.ops.aten
 
@@ -228,6 +233,10 @@ class LayoutRewriter:
         """Shard0 -> Replicate: all_gather + unpad (slice to T rows). Once per value."""
         if value in self._gathered:
             return self._gathered[value]
+        pair = self._quant_pair(value)
+        if pair is not None:
+            self._gather_packed(*pair)
+            return self._gathered[value]
         t = self.token_count_node()
         with self.graph.inserting_before(max(value, t).next if isinstance(t, fx.Node) else value.next):
             ag = self.comm.all_gather(self.graph, value, self.group)
@@ -238,6 +247,51 @@ class LayoutRewriter:
         self._ndim[out] = self.ndim(value)
         self._gathered[value] = out
         return out
+
+    def _quant_pair(self, value: fx.Node):
+        """(values, scales) when `value` is an output of a dynamic quantisation whose int8 values
+        [R, w] and float32 per-token scales [R] / [R, 1] are both Shard0: gathered together."""
+        if not gf.is_getitem(value) or not is_quantize(value.args[0]):
+            return None
+        outs = {u.args[1]: u for u in value.args[0].users if gf.is_getitem(u)}
+        if len(outs) != 2 or any(self.layout.get(u) is not layouts.SHARD0 for u in outs.values()):
+            return None
+        q, sc = (outs[i] for i in sorted(outs))
+        qv, sv = gf.val(q), gf.val(sc)
+        if not (isinstance(qv, torch.Tensor) and qv.dtype == torch.int8 and qv.dim() == 2
+                and isinstance(qv.shape[1], int) and isinstance(sv, torch.Tensor)
+                and sv.dtype == torch.float32 and (sv.dim() == 1 or (sv.dim() == 2 and sv.shape[1] == 1))):
+            return None
+        return q, sc
+
+    def _gather_packed(self, q: fx.Node, sc: fx.Node) -> None:
+        """int8 values [R, w] and their float32 scales, one all_gather: the scales travel as 4 more
+        int8 columns ([R, w + 4]), split off and viewed back as float32 after the unpad."""
+        g, t = self.graph, self.token_count_node()
+        w, sdim = int(gf.val(q).shape[1]), gf.val(sc).dim()
+        anchor = max(q, sc)
+        with g.inserting_before(max(anchor, t).next if isinstance(t, fx.Node) else anchor.next):
+            s2 = self._new(g.call_function(aten.unsqueeze.default, (sc, 1)), "int8_pack") if sdim == 1 else sc
+            s4 = self._new(g.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")
+            packed = self._new(g.call_function(aten.cat.default, ([q, s4], 1)), "int8_pack")
+        with g.inserting_before(packed.next):
+            ag = self.comm.all_gather(g, packed, self.group)
+        self._record_collective(packed, ag)
+        with g.inserting_before(ag.next):
+            out = self._new(g.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
+            qs = self._new(g.call_function(aten.slice.Tensor, (out, 1, 0, w)), "int8_unpack")
+            qg = self._new(g.call_function(aten.clone.default, (qs,), {"memory_format": torch.contiguous_format}),
+                           "int8_unpack")
+            ss = self._new(g.call_function(aten.slice.Tensor, (out, 1, w, w + 4)), "int8_unpack")
+            ss = self._new(g.call_function(aten.clone.default, (ss,), {"memory_format": torch.contiguous_format}),
+                           "int8_unpack")
+            sg = self._new(g.call_function(aten.view.dtype, (ss, torch.float32)), "int8_unpack")
+            if sdim == 1:
+                sg = self._new(g.call_function(aten.squeeze.dim, (sg, 1)), "int8_unpack")
+        for src, dst in ((q, qg), (sc, sg)):
+            self.layout[dst] = layouts.REPLICATE
+            self._ndim[dst] = gf.val(src).dim()
+            self._gathered[src] = dst
 
     def local_shard(self, value: fx.Node) -> fx.Node:
         """Replicate -> Shard0 without communication: pad + this rank's chunk. Once per value."""
@@ -313,9 +367,13 @@ class LayoutRewriter:
                     and node not in demands and node.users
                     and all(u in demands or u in candidates for u in node.users)):
                 candidates.add(node)
-        return self._cheaper_replicated(candidates, demands)
+        forced = set()
+        if getattr(self.config, "int8_comm", "auto") == "off":  # gather the float input, quantise after
+            forced = {n for n in candidates if is_quantize(n)}
+        return self._cheaper_replicated(candidates, demands, forced)
 
-    def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node]) -> set[fx.Node]:
+    def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node],
+                            forced: set[fx.Node] = frozenset()) -> set[fx.Node]:
         """The nodes of `allowed` (graph order) whose Replicate inputs cost fewer bytes per token than
         their output's gather: inputs already Replicate or gathered for a demanding consumer are free.
         A node with several outputs in use (a fused norm's output and residual; not a matmul whose
@@ -324,6 +382,9 @@ class LayoutRewriter:
         early: set[fx.Node] = set()
         for node in self.graph.nodes:
             if node not in allowed:
+                continue
+            if node in forced:
+                early.add(node)
                 continue
             aligned = token_aligned_args(node, self.is_token, self.ndim) or []
             cost = 0

@@ -37,7 +37,9 @@ Skipped, with the reason, on every rank alike: sites whose weight is not visible
 `fxpasses.op_forms.weight_block_refusal` and the `weight_format` setting), whose all-reduce is not
 the TP one or does not directly reduce the matmul. Matmul forms: aten.mm / aten.addmm against the
 transposed weight, or a platform linear form reading the [H, D/tp] weight itself
-(vllm-ascend's `vllm.unquantized_gemm(x, weight, bias)`).
+(vllm-ascend's `vllm.unquantized_gemm(x, weight, bias)`), or a quantised platform matmul
+(vllm-ascend's W8A8 `npu.npu_quant_matmul`), whose int8 input is exchanged instead of the float
+one (int8 on the wire, `_rewrite_quant_site`; `int8_comm: off` skips such sites with that reason).
 """
 from __future__ import annotations
 
@@ -103,10 +105,16 @@ class FlashComm2(Strategy):
         gather_after = "flashcomm1" not in rw.config.strategies
         total = 0
         for p in todo:
+            qf = _quant_linear(p.site.matmul)
+            dyn = qf is not None and bool(qf.token_args) and op_forms.arg(p.site.matmul, qf.token_args[0]) is not None
             extra = _rewrite_site(rw, p, groups, gather_after)
             total += extra
+            wire = ""
+            if qf is not None:
+                wire = (" of the int8 input" + (" + its per-token scales (4 int8 columns)" if dyn else "")
+                        + f" (int8 on the wire); {groups.n} int8 matmuls with the peers' weight shards, summed")
             p.done(f"all_reduce -> pad + {'reorder + ' if k > 1 else ''}all_to_all over odp{list(groups.odp.ranks)}"
-                   f" + mm with o_proj columns block {groups.shard}/{k}"
+                   + wire + f" + mm with o_proj columns block {groups.shard}/{k}"
                    + (f" + reduce_scatter over otp{list(groups.otp.ranks)}" if k > 1 else "")
                    + (" + all_gather over tp + unpad" if gather_after else " (Shard0 over tp)")
                    + f"; o_proj weight gathered once over odp: +{extra / 1024:.1f} KiB on this rank")
@@ -134,6 +142,54 @@ def _platform_linear(mm: fx.Node) -> op_forms.Matmul | None:
         and not form.token_args else None
 
 
+def _quant_linear(mm: fx.Node) -> op_forms.Matmul | None:
+    """A platform W8A8 matmul (vllm-ascend's `npu.npu_quant_matmul`): int8 activation x1 [T, D/tp],
+    int8 weight [D/tp, H] ("in_out"), a per-output-channel dequant scale, an optional per-token
+    scale of the activation (dynamic W8A8)."""
+    form = gf.platform_form(mm, op_forms.Matmul)
+    return form if form is not None and form.quantized and form.weight_layout == "in_out" \
+        and len(form.channel_args) == 1 and len(form.token_args) <= 1 else None
+
+
+def _param(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
+
+
+def _quant_precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
+    """Checks of the quantised (int8 on the wire) form; every one is decided alike on all ranks
+    (shapes, dtypes and parameters every rank has; the row bias, on TP rank 0 only, is not asked)."""
+    site, mm = plan.site, plan.site.matmul
+    form = _quant_linear(mm)
+    if rw.config.int8_comm == "off":
+        return ("int8_comm='off': FlashComm2 exchanges a quantised o_proj's int8 input (the graph quantises "
+                "it before the layer); set int8_comm='auto' to allow it")
+    if site.all_reduce.input is not mm:
+        return "the all-reduced tensor is not the o_proj matmul output"
+    x, w = op_forms.arg(mm, form.x), site.weight
+    scale = op_forms.arg(mm, form.channel_args[0])
+    pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
+    if form.offset and op_forms.arg(mm, form.offset) is not None:
+        return f"{gf.op_name(mm)} has an output offset; FlashComm2's quantised form takes none"
+    xv, wv, sv = gf.val(x), gf.val(w), gf.val(scale) if isinstance(scale, fx.Node) else None
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
+        return "the quantised o_proj input is not an int8 [tokens, features] tensor"
+    if not (_param(w) and isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8):
+        return "the o_proj weight is not an int8 [D/tp, H] parameter"
+    if isinstance(wv.shape[0], torch.SymInt) or not gf.same_size(xv.shape[1], wv.shape[0]):
+        return "the input features do not match the weight shard"
+    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1
+            and gf.same_size(sv.shape[0], wv.shape[1])):
+        return "the dequant scale is not a per-output-channel [H] parameter"
+    if pts is not None:
+        pv = gf.val(pts)
+        if not (isinstance(pv, torch.Tensor) and pv.dim() == 1 and pv.dtype == torch.float32 and rw.is_token(pts)):
+            return "the per-token scale is not a float32 [tokens] tensor"
+    out = gf.val(mm)
+    if not (isinstance(out, torch.Tensor) and out.dtype.is_floating_point):
+        return "the quantised o_proj does not dequantise to a float output"
+    return None
+
+
 def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     """The reason this site cannot be rewritten on this rank, or None."""
     site = plan.site
@@ -155,6 +211,8 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         why = op_forms.weight_block_refusal(form, site.weight, rw.config.weight_format)
         if why:
             return f"FlashComm2 needs a block of the o_proj weight: {why}"
+    if _quant_linear(mm) is not None:
+        return _quant_precheck(plan, rw, ctx)
     linear = _platform_linear(mm)
     if gf.op_name(mm) not in ("aten::mm", "aten::addmm") and linear is None:
         return (f"matmul form {gf.op_name(mm)} is not supported (aten.mm / aten.addmm with a transposed weight, or "
@@ -183,6 +241,8 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
 
 def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool) -> int:
     """Rewrite one site; returns the bytes of the ODP weight this rank keeps."""
+    if _quant_linear(plan.site.matmul) is not None:
+        return _rewrite_quant_site(rw, plan, groups, gather_after)
     g, site = rw.graph, plan.site
     mm, x, w, ar = site.matmul, site.input, site.weight, site.all_reduce
     tp, k, n = groups.tp, groups.k, groups.n
@@ -234,6 +294,125 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         if isinstance(node, fx.Node) and not node.users:
             g.erase_node(node)
     return h * (n * dl + 1) * wv.element_size()
+
+
+def _send_rows(rw, g, t: fx.Node, k: int, n: int, b, kb, width: int | None) -> fx.Node:
+    """pad t ([T, width] or [T]) to T_pad rows and (K > 1) reorder its tp chunks for the ODP
+    all_to_all (see the module docstring)."""
+    pad, _ = rw.padded_count()
+    tail = [width] if width is not None else []
+    tp = g.call_function(aten.constant_pad_nd.default, (t, [0, 0] * len(tail) + [0, pad], 0.0))
+    if k == 1:
+        return tp
+    v = g.call_function(aten.view.default, (tp, [k, n, b] + tail))
+    v = g.call_function(aten.permute.default, (v, [1, 0, 2] + ([3] if tail else [])))
+    v = g.call_function(aten.clone.default, (v,), {"memory_format": torch.contiguous_format})
+    return g.call_function(aten.view.default, (v, [rw.sym(operator.mul, kb, n)] + tail))
+
+
+def _call_like(mm: fx.Node, g: fx.Graph, **overrides) -> fx.Node:
+    """A call of mm's op with mm's arguments, `overrides` replacing some by schema name."""
+    args, kwargs = [], {}
+    for a in mm.target._schema.arguments:
+        v = overrides[a.name] if a.name in overrides else op_forms.arg(mm, a.name)
+        if a.kwarg_only:
+            kwargs[a.name] = v
+        else:
+            args.append(v)
+    return g.call_function(mm.target, tuple(args), kwargs)
+
+
+def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool) -> int:
+    """FlashComm2 for a W8A8 o_proj: int8 on the wire.
+
+    The graph quantises the o_proj input on each rank before the layer (static: `vllm.quantize`
+    with the per-tensor scale; dynamic: `npu.npu_dynamic_quant`, one scale per token over this
+    rank's D/tp features). That quantisation stays where it is, so the all_to_all sends int8
+    values (and, dynamic, each chunk's per-token float32 scales, as 4 more int8 columns) instead
+    of the float input: the seed's `otp_maybe_quant_comm` for static W8A8, and for dynamic W8A8 the
+    original TP graph's own per-chunk scales (the seed sends bf16 there and re-quantises over D/K
+    features, which differs from the TP graph by the quantisation error). Each received chunk p
+    is multiplied with peer p's int8 weight shard and dequantised with peer p's scales, exactly
+    as peer p's matmul does in the original graph; the n products are summed::
+
+        q, s = <the graph's quantisation of x>                  # int8 [T, D/tp], (dynamic) s [T]
+        a    = all_to_all(reorder(pad(q)), odp).view(n, K*b, D/tp)
+               # dynamic: cat([q, s.view(int8)], 1) is sent instead (one all_to_all of [T, D/tp + 4]
+               # int8) and split after: a = [..., :D/tp], s' = [..., D/tp:].view(float32) [n, K*b]
+        W, S, B = fxpasses.odp_quant_blocks(w, scale, bias | None, ...)  # [n, D/tp, H], [n, H], [2, H]
+        o    = sum_p quant_matmul(a[p], W[p], S[p], pertoken_scale=s'[p]) + B[0] (+ B[1] * s'[0])
+        y    = reduce_scatter(o, otp)   if K > 1
+
+    So the result equals the original graph's up to the order of the float additions (the
+    quantisation is the same, value for value). The row bias (TP rank 0's graph only) travels in
+    the one-time block gather as bias terms (`fxpasses.runtime_ops.odp_quant_blocks`)."""
+    g, site = rw.graph, plan.site
+    mm, ar = site.matmul, site.all_reduce
+    form = _quant_linear(mm)
+    tp, k, n = groups.tp, groups.k, groups.n
+    x, w = op_forms.arg(mm, form.x), site.weight
+    scale = op_forms.arg(mm, form.channel_args[0])
+    pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
+    bias = op_forms.arg(mm, form.bias) if form.bias else None
+    bias = bias if isinstance(bias, fx.Node) else None
+    wv, out_dtype = gf.val(w), gf.val(mm).dtype
+    dl, h = int(wv.shape[0]), int(wv.shape[1])
+
+    def call(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
+    first = mm.prev
+    with g.inserting_before(mm):
+        b = rw.shard_rows()
+        kb = rw.sym(operator.mul, b, k) if k > 1 else b
+        wide = dl + 4 if pts is not None else dl
+        if pts is not None:  # the float32 scale rides in the same all_to_all as 4 int8 columns
+            s4 = call(aten.view.dtype, call(aten.unsqueeze.default, pts, 1), torch.int8)   # [T, 4]
+            x = call(aten.cat.default, [x, s4], 1)                                         # [T, D/tp + 4]
+        a2a = rw.comm.all_to_all(g, _send_rows(rw, g, x, k, n, b, kb, wide), groups.odp, kb)
+        a = call(aten.view.default, a2a, [n, kb, wide])             # block p from ODP peer p
+        sp = None
+        if pts is not None:
+            sp = call(aten.clone.default, call(aten.slice.Tensor, a, 2, dl, wide),
+                      memory_format=torch.contiguous_format)
+            sp = call(aten.view.default, call(aten.view.dtype, sp, torch.float32), [n, kb])
+            a = call(aten.clone.default, call(aten.slice.Tensor, a, 2, 0, dl), memory_format=torch.contiguous_format)
+        key = f"{site.prefix}|odp={groups.odp.c10d_name}|{','.join(map(str, groups.odp.ranks))}|int8"
+        blocks = call(torch.ops.fxpasses.odp_quant_blocks.default, w, scale, bias, pts is not None, out_dtype,
+                      key, groups.odp.c10d_name, n)
+        blocks.meta["fxpasses"] = {"role": "odp_weight", "weight_collective": "all_gather_once",
+                                   "group": groups.odp.label, "group_size": n}
+        wb, sb, terms = (call(operator.getitem, blocks, i) for i in range(3))
+        out = None
+        for p in range(n):
+            over = {form.x: call(aten.select.int, a, 0, p), form.weight: call(aten.select.int, wb, 0, p),
+                    form.channel_args[0]: call(aten.select.int, sb, 0, p)}
+            if form.bias:
+                over[form.bias] = None
+            if sp is not None:
+                over[form.token_args[0]] = call(aten.select.int, sp, 0, p)
+            o = _call_like(mm, g, **over)
+            out = o if out is None else call(aten.add.Tensor, out, o)
+        biased = call(aten.add.Tensor, out, call(aten.select.int, terms, 0, 0))
+        if sp is not None:
+            s0 = call(aten.unsqueeze.default, call(aten.select.int, sp, 0, 0), 1)
+            biased = call(aten.add.Tensor, biased, call(aten.mul.Tensor, call(aten.select.int, terms, 0, 1), s0))
+        out = call(torch.ops.prims.convert_element_type.default, biased, out_dtype)
+        res = rw.comm.reduce_scatter(g, out, groups.otp) if k > 1 else out
+    stack = mm.meta.get("nn_module_stack")
+    node = first.next
+    while node is not mm:
+        rw.mark_created(node)
+        node.meta.setdefault("fxpasses", {}).setdefault("role", "flashcomm2")
+        if stack is not None:
+            node.meta.setdefault("nn_module_stack", stack)
+        node = node.next
+    rw.mark_shard0(res, 2)
+    final = rw.gather(res) if gather_after else res
+    rw.replace_all_reduce(ar, final)
+    if not mm.users:
+        g.erase_node(mm)
+    return n * (dl * h * wv.element_size() + h * gf.val(scale).element_size())
 
 
 STRATEGY = register(FlashComm2())
