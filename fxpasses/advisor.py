@@ -7,6 +7,16 @@ tools/bench_comm_volume.py), time = sum over collectives of (steps x latency + b
 steps = 2(n-1) for all_reduce and n-1 for reduce_scatter / all_gather / all_to_all; weight memory
 per rank of o_proj + qkv + MLP (FlashComm2 stores o_proj at 1/K instead of 1/tp: "store more,
 send less"). Compute savings (FlashComm1 runs norms on T/tp rows) and overlap are not modelled.
+
+int8 on the wire (`quant` = "w8a8" / "w8a8_dynamic", the model's linear inputs quantised to int8):
+the collectives that feed a quantised linear send int8 (`int8_comm: auto`, the pass's default):
+FlashComm1's column all-gathers ([T, H]) and FlashComm2's o_proj all_to_all ([T, D/tp]) at 1
+byte per element instead of `dtype_bytes`; dynamic W8A8 also sends the float32 per-token scales,
+4 bytes per token and chunk, in the same collective (`int8_row_bytes`). Same launches, fewer
+bytes: it pays at every token count whenever the activations are wider than 1 byte (the
+quantisation itself runs anyway; on FlashComm1's shards it even runs on T/tp rows). Both
+variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces, reduce-scatters and MLP-TP / OTP collectives stay in the
+activation dtype (they carry matmul outputs, or the pass does not quantise their input).
 """
 from __future__ import annotations
 
@@ -155,10 +165,31 @@ def validate(m: ModelDims, tp: int, tokens: int, link: Link, k: int | None = Non
         raise AdvisorError(f"dp={dp} must be >= 1")
 
 
+QUANTS = ("none", "w8a8", "w8a8_dynamic")
+SCALE_BYTES = 4   # a dynamic per-token scale is float32, sent as 4 more int8 columns of the same row
+
+
+def int8_row_bytes(width: int, quant: str, dtype_bytes: int = 2) -> int:
+    """Bytes per token of a [T, width] linear input on the wire: `dtype_bytes` per element
+    unquantised; int8 (+ the float32 per-token scale, dynamic) with int8 on the wire."""
+    if quant == "none":
+        return width * dtype_bytes
+    return width + (SCALE_BYTES if quant == "w8a8_dynamic" else 0)
+
+
+def _wire(kind: str, n: int, rows: int, width: int, b: int, quant: str) -> list[tuple[str, int, int]]:
+    """The collective moving [rows, width] to a linear whose input the model quantises."""
+    return [(kind, n, _ring(kind, rows * int8_row_bytes(width, quant, b), n))]
+
+
 def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | None = None,
-             dp: int = 1) -> list[Estimate]:
+             dp: int = 1, quant: str = "none") -> list[Estimate]:
     """Estimates for vanilla TP, FlashComm1, FlashComm2(K) alone and with FlashComm1, and (dp > 1)
-    OTP / MLP-TP over dp ranks of DP attention, sorted by communication time then weight memory."""
+    OTP / MLP-TP over dp ranks of DP attention, sorted by communication time then weight memory.
+    `quant`: the model's linear inputs are quantised (see the module docstring: int8 on the wire;
+    the FlashComm variants are listed with int8 communication and with `int8_comm: off`)."""
+    if quant not in QUANTS:
+        raise AdvisorError(f"quant={quant!r} must be one of {list(QUANTS)}")
     ks = ks or [1]
     validate(m, tp, tokens, link, None, dp)
     for k in ks:
@@ -180,21 +211,35 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
                    "2 all-reduces of [T, H] per layer; every rank runs norms on all T rows"))
     rs = ("reduce_scatter", tp, _ring("reduce_scatter", Tp * H * b, tp))
     ag = ("all_gather", tp, _ring("all_gather", Tp * H * b, tp))
-    out.append(est("flashcomm1", [rs, ag, rs, ag], base_w + oproj_w // tp,
-                   "same bytes as all-reduce (rs+ag), twice the collective launches (latency); norms and "
-                   "residual run on T/tp rows (compute not modelled); pads T to a multiple of tp"))
-    for k in ks:
-        n = tp // k
-        a2a = ("all_to_all", n, _ring("all_to_all", Tp * (D // tp) * b, n))
-        otp_rs = [("reduce_scatter", k, _ring("reduce_scatter", (Tp // n) * H * b, k))] if k > 1 else []
-        w = base_w + oproj_w // k
-        fc2_why = (f"o_proj exchange moves [T, D/tp] = {D // tp} features per token over {n} ranks "
-                   f"instead of reducing [T, H] = {H}; o_proj weight stored at 1/{k} (+"
-                   f"{(oproj_w // k - oproj_w // tp) / 2**20:.1f} MiB per layer per rank)")
-        out.append(est(f"flashcomm2(K={k})", [a2a, *otp_rs, ag, ar], w,
-                       fc2_why + "; alone it must all-gather the o_proj output back and keep the MLP all-reduce"))
-        out.append(est(f"flashcomm1+flashcomm2(K={k})", [a2a, *otp_rs, ag, rs, ag], w,
-                       fc2_why + "; the o_proj output chains into FlashComm1's sharded residual"))
+    variants = [("none", "")] if quant == "none" else [(quant, " int8"), ("none", " (int8_comm off)")]
+    for q, tag in variants:
+        agq = _wire("all_gather", tp, Tp, H, b, q)   # the column inputs (qkv_proj, gate_up_proj)
+        int8_why = ""
+        if q != "none":
+            int8_why = (f"; int8 on the wire: the qkv_proj and gate_up_proj gathers send [T, H] in int8"
+                        + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
+                        + _pays(H, tp, link, b, q))
+        out.append(est("flashcomm1" + tag, [rs, *agq, rs, *agq], base_w + oproj_w // tp,
+                       "same bytes as all-reduce (rs+ag), twice the collective launches (latency); norms and "
+                       "residual run on T/tp rows (compute not modelled); pads T to a multiple of tp" + int8_why))
+        for k in ks:
+            n = tp // k
+            a2a = _wire("all_to_all", n, Tp, D // tp, b, q)
+            otp_rs = [("reduce_scatter", k, _ring("reduce_scatter", (Tp // n) * H * b, k))] if k > 1 else []
+            w = base_w + oproj_w // k
+            fc2_why = (f"o_proj exchange moves [T, D/tp] = {D // tp} features per token over {n} ranks "
+                       f"instead of reducing [T, H] = {H}; o_proj weight stored at 1/{k} (+"
+                       f"{(oproj_w // k - oproj_w // tp) / 2**20:.1f} MiB per layer per rank)")
+            if q != "none":
+                fc2_why += (f"; int8 on the wire: the o_proj all_to_all sends [T, D/tp] in int8"
+                            + (" + float32 per-token scales per chunk (in the same all_to_all)"
+                               if q == "w8a8_dynamic" else "") + _pays(D // tp, n, link, b, q)
+                            + "; needs plain int8 o_proj weights (weight_format: nd)")
+            out.append(est(f"flashcomm2(K={k})" + tag, [*a2a, *otp_rs, ag, ar], w,
+                           fc2_why + "; alone it must all-gather the o_proj output back and keep the MLP all-reduce"))
+            out.append(est(f"flashcomm1+flashcomm2(K={k})" + tag, [*a2a, *otp_rs, *agq, rs, *agq], w,
+                           fc2_why + "; the o_proj output chains into FlashComm1's sharded residual"
+                           + (int8_why and "; column gathers in int8 as FlashComm1's")))
     if dp > 1:
         B = max(T // dp, 1)  # own tokens per DP rank
         otp_a2a = ("all_to_all", dp, _ring("all_to_all", B * D * b, dp))
@@ -211,15 +256,23 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
     return out
 
 
+def _pays(width: int, n: int, link: Link, b: int, quant: str) -> str:
+    r = int8_row_bytes(width, quant, b) / (width * b)
+    if r >= 1:
+        return f" ({r:.2f}x the bytes: does not pay, keep int8_comm off)"
+    return f" ({r:.2f}x the bytes of this collective, same launches: pays at every token count)"
+
+
 def report(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate]) -> str:
     van = next(e for e in ests if e.strategy == "vanilla")
+    w = max([28] + [len(e.strategy) for e in ests])
     lines = [f"MODEL ESTIMATE (cost model, not a measurement) -- {m.name}: hidden {m.hidden}, "
              f"o_proj input D={m.attn_out}, {m.layers} layers, {m.dtype_bytes}-byte activations; tp={tp}, "
              f"T={tokens} tokens/step; link {link.bandwidth_gbps:g} GB/s, {link.latency_us:g} us/step",
-             f"{'rank':<4} {'strategy':<28} {'comm us/layer':>13} {'MiB/layer':>9} {'vs vanilla':>10} "
+             f"{'rank':<4} {'strategy':<{w}} {'comm us/layer':>13} {'MiB/layer':>9} {'vs vanilla':>10} "
              f"{'model comm ms':>13} {'weights MiB/layer':>17}"]
     for i, e in enumerate(ests, 1):
-        lines.append(f"{i:<4} {e.strategy:<28} {e.comm_us_per_layer:>13.1f} {e.bytes_per_layer / 2**20:>9.2f} "
+        lines.append(f"{i:<4} {e.strategy:<{w}} {e.comm_us_per_layer:>13.1f} {e.bytes_per_layer / 2**20:>9.2f} "
                      f"{e.comm_us_per_layer / van.comm_us_per_layer:>10.3f} {e.total_comm_ms(m.layers):>13.2f} "
                      f"{e.weight_bytes_per_layer / 2**20:>17.1f}")
     lines.append("why:")

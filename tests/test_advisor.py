@@ -80,3 +80,33 @@ def test_cli_errors_exit_2_with_message():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "deepseek-v3",
                         "--tp", "16", "--tokens", "8192"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "MODEL ESTIMATE" in r.stdout and "recommendation" in r.stdout
+
+
+@pytest.mark.parametrize("quant", ["w8a8", "w8a8_dynamic"])
+def test_int8_on_the_wire(quant):
+    """W8A8: each FlashComm variant listed with int8 communication and with int8_comm off; the int8
+    one sends the column gathers and the o_proj all_to_all at 1 byte per element (+ 4 bytes per
+    token for dynamic scales, in the same collective: same launches), the rest unchanged."""
+    m = adv.load_model("llama3-70b")
+    tp, T = 8, 4096
+    ests = {e.strategy: e for e in adv.estimate(m, tp, T, LINK, [1], quant=quant)}
+    plain = {e.strategy: e for e in adv.estimate(m, tp, T, LINK, [1])}
+    extra = 4 if quant == "w8a8_dynamic" else 0
+    H, w = m.hidden, m.attn_out // tp
+    ring = lambda full: (tp - 1) * full // tp  # noqa: E731
+    for name in ("flashcomm1", "flashcomm2(K=1)", "flashcomm1+flashcomm2(K=1)"):
+        on, off = ests[name + " int8"], ests[name + " (int8_comm off)"]
+        assert off.bytes_per_layer == plain[name].bytes_per_layer
+        assert len(on.collectives) == len(off.collectives)   # no extra launch
+        assert on.comm_us_per_layer < off.comm_us_per_layer
+        assert "int8 on the wire" in on.why and "pays at every token count" in on.why
+    fc1 = ests["flashcomm1 int8"]
+    assert [c for c in fc1.collectives if c[0] == "all_gather"] == [("all_gather", tp, ring(T * (H + extra)))] * 2
+    fc2 = ests["flashcomm2(K=1) int8"]
+    assert [c for c in fc2.collectives if c[0] == "all_to_all"] == [("all_to_all", tp, ring(T * (w + extra)))]
+    assert adv.int8_row_bytes(H, quant) * 2 in (2 * H, 2 * H + 8) and adv.int8_row_bytes(H, "none") == 2 * H
+    with pytest.raises(adv.AdvisorError, match="quant='w4a8'"):
+        adv.estimate(m, tp, T, LINK, [1], quant="w4a8")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
+                        "--tp", "8", "--tokens", "4096", "--quant", quant], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "int8_comm off" in r.stdout and "int8 on the wire" in r.stdout

@@ -4,6 +4,7 @@
     .venv/bin/python tools/advisor.py --model path/to/config.json --tp 8 --tokens 2048 --k 1,2,4 \
         --bandwidth 50 --latency 15
     .venv/bin/python tools/advisor.py --model llama3-70b --tp 8 --tokens 4096 --dp 4
+    .venv/bin/python tools/advisor.py --model llama3-70b --tp 8 --tokens 4096 --quant w8a8_dynamic
 
 All numbers are MODEL ESTIMATES (see fxpasses/advisor.py), not measurements.
 """
@@ -15,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxpasses.advisor import PRESETS, AdvisorError, Link, estimate, load_model, report  # noqa: E402
+from fxpasses.advisor import PRESETS, QUANTS, AdvisorError, Link, estimate, load_model, report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth", type=float, default=100.0, help="GB/s per rank per direction")
     ap.add_argument("--latency", type=float, default=10.0, help="us per collective step")
     ap.add_argument("--dtype-bytes", type=int, default=None, help="activation bytes (default from config: 2)")
+    ap.add_argument("--quant", choices=QUANTS, default="none",
+                    help="the model's linear inputs are quantised to int8 (W8A8 static / dynamic): compare int8 "
+                         "communication (int8_comm auto) with float communication (int8_comm off)")
     args = ap.parse_args(argv)
     try:
         try:
@@ -38,7 +42,7 @@ def main(argv=None) -> int:
             raise AdvisorError(f"--dtype-bytes {args.dtype_bytes}: must be 1, 2 or 4")
         m = load_model(args.model, args.dtype_bytes)
         link = Link(args.bandwidth, args.latency)
-        ests = estimate(m, args.tp, args.tokens, link, ks, args.dp)
+        ests = estimate(m, args.tp, args.tokens, link, ks, args.dp, args.quant)
     except AdvisorError as e:
         print(f"advisor: error: {e}", file=sys.stderr)
         return 2
