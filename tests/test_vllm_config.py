@@ -314,6 +314,7 @@ VALUES = {
     "check_token_counts": st.booleans(),
     "weight_format": st.sampled_from(["unknown", "nd", "nd_float", "nz"]),
     "lowering": st.sampled_from(["auto", "off", "reference"]),
+    "int8_comm": st.sampled_from(["auto", "off"]),
 }
 configs = st.fixed_dictionaries(VALUES)
 
