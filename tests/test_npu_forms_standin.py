@@ -211,11 +211,13 @@ CASES = {
                                                                all_to_all=2)),
     "tp2-float-fc2-nd": (2, "none", FLOAT, FC2, ND, dict(all_reduce=3, reduce_scatter=0, all_gather=2, all_to_all=2)),
     "tp2-w8a8-fc1": (2, "w8a8", {}, FC1, {}, dict(all_reduce=0, reduce_scatter=5, all_gather=5)),
-    # per-token quantisation runs on the shards: int8 values and their scales are gathered (2 per column)
-    "tp2-w8a8dyn-fc1+fc2": (2, "w8a8_dynamic", {}, FC12, ND, dict(all_reduce=0, reduce_scatter=5, all_gather=9)),
+    # per-token quantisation runs on the shards: int8 values and their scales gathered (one gather per
+    # column); FlashComm2 exchanges the quantised o_proj input as int8 (tests/test_int8_on_the_wire.py)
+    "tp2-w8a8dyn-fc1+fc2": (2, "w8a8_dynamic", {}, FC12, ND, dict(all_reduce=0, reduce_scatter=3, all_gather=5,
+                                                                    all_to_all=2)),
     "tp4-float-fc1+fc2-nd-K2": (4, "none", FLOAT, FC12, dict(ND, flashcomm2_oproj_tp_size=2),
                                 dict(all_reduce=0, reduce_scatter=5, all_gather=5, all_to_all=2)),
-    "tp4-w8a8dyn-fc1+fc2-nz": (4, "w8a8_dynamic", {}, FC12, {}, dict(all_reduce=0, reduce_scatter=5, all_gather=9)),
+    "tp4-w8a8dyn-fc1+fc2-nz": (4, "w8a8_dynamic", {}, FC12, {}, dict(all_reduce=0, reduce_scatter=5, all_gather=5)),
 }
 QUANT_OPS = {"none": ("vllm::unquantized_gemm",), "w8a8": ("vllm::quantize", "npu::npu_quant_matmul"),
              "w8a8_dynamic": ("npu::npu_dynamic_quant", "npu::npu_quant_matmul")}
@@ -273,8 +275,9 @@ def test_npu_decoder_rewritten_structure_standin(pools, case):
                 assert x["strategy"] == "flashcomm1" and x["status"] == "rewritten", x
                 assert "flashcomm2 skipped it: FlashComm2 needs a block of the o_proj weight" in x["reason"], x
                 assert "NZ" in x["reason"] and "weight_format='nd'" in x["reason"], x
-            elif cfg.get("weight_format") == "nd":  # plain int8 weights, but a quantised matmul
-                assert x["strategy"] == "flashcomm1" and "npu::npu_quant_matmul is not supported" in x["reason"], x
+            elif cfg.get("weight_format") == "nd":  # plain int8 weights: int8 on the wire
+                assert x["strategy"] == "flashcomm2" and x["status"] == "rewritten", x
+                assert "int8 on the wire" in x["reason"], x
             else:
                 assert x["strategy"] == "flashcomm1" and "(int8) may be stored in the device-private NZ" in x["reason"]
     assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
