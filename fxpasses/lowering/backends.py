@@ -19,10 +19,11 @@ Bias. vLLM adds a row layer's bias on TP rank 0 only, so only rank 0's graph has
 rank must still emit the same kernels. A matmul-all-reduce takes it into the kernel on rank 0
 (`bias=`, added once before the reduction, as the seed did). A fused reduce-scatter that takes no
 bias (torch_npu: "non-zero bias not supported yet"; symm_mem: no bias argument) is followed on
-every rank by `fxpasses::rank0_bias` (the bias rank 0 holds, shared once per weight version, never
-per step) added to the rank's chunk; W8A8 multiplies it by the dequant scale first, as the seed's
-`quant_bias * deq_scale` correction. A column layer's bias (on every rank) is added after an
-all-gather-matmul.
+every rank by `fxpasses::rank0_bias` (the term rank 0's matmul added, shared once per weight
+version, never per step) added to the rank's chunk; for W8A8 the term is the seed's correction
+`quant_bias * deq_scale`, computed on rank 0 with rank 0's scale. A column layer's bias (on every
+rank) is added after an all-gather-matmul. Padding: the activation gets the zero rows the
+reduce-scatter's input had (the kernels need rows divisible by the group size).
 """
 from __future__ import annotations
 
@@ -87,8 +88,11 @@ def fake_value(n: fx.Node):
     mode = detect_fake_mode(flat)
     if mode is None:
         return None
-    with mode:
-        return n.target(*args, **kwargs)
+    try:
+        with mode:
+            return n.target(*args, **kwargs)
+    except Exception as e:
+        raise RuntimeError(f"fake value of {n.target} ({n.name}) with {args} {kwargs}: {e}") from e
 
 
 def _item(graph: fx.Graph, n: fx.Node, i: int, val: bool = True) -> fx.Node:
@@ -111,7 +115,12 @@ def _x_rows_padded(graph: fx.Graph, site: Site, x: fx.Node) -> fx.Node:
     pad = site.pair.pad
     if pad is None:
         return x
-    return call(graph, aten.constant_pad_nd.default, (x, list(pad.args[1]), 0.0), like=pad)
+    xv = gf.val(x)
+    # the rows the pad node had (its fake kernel wants concrete pads under some shape environments)
+    zero = 0.0 if xv.is_floating_point() else 0
+    n = graph.call_function(aten.constant_pad_nd.default, (x, list(pad.args[1]), zero))
+    _copy_meta(n, pad)
+    return set_val(n, xv.new_empty((gf.val(pad).shape[0], *xv.shape[1:])))
 
 
 def _k_n_weight(graph: fx.Graph, site: Site) -> fx.Node:
@@ -140,19 +149,20 @@ def _n(site: Site):
 
 
 def _add_rank0_bias(graph: fx.Graph, site: Site, out: fx.Node) -> fx.Node:
-    """out + the row bias TP rank 0's graph holds (W8A8: times the dequant scale), on every rank."""
+    """out + the row bias term TP rank 0's graph holds, on every rank. The term is what rank 0's matmul
+    added to its partial: a float bias as it is; W8A8's integer quant bias times rank 0's dequant
+    scale (the seed's `quant_bias * deq_scale` correction). Rank 0 computes it, `fxpasses::rank0_bias`
+    shares it once per weight version, and every rank adds it to its chunk."""
     ops, mm = site.pair.ops, site.pair.matmul
-    bias = ops.bias
-    if bias is not None and ops.quant and gf.val(bias) is not None and gf.val(bias).is_floating_point():
-        # a float bias added after dequantisation: shared as bias / scale so every rank adds b * scale
-        bias = call(graph, aten.div.Tensor, (call(graph, aten._to_copy.default, (bias,), {"dtype": torch.float64}),
-                                             ops.scale), like=mm)
+    term = ops.bias
+    bv = gf.val(term) if term is not None else None
+    if term is not None and ops.quant and bv is not None and not bv.is_floating_point():
+        term = call(graph, aten.mul.Tensor, (call(graph, aten._to_copy.default, (term,), {"dtype": torch.float64},
+                                                   like=mm), ops.scale), like=mm)
     like = ops.weight if ops.weight is not None else ops.w_kn
     key = f"{site.prefix}|rank0_bias|{site.c10d_name}"
-    b = call(graph, torch.ops.fxpasses.rank0_bias.default, (bias, like, key, site.c10d_name, site.size, int(_n(site))),
+    b = call(graph, torch.ops.fxpasses.rank0_bias.default, (term, like, key, site.c10d_name, site.size, int(_n(site))),
              like=mm)
-    if ops.quant:
-        b = call(graph, aten.mul.Tensor, (b, ops.scale), like=mm)
     b = call(graph, aten._to_copy.default, (b,), {"dtype": _dtype(site)}, like=mm)
     return call(graph, aten.add.Tensor, (out, b), like=mm)
 

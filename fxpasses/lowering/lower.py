@@ -174,7 +174,8 @@ def lower_graph(graph: fx.Graph, mode: str, ctx, *, module_prefix: str = "model"
             rec["sites"].append(entry)
         work.lint()
     except Exception as e:  # the graph stays as it was; every site says why
-        log.warning("fxpasses lowering (%s) abandoned, graph kept unfused: %s: %s", backend.name, type(e).__name__, e)
+        log.warning("fxpasses lowering (%s) abandoned, graph kept unfused: %s: %s", backend.name, type(e).__name__, e,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
         for s in rec["sites"]:
             if s["op"]:
                 s["op"], s["reason"] = None, f"lowering abandoned: {type(e).__name__}: {e}"
