@@ -266,3 +266,31 @@ def test_quantize_ops_are_known_and_token_wise():
     assert [a.name for a in tw.token_aligned_args(dyn, is_token)] == ["out", "x", "scale"]
     assert [a.name for a in tw.token_aligned_args(sta, is_token)] == ["out", "x"]
     assert [a.name for a in tw.token_aligned_args(npu_s, is_token)] == ["x"]
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("int_bias", [False, True])
+def test_fc2_bias_terms_reproduce_the_fused_bias_standin(per_token, int_bias):
+    """`odp_quant_blocks`' bias terms: the quantised matmul without its bias, plus term 0 (plus term 1
+    times the per-token scale), equals the matmul with the bias, for vllm-ascend's int32 quant_bias
+    (into the accumulator, before the dequant) and a float bias (after it); float64 rounding only."""
+    from fxpasses.runtime_ops import bias_terms
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (9, 16), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (16, 8), generator=g, dtype=torch.int8)
+    scale = torch.rand(8, generator=g, dtype=torch.float64) * 1e-3
+    s = torch.rand(9, generator=g).float() if per_token else None
+    bias = (torch.randint(-5000, 5000, (8,), generator=g, dtype=torch.int32) if int_bias
+            else torch.randn(8, generator=g, dtype=torch.float64))
+    mm = torch.ops.npu.npu_quant_matmul
+    want = mm(q, w, scale, pertoken_scale=s, bias=bias, output_dtype=torch.float64)
+    terms = bias_terms(w, scale, bias, per_token, torch.float64)
+    got = mm(q, w, scale, pertoken_scale=s, output_dtype=torch.float64) + terms[0]
+    if per_token:
+        got = got + terms[1] * s.double().unsqueeze(-1)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    row = 1 if (int_bias and per_token) else 0   # the bias lands in the one row it belongs to
+    assert terms[row].any() and not terms[1 - row].any()
+    zero = bias_terms(w, scale, None, per_token, torch.bfloat16)
+    assert zero.dtype == torch.float32 and not zero.any()
