@@ -152,10 +152,10 @@ def _op(n: fx.Node) -> str:
 
 
 def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = None,
-               tol: float | None = None) -> dict:
+               register: bool = True) -> dict:
     """Lower a copy of the captured (rewritten, unfused) graph of `key` with `backend` ("npu", "cuda",
     "reference"), registering what the backend needs about the TP group first (stand-in hcom name /
-    symmetric memory flag). Returns the lowering record, every emitted fused node (op, args, kwargs
+    symmetric memory flag; `register=False` leaves the group as it is). Returns the lowering record, every emitted fused node (op, args, kwargs
     described) and, with `tokens`, the max relative error of the lowered graph against the captured
     one per token count (the npu stand-ins have CPU kernels; the cuda form is structure only)."""
     from fxpasses.context import TPContext
@@ -172,8 +172,9 @@ def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = N
         logging.getLogger("fxpasses").setLevel(logging.DEBUG)
     if backend == "npu":
         ensure_fused_standin_ops()
-        register_standin_hcom(ctx)
-    elif backend == "cuda":
+        if register:
+            register_standin_hcom(ctx)
+    elif backend == "cuda" and register:
         groups.register_symm_mem_group((ctx.tp_group.c10d_name, ctx.tp_group.vllm_name))
     entry = state["captures"][key]
     src = entry["cap"].graphs[0]
