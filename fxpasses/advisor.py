@@ -17,6 +17,13 @@ bytes: it pays at every token count whenever the activations are wider than 1 by
 quantisation itself runs anyway; on FlashComm1's shards it even runs on T/tp rows). Both
 variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces, reduce-scatters and MLP-TP / OTP collectives stay in the
 activation dtype (they carry matmul outputs, or the pass does not quantise their input).
+
+Fused kernels (`fused_estimates`, the lowering of `fxpasses.lowering`): each matmul + collective
+pair a platform fuses (npu: matmul-all-reduce, matmul-reduce-scatter, all-gather-matmul; cuda
+symm_mem: the last two) overlaps its communication with its matmul: max(comm, matmul) + a fixed
+overhead instead of comm + matmul. It pays once the shorter of the two exceeds the overhead
+(prefill-sized token counts); at decode sizes it costs the overhead. The break-even token count is
+reported per strategy. Bytes are unchanged (the fused kernel sends what its pair sent).
 """
 from __future__ import annotations
 
@@ -282,4 +289,102 @@ def report(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate])
     best = ests[0]
     lines.append(f"recommendation: {best.strategy} ({best.comm_us_per_layer / van.comm_us_per_layer:.2f}x the "
                  "vanilla all-reduce time in this model)")
+    return "\n".join(lines)
+
+
+# ---- fused matmul + collective kernels (fxpasses.lowering) ---------------------------------------------
+
+#: which pairs each platform's lowering fuses (see fxpasses.lowering.backends): npu all three,
+#: cuda (symm_mem) no matmul + all-reduce
+FUSED_KINDS = {"npu": ("mm_all_reduce", "mm_reduce_scatter", "all_gather_mm"),
+               "cuda": ("mm_reduce_scatter", "all_gather_mm")}
+
+
+@dataclass
+class FusedEstimate:
+    strategy: str
+    pairs: list[tuple[str, str, float, float]]   # (layer, kind, comm us, matmul us) per fused pair
+    unfused_us: float                            # comm + matmul of those pairs, one after the other
+    fused_us: float                              # max(comm, matmul) + overhead per pair: overlapped
+    break_even_tokens: int | None                # smallest T (powers of 2) from which fusing saves time
+
+    @property
+    def saved_us(self) -> float:
+        return self.unfused_us - self.fused_us
+
+
+def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: Link, strategy: str, tflops: float,
+                 kinds: tuple[str, ...]) -> list[tuple[str, str, float, float]]:
+    """The fusable matmul + collective pairs of one decoder layer under `strategy` and their comm and
+    matmul times (matmul: 2 x rows x K x N flops at `tflops`)."""
+    b, H, D, I, T = m.dtype_bytes, m.hidden, m.attn_out, m.intermediate, tokens
+    Tp = padded(T, tp)
+    qkv_out = m.heads * m.head_dim + 2 * m.kv_heads * m.v_head_dim
+    mm = lambda rows, k, n: 2 * rows * k * n / (tflops * 1e6)  # noqa: E731  us
+    comm = lambda kind, full: link.time_us(_steps(kind, tp), _ring(kind, full, tp))  # noqa: E731
+    pairs = []
+    if strategy == "vanilla":
+        pairs = [("o_proj", "mm_all_reduce", comm("all_reduce", T * H * b), mm(T, D // tp, H)),
+                 ("down_proj", "mm_all_reduce", comm("all_reduce", T * H * b), mm(T, I // tp, H))]
+    elif strategy.startswith("flashcomm1"):
+        pairs = [("qkv_proj", "all_gather_mm", comm("all_gather", Tp * H * b), mm(Tp, H, qkv_out // tp)),
+                 ("gate_up_proj", "all_gather_mm", comm("all_gather", Tp * H * b), mm(Tp, H, 2 * I // tp)),
+                 ("down_proj", "mm_reduce_scatter", comm("reduce_scatter", Tp * H * b), mm(Tp, I // tp, H))]
+        if "flashcomm2" not in strategy:
+            pairs.append(("o_proj", "mm_reduce_scatter", comm("reduce_scatter", Tp * H * b), mm(Tp, D // tp, H)))
+    elif strategy.startswith("flashcomm2"):  # alone: the MLP keeps its all-reduce
+        pairs = [("down_proj", "mm_all_reduce", comm("all_reduce", T * H * b), mm(T, I // tp, H))]
+    return [p for p in pairs if p[1] in kinds]
+
+
+def fused_estimates(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate], platform: str,
+                    tflops: float = 300.0, overhead_us: float = 5.0) -> list[FusedEstimate]:
+    """What the lowering's fused kernels save per layer for each estimated strategy (float layers; a
+    MODEL ESTIMATE): a fused pair pipelines its matmul with its collective, so it costs
+    max(comm, matmul) + `overhead_us` (tiling, kernel set-up) instead of comm + matmul. It pays when
+    the shorter of the two exceeds the overhead: large token counts (prefill), not latency-bound
+    decode steps. OTP / MLP-TP are not lowered (their pairs run over DP groups)."""
+    if platform not in FUSED_KINDS:
+        raise AdvisorError(f"fused kernels: platform {platform!r} must be one of {list(FUSED_KINDS)}")
+    if not tflops > 0 or overhead_us < 0:
+        raise AdvisorError("fused kernels: tflops must be positive and overhead_us >= 0")
+    kinds = FUSED_KINDS[platform]
+    out = []
+    for e in ests:
+        name = e.strategy.split(" ")[0]
+        if name.startswith(("otp", "mlp_tp")):
+            continue
+        pairs = _layer_pairs(m, tp, tokens, link, name, tflops, kinds)
+        if not pairs:
+            continue
+
+        def cost(ps):
+            return sum(c + t for _, _, c, t in ps), sum(max(c, t) + overhead_us for _, _, c, t in ps)
+
+        unfused, fused = cost(pairs)
+        even = None
+        t = 1
+        while t <= 1 << 20:
+            u, f = cost(_layer_pairs(m, tp, t, link, name, tflops, kinds))
+            if f < u:
+                even = t
+                break
+            t *= 2
+        out.append(FusedEstimate(e.strategy, pairs, unfused, fused, even))
+    return out
+
+
+def fused_report(m: ModelDims, tokens: int, fes: list[FusedEstimate], platform: str, tflops: float,
+                 overhead_us: float) -> str:
+    lines = [f"fused kernels ({platform} lowering; MODEL ESTIMATE: matmul at {tflops:g} TFLOPS, "
+             f"{overhead_us:g} us overhead per fused kernel, overlap = max(comm, matmul)):"]
+    for f in fes:
+        pays = (f"pays from T >= {f.break_even_tokens}" if f.break_even_tokens else "never pays in this model")
+        verdict = "saves" if f.saved_us > 0 else "costs"
+        lines.append(f"  {f.strategy}: {len(f.pairs)} fused pairs/layer "
+                     f"({', '.join(f'{layer}:{kind}' for layer, kind, _, _ in f.pairs)}); comm+matmul "
+                     f"{f.unfused_us:.1f} -> {f.fused_us:.1f} us/layer at T={tokens} ({verdict} "
+                     f"{abs(f.saved_us):.1f} us/layer, {abs(f.saved_us) * m.layers / 1e3:.2f} ms/step); {pays}")
+    if platform == "cuda":
+        lines.append("  (cuda: torch symm_mem has no fused matmul + all-reduce, so vanilla TP gains nothing)")
     return "\n".join(lines)

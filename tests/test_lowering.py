@@ -216,3 +216,21 @@ def test_cuda_symm_mem_forms_standin(pools):
     for r in pool.run(rank_lower, plain[0]["key"], "cuda"):
         assert r["record"]["fused"] == {}
         assert all(s["reason"].startswith("no fused matmul + all-reduce in torch symm_mem") for s in r["record"]["sites"])
+
+
+def test_advisor_fused_kernels():
+    """The advisor's fused-kernel estimate: overlap pays at prefill sizes, costs its overhead at T=1;
+    cuda has no fused matmul + all-reduce, so vanilla TP is not listed there; bytes are not changed."""
+    from fxpasses.advisor import Link, estimate, fused_estimates, load_model
+
+    m, link = load_model("llama3-70b"), Link()
+    big = {f.strategy: f for f in fused_estimates(m, 8, 4096, link, estimate(m, 8, 4096, link, [1]), "npu")}
+    one = {f.strategy: f for f in fused_estimates(m, 8, 1, link, estimate(m, 8, 1, link, [1]), "npu")}
+    assert set(big) == {"vanilla", "flashcomm1", "flashcomm2(K=1)", "flashcomm1+flashcomm2(K=1)"}
+    assert [k for _, k, _, _ in big["vanilla"].pairs] == ["mm_all_reduce", "mm_all_reduce"]
+    assert len(big["flashcomm1"].pairs) == 4 and len(big["flashcomm1+flashcomm2(K=1)"].pairs) == 3
+    for name in big:
+        assert big[name].saved_us > 0 and one[name].saved_us < 0
+        assert 1 < big[name].break_even_tokens <= 4096
+    cuda = {f.strategy for f in fused_estimates(m, 8, 4096, link, estimate(m, 8, 4096, link, [1]), "cuda")}
+    assert "vanilla" not in cuda and "flashcomm2(K=1)" not in cuda and "flashcomm1" in cuda

@@ -5,6 +5,7 @@
         --bandwidth 50 --latency 15
     .venv/bin/python tools/advisor.py --model llama3-70b --tp 8 --tokens 4096 --dp 4
     .venv/bin/python tools/advisor.py --model llama3-70b --tp 8 --tokens 4096 --quant w8a8_dynamic
+    .venv/bin/python tools/advisor.py --model llama3-70b --tp 8 --tokens 4096 --fused npu --tflops 300
 
 All numbers are MODEL ESTIMATES (see fxpasses/advisor.py), not measurements.
 """
@@ -16,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxpasses.advisor import PRESETS, QUANTS, AdvisorError, Link, estimate, load_model, report  # noqa: E402
+from fxpasses.advisor import (PRESETS, QUANTS, AdvisorError, Link, estimate, fused_estimates,  # noqa: E402
+                              fused_report, load_model, report)
 
 
 def main(argv=None) -> int:
@@ -32,6 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", choices=QUANTS, default="none",
                     help="the model's linear inputs are quantised to int8 (W8A8 static / dynamic): compare int8 "
                          "communication (int8_comm auto) with float communication (int8_comm off)")
+    ap.add_argument("--fused", choices=("npu", "cuda"), default=None,
+                    help="also estimate the lowering's fused matmul + collective kernels on this platform")
+    ap.add_argument("--tflops", type=float, default=300.0, help="matmul throughput for --fused (TFLOPS)")
+    ap.add_argument("--fused-overhead", type=float, default=5.0, help="us per fused kernel for --fused")
     args = ap.parse_args(argv)
     try:
         try:
@@ -43,10 +49,14 @@ def main(argv=None) -> int:
         m = load_model(args.model, args.dtype_bytes)
         link = Link(args.bandwidth, args.latency)
         ests = estimate(m, args.tp, args.tokens, link, ks, args.dp, args.quant)
+        fused = (fused_estimates(m, args.tp, args.tokens, link, ests, args.fused, args.tflops, args.fused_overhead)
+                 if args.fused else None)
     except AdvisorError as e:
         print(f"advisor: error: {e}", file=sys.stderr)
         return 2
     print(report(m, args.tp, args.tokens, link, ests))
+    if fused is not None:
+        print(fused_report(m, args.tokens, fused, args.fused, args.tflops, args.fused_overhead))
     return 0
 
 
