@@ -70,3 +70,17 @@ def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, af
     (out / "site_report.json").write_text(report.to_json())  # the latest graph of this rank
     (out / "site_report.txt").write_text(report.to_text() + "\n")
     return out
+
+
+def emit_lowered(graph: fx.Graph, report: PassReport, config) -> None:
+    """After the lowering (`fxpasses.lowering`) found pairs: the rank's latest site report again, now
+    with the lowering's record and lines, and the lowered graph (`lowered.after.py`) when it fused."""
+    rec = report.extra.get("lowering") or {}
+    if not config.dump_dir or not rec.get("sites"):
+        return
+    out = Path(config.dump_dir) / f"rank{report.world_rank}"
+    out.mkdir(parents=True, exist_ok=True)
+    if rec.get("fused") and graph.owning_module is not None:
+        (out / "lowered.after.py").write_text(graph_text(graph.owning_module))
+    (out / "site_report.json").write_text(report.to_json())
+    (out / "site_report.txt").write_text(report.to_text() + "\n")

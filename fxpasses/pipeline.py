@@ -53,6 +53,7 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
         report.extra["lowering"] = rec
         if rec["fused"] and graph.owning_module is not None and recompile:
             graph.owning_module.recompile()
+        dump.emit_lowered(graph, report, config)
     return report
 
 

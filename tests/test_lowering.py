@@ -87,6 +87,18 @@ def test_auto_on_cpu_changes_nothing(pools):
         assert "lowering" not in o["report"]
 
 
+def test_lowering_in_the_site_report_and_dump(pools, tmp_path):
+    pool = pools.get(2, "vllm")
+    summaries = pool.run(rank_capture, bundled_spec(num_hidden_layers=1),
+                         {"strategies": [], "lowering": "reference", "dump_dir": str(tmp_path)}, "float64", False)
+    assert summaries[0]["report"]["lowering"]["fused"] == {AR: 2}
+    for r in (0, 1):
+        text = (tmp_path / f"rank{r}" / "site_report.txt").read_text()
+        assert "lowering (reference): fxpasses::mm_all_reduce x2" in text
+        assert "model.layers.0.self_attn.o_proj mm_all_reduce: -> fxpasses::mm_all_reduce" in text
+        assert "fxpasses.mm_all_reduce.default" in (tmp_path / f"rank{r}" / "lowered.after.py").read_text()
+
+
 def test_lowering_config_key():
     assert FxPassesConfig().lowering == "auto"
     assert FxPassesConfig.from_dict({"lowering": "reference"}).lowering == "reference"
