@@ -13,7 +13,9 @@ not what a formula says it should. Accounting (n = group size, B = bytes of the 
 
 `fxpasses::odp_weight` and `fxpasses::odp_quant_blocks` (FlashComm2's one-time o_proj weight
 all-gathers) are reported as one-time weight transfers, not per-step traffic. Bytes follow each
-tensor's dtype: int8 values count 1 byte per element, their float32 scales 4. Group sizes come from the node itself
+tensor's dtype: int8 values count 1 byte per element, their float32 scales 4. A fused matmul + collective of `fxpasses.lowering` counts
+as the collective inside it (`lowering.match.FUSED_COLLECTIVES`: the same bytes as the pair it
+replaced); its `fxpasses::rank0_bias` is a one-time transfer. Group sizes come from the node itself
 (reduce_scatter/all_gather carry it), from fxpasses' `meta["fxpasses"]["group_size"]` tag, or
 from `group_sizes` ({group name: size}) for the model's own all-reduces (a platform op that names
 no group is looked up by its implicit group's label, else takes `default_group_size`).

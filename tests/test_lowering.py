@@ -99,6 +99,17 @@ def test_lowering_in_the_site_report_and_dump(pools, tmp_path):
         assert "fxpasses.mm_all_reduce.default" in (tmp_path / f"rank{r}" / "lowered.after.py").read_text()
 
 
+def test_reference_ops_registered_at_import():
+    """A graph loaded from a compile cache in a new process finds the lowering's ops after `import fxpasses`."""
+    import subprocess
+    import sys
+
+    code = ("import fxpasses, torch\n"
+            "for n in ('mm_all_reduce', 'mm_reduce_scatter', 'all_gather_mm', 'rank0_bias'):\n"
+            "    getattr(torch.ops.fxpasses, n).default\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_lowering_config_key():
     assert FxPassesConfig().lowering == "auto"
     assert FxPassesConfig.from_dict({"lowering": "reference"}).lowering == "reference"
@@ -223,6 +234,10 @@ def test_cuda_symm_mem_forms_standin(pools):
             assert len(e["args"][1]) == 1 and e["args"][2] == 0 and e["kwargs"] == {"return_A": True}
         assert r["rank0_bias"] == 2
         assert r["bytes"]["fused"] == r["bytes"]["unfused"] > 0
+    for r in pool.run(rank_lower, fc1[0]["key"], "reference", [1, 5]):  # the same graph, reference ops
+        assert r["record"]["fused"] == {AG: 2, RS: 2}
+        assert r["bytes"]["fused"] == r["bytes"]["unfused"] > 0
+        assert all(c["rel"] <= 1e-12 for c in r["compare"])
     plain = pool.run(rank_capture, bundled_spec(num_hidden_layers=1), {"strategies": [], "lowering": "off"},
                      "float64", False)
     for r in pool.run(rank_lower, plain[0]["key"], "cuda"):
