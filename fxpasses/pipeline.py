@@ -49,7 +49,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                              fail_loudly=fail_loudly, graph_mode=graph_mode)
     if config.lowering != "off":
         with report.timed("lowering"):
-            rec = lowering.lower_graph(graph, config.lowering, ctx, module_prefix=config.module_prefix)
+            rec = lowering.lower_graph(graph, config.lowering, ctx, module_prefix=config.module_prefix,
+                                       weight_format=config.weight_format)
         report.extra["lowering"] = rec
         if rec["fused"] and graph.owning_module is not None and recompile:
             graph.owning_module.recompile()

@@ -157,6 +157,10 @@ def test_npu_matmul_all_reduce_standin(pools):
         assert r["rank0_bias"] == 0
         assert r["bytes"]["fused"] == r["bytes"]["unfused"] > 0
         assert all(c["shape_ok"] and c["rel"] <= 3e-2 for c in r["compare"]), r["compare"]
+    # vllm.unquantized_gemm's [N, K] weight may be NZ unless plain weights are declared: not fused
+    for r in pool.run(rank_lower, summaries[0]["key"], "npu", None, True, "unknown"):
+        assert r["record"]["fused"] == {}
+        assert all(s["reason"].startswith("weight format: vllm::unquantized_gemm") for s in r["record"]["sites"])
 
 
 def test_npu_flashcomm1_reduce_scatter_and_all_gather_standin(pools):

@@ -10,7 +10,9 @@ A backend is a record (`Backend`): its name, its op per pair kind (or the reason
 * `npu` (torch_npu): `npu.npu_mm_all_reduce_base`, `npu.npu_mm_reduce_scatter_base`,
   `npu.npu_all_gather_base_mm` (schemas from Ascend/op-plugin `op_plugin/config/op_plugin_functions.yaml`,
   limits from `docs/zh/custom_APIs/torch_npu/torch_npu-npu_*.md`), over the TP group's HCCL
-  communicator, named at worker start (`fxpasses.lowering.groups`).
+  communicator, named at worker start (`fxpasses.lowering.groups`). A platform weight stored
+  [N, K] (`vllm.unquantized_gemm`) is passed transposed, so only with `weight_format` nd / nd_float
+  (an NZ weight has no transposed view).
 * `cuda` (torch symmetric memory): `symm_mem.fused_matmul_reduce_scatter`,
   `symm_mem.fused_all_gather_matmul`, on groups with symmetric memory enabled at worker start.
   symm_mem has no fused matmul + all-reduce: plain TP's row layers stay as they are.
@@ -51,6 +53,7 @@ class Site:
     size: int
     is_tp: bool
     ag_input: fx.Node | None = None   # all_gather_mm: what the all_gather sends (this rank's rows)
+    weight_format: str = "unknown"    # the configuration's weight_format (Ascend NZ, see fxpasses.op_forms)
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,9 @@ def _add_rank0_bias(graph: fx.Graph, site: Site, out: fx.Node) -> fx.Node:
                                                    like=mm), ops.scale), like=mm)
     like = ops.weight if ops.weight is not None else ops.w_kn
     key = f"{site.prefix}|rank0_bias|{site.c10d_name}"
-    b = call(graph, torch.ops.fxpasses.rank0_bias.default, (term, like, key, site.c10d_name, site.size, int(_n(site))),
-             like=mm)
+    share = torch.promote_types(_dtype(site), torch.float32)
+    b = call(graph, torch.ops.fxpasses.rank0_bias.default,
+             (term, like, key, site.c10d_name, site.size, int(_n(site)), share), like=mm)
     b = call(graph, aten._to_copy.default, (b,), {"dtype": _dtype(site)}, like=mm)
     return call(graph, aten.add.Tensor, (out, b), like=mm)
 
@@ -246,6 +250,10 @@ def _npu_refuse(site: Site) -> str | None:
         return f"shape: k={k} > 65535"
     if ops.weight is not None and ops.w_kn is None and ops.layout not in ("out_in", "in_out"):
         return f"matmul form: weight layout {ops.layout}"
+    if ops.w_kn is None and ops.layout == "out_in" and site.weight_format in ("unknown", "nz"):
+        return (f"weight format: {ops.op}'s [N, K] weight may be in NZ (weight_format: {site.weight_format}); the "
+                "fused kernels take it transposed, which an NZ weight is not: declare plain weights "
+                "(weight_format: nd or nd_float, vllm-ascend's weight_nz_mode 0/1) to fuse")
     return None
 
 

@@ -51,13 +51,13 @@ def _prefix(node: fx.Node, module_prefix: str) -> str:
     return site_prefix(module_prefix, st[0]) if st else node.name
 
 
-def _site(pair: Pair, ctx, module_prefix: str) -> Site | str:
+def _site(pair: Pair, ctx, module_prefix: str, weight_format: str = "unknown") -> Site | str:
     """The pair with its group resolved, or why its group cannot be fused over."""
     tp = ctx.tp_group
     prefix = _prefix(pair.matmul, module_prefix)
     ag_input = gf.collective_input(pair.head) if pair.kind == "all_gather_mm" else None
     if tp is not None and pair.group in (tp.c10d_name, tp.vllm_name, "shm"):
-        return Site(pair, prefix, tp.c10d_name, tp.vllm_name, tp.size, True, ag_input)
+        return Site(pair, prefix, tp.c10d_name, tp.vllm_name, tp.size, True, ag_input, weight_format)
     if pair.group == "shm" or ":" in pair.group:  # a vLLM group name other than TP's
         return f"group: {pair.group} is a vLLM group other than TP"
     size = pair.group_size
@@ -69,7 +69,7 @@ def _site(pair: Pair, ctx, module_prefix: str) -> Site | str:
             size = dist.get_world_size(_resolve_process_group(pair.group))
         except Exception as e:
             return f"group: {pair.group} cannot be resolved ({type(e).__name__})"
-    return Site(pair, prefix, pair.group, None, int(size), False, ag_input)
+    return Site(pair, prefix, pair.group, None, int(size), False, ag_input, weight_format)
 
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
@@ -142,10 +142,11 @@ def _apply_pair(graph: fx.Graph, backend: Backend, site: Site) -> fx.Node:
 
 
 def lower_graph(graph: fx.Graph, mode: str, ctx, *, module_prefix: str = "model",
-                backend: Backend | str | None = None) -> dict:
+                backend: Backend | str | None = None, weight_format: str = "unknown") -> dict:
     """Fuse every pair of `graph` the backend takes (in place, all or nothing); returns the record
     {"backend", "reason", "sites": [{prefix, pair, collective, group, op, reason}], "fused": {op: n}}.
-    `backend` overrides the choice `mode` makes (tests drive the npu / cuda forms through it)."""
+    `backend` overrides the choice `mode` makes (tests drive the npu / cuda forms through it);
+    `weight_format`: the configuration's (a possibly-NZ [N, K] platform weight is not fused on npu)."""
     if isinstance(backend, str):
         backend = BACKENDS[backend]
     why = f"backend {backend.name} (given)" if backend is not None else ""
@@ -158,7 +159,7 @@ def lower_graph(graph: fx.Graph, mode: str, ctx, *, module_prefix: str = "model"
     fused: Counter = Counter()
     try:
         for pair in find_pairs(work):
-            site = _site(pair, ctx, module_prefix)
+            site = _site(pair, ctx, module_prefix, weight_format)
             entry = {"prefix": site.prefix if isinstance(site, Site) else _prefix(pair.matmul, module_prefix),
                      "pair": pair.kind, "collective": pair.collective, "group": pair.group, "op": None}
             refusal = site if isinstance(site, str) else (backend.no_op.get(pair.kind) or backend.refuse(site))

@@ -17,7 +17,7 @@ collective over the named c10d group (gloo on CPU), so the fused graph computes 
 the unfused one did; their fake kernels give the shapes. They exist to prove the lowering here; the
 platform backends emit the platform's own kernels.
 
-* `fxpasses::rank0_bias(bias, like, key, group_name, group_size)`: the row bias only TP rank 0's graph
+* `fxpasses::rank0_bias(bias, like, key, group_name, group_size, n, dtype)`: the row bias only TP rank 0's graph
   holds (vLLM adds a row layer's bias on rank 0 only), made known to every rank of the group by one
   all-reduce of [N] (bias on the rank that has it, zeros elsewhere), cached per `key` and version
   of `like` (the layer's weight, present on every rank) and redone only when that changes, never
@@ -106,9 +106,10 @@ def _version(t: torch.Tensor):
 
 @torch.library.custom_op("fxpasses::rank0_bias", mutates_args=())
 def rank0_bias(bias: torch.Tensor | None, like: torch.Tensor, key: str, group_name: str,
-               group_size: int, n: int) -> torch.Tensor:
-    """The [n] bias TP rank 0's graph holds, on every rank, as float64 (exact for a float or an int32
-    quant bias; the caller casts). `like`: the layer's weight (its version keys the cache)."""
+               group_size: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [n] bias term TP rank 0's graph holds, on every rank, in `dtype` (the caller passes the
+    output dtype promoted to at least float32, which every rank knows). `like`: the layer's weight
+    (its version keys the cache)."""
     import torch.distributed as dist
 
     ident = (_version(like), None if bias is None else _version(bias))
@@ -117,8 +118,8 @@ def rank0_bias(bias: torch.Tensor | None, like: torch.Tensor, key: str, group_na
         hit = _BIASES.get(key)
         if hit is not None and hit[0][0] == ident[0]:
             return hit[1]
-    b = (torch.zeros(n, dtype=torch.float64, device=like.device) if bias is None
-         else bias.detach().to(torch.float64).reshape(n).clone())
+    b = (torch.zeros(n, dtype=dtype, device=like.device) if bias is None
+         else bias.detach().to(dtype).reshape(n).clone())
     dist.all_reduce(b, group=_pg(group_name))
     with _LOCK:
         _BIASES[key] = (ident, b)
@@ -127,8 +128,8 @@ def rank0_bias(bias: torch.Tensor | None, like: torch.Tensor, key: str, group_na
 
 
 @rank0_bias.register_fake
-def _(bias, like, key, group_name, group_size, n):
-    return like.new_empty((n,), dtype=torch.float64)
+def _(bias, like, key, group_name, group_size, n, dtype):
+    return like.new_empty((n,), dtype=dtype)
 
 
 def clear_bias_cache() -> None:

@@ -152,10 +152,11 @@ def _op(n: fx.Node) -> str:
 
 
 def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = None,
-               register: bool = True) -> dict:
+               register: bool = True, weight_format: str = "nd") -> dict:
     """Lower a copy of the captured (rewritten, unfused) graph of `key` with `backend` ("npu", "cuda",
     "reference"), registering what the backend needs about the TP group first (stand-in hcom name /
-    symmetric memory flag; `register=False` leaves the group as it is). Returns the lowering record, every emitted fused node (op, args, kwargs
+    symmetric memory flag; `register=False` leaves the group as it is; `weight_format` as the
+    configuration's, plain weights by default). Returns the lowering record, every emitted fused node (op, args, kwargs
     described) and, with `tokens`, the max relative error of the lowered graph against the captured
     one per token count (the npu stand-ins have CPU kernels; the cuda form is structure only)."""
     from fxpasses.context import TPContext
@@ -179,7 +180,7 @@ def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = N
     entry = state["captures"][key]
     src = entry["cap"].graphs[0]
     gm = fx.GraphModule(src, copy_graph(src.graph, None))
-    rec = lower_graph(gm.graph, "auto", ctx, backend=backend)
+    rec = lower_graph(gm.graph, "auto", ctx, backend=backend, weight_format=weight_format)
     gm.recompile()
     emitted = [{"op": _op(n), "args": _describe(list(n.args)), "kwargs": _describe(dict(n.kwargs)),
                 "tag": n.meta.get("fxpasses")} for n in gm.graph.nodes if _op(n) in FUSED_COLLECTIVES]
