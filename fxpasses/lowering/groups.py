@@ -28,7 +28,11 @@ _SYMM: set[str] = set()
 
 def platform() -> str:
     """"npu" where torch_npu is installed (vllm-ascend), "cuda" where CUDA is, else "cpu"."""
-    if importlib.util.find_spec("torch_npu") is not None:
+    try:
+        npu = importlib.util.find_spec("torch_npu") is not None
+    except (ImportError, ValueError):  # a module object without a spec in sys.modules
+        npu = False
+    if npu:
         return "npu"
     if torch.cuda.is_available():
         return "cuda"
