@@ -19,7 +19,8 @@ import logging
 import torch
 import torch.fx as fx
 
-from fxpasses import comm_volume, dump, lowering
+from fxpasses import comm_volume, dump
+from fxpasses.lowering import lower as lowering
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext

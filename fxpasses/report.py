@@ -94,6 +94,6 @@ class PassReport:
         for p in self.sites:
             lines.append(f"  {p.site.prefix:<{w}} {p.site.layer_class:<28} {str(p.strategy or '-'):<11} "
                          f"{p.status:<9} {p.reason}")
-        from fxpasses.lowering import text_lines
+        from fxpasses.lowering.lower import text_lines
         lines.extend(text_lines(self.extra.get("lowering")))  # fused kernels per pair, or why not
         return "\n".join(lines)

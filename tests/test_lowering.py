@@ -115,7 +115,7 @@ def test_lowering_config_key():
     assert FxPassesConfig.from_dict({"lowering": "reference"}).lowering == "reference"
     with pytest.raises(ConfigError, match="lowering must be one of"):
         FxPassesConfig.from_dict({"lowering": "npu"})
-    from fxpasses.lowering import NO_CPU_KERNELS, choose
+    from fxpasses.lowering.lower import NO_CPU_KERNELS, choose
 
     assert choose("auto") == (None, NO_CPU_KERNELS)
     assert choose("off")[0] is None

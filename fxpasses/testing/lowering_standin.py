@@ -161,7 +161,8 @@ def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = N
     one per token count (the npu stand-ins have CPU kernels; the cuda form is structure only)."""
     from fxpasses.context import TPContext
     from fxpasses.graph_copy import copy_graph
-    from fxpasses.lowering import groups, lower_graph
+    from fxpasses.lowering import groups
+    from fxpasses.lowering.lower import lower_graph
     from fxpasses.lowering.match import FUSED_COLLECTIVES
     from fxpasses.testing.harness import graph_args
 
