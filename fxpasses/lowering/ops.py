@@ -52,6 +52,8 @@ def mm_all_reduce(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, g
     import torch.distributed as dist
 
     out = _mm(x, w, bias)
+    # a real kernel: it runs when the lowered graph executes (all ranks in step); while a graph is
+    # compiled only the fake kernel runs, so no collective is issued inside a compilation
     dist.all_reduce(out, group=_pg(group_name))
     return out
 
@@ -120,6 +122,7 @@ def rank0_bias(bias: torch.Tensor | None, like: torch.Tensor, key: str, group_na
             return hit[1]
     b = (torch.zeros(n, dtype=dtype, device=like.device) if bias is None
          else bias.detach().to(dtype).reshape(n).clone())
+    # kernel time only (the graph runs on every rank); compilation sees the fake kernel
     dist.all_reduce(b, group=_pg(group_name))
     with _LOCK:
         _BIASES[key] = (ident, b)
