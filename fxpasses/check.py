@@ -58,6 +58,7 @@ class CheckResult:
     bytes_before: dict = field(default_factory=dict)     # {T: bytes rank 0 sends per step}
     bytes_after: dict = field(default_factory=dict)
     one_time_bytes_after: int = 0        # e.g. FlashComm2's one-time o_proj weight gather
+    int8_bytes_after: dict = field(default_factory=dict)  # {T: of bytes_after, those sent as int8}
     bytes_source: str = ""               # "graph" (comm_volume) or why only counts are shown
     compile_s: dict = field(default_factory=dict)        # {"baseline": s, "pass": s} (vLLM's log)
     compile_what: str = ""               # which log line compile_s comes from
@@ -80,10 +81,18 @@ def _progress(line: str) -> None:
 
 
 def resolve_model(model: str | None, arch: str | None, workdir: Path,
-                  progress: Callable[[str], None] = _progress) -> Path:
-    """The checkpoint directory: `model` checked, or a tiny random one made for `arch`."""
+                  progress: Callable[[str], None] = _progress, quant: str = "none") -> Path:
+    """The checkpoint directory: `model` checked, or a tiny random one made for `arch` (`quant`:
+    W8A8 in compressed-tensors' int8 format, `fxpasses.tiny_checkpoints.QUANTS`)."""
     from fxpasses import tiny_checkpoints as tc
 
+    if quant != "none":
+        if arch is None:
+            raise ConfigError(f"--quant {quant} makes a tiny quantised checkpoint and goes with --arch; a "
+                              "--model checkpoint's own config.json says how it is quantised")
+        if quant not in tc.QUANTS or arch not in tc.QUANT_ARCHS:
+            raise ConfigError(f"--quant {quant} --arch {arch}: use --quant one of {', '.join(tc.QUANTS)} with "
+                              f"--arch one of {', '.join(sorted(tc.QUANT_ARCHS))}")
     if (model is None) == (arch is None):
         raise ConfigError("give exactly one of --model DIR (a Hugging Face checkpoint directory) or --arch NAME "
                           f"(a tiny random checkpoint; known: {', '.join(tc.known_archs())})")
@@ -91,9 +100,10 @@ def resolve_model(model: str | None, arch: str | None, workdir: Path,
         if arch not in tc.CONFIG_CLASSES:
             raise ConfigError(f"unknown --arch {arch!r}; known architectures: {', '.join(tc.known_archs())} "
                               "(or pass --model DIR for your own checkpoint)")
-        out = workdir / f"tiny_{arch}"
-        progress(f"[0/2] making a tiny random {arch} checkpoint in {out} (nothing downloaded)")
-        return tc.make_tiny_model(out, arch, dtype="float32")
+        out = workdir / (f"tiny_{arch}" + ("" if quant == "none" else f"_{quant}"))
+        what = arch if quant == "none" else f"{arch} {quant} (compressed-tensors int8)"
+        progress(f"[0/2] making a tiny random {what} checkpoint in {out} (nothing downloaded)")
+        return tc.make_tiny_model(out, arch, dtype="float32", quant=quant)
     p = Path(model).expanduser().resolve()
     if not p.is_dir():
         raise ConfigError(f"--model {model}: no such directory; point --model at a Hugging Face checkpoint "
@@ -355,6 +365,8 @@ def _read_dumps(dump_dir: Path, volume_dir: Path, res: CheckResult) -> None:
             for side, dst in (("before", res.bytes_before), ("after", res.bytes_after)):
                 for T, t in d[side]["at"].items():
                     dst[int(T)] = dst.get(int(T), 0) + t["per_step_send"]
+            for T, t in d["after"]["at"].items():
+                res.int8_bytes_after[int(T)] = res.int8_bytes_after.get(int(T), 0) + t.get("per_step_send_int8", 0)
             res.one_time_bytes_after += sum(t["one_time_send"] for t in d["after"]["at"].values()) // max(
                 1, len(d["after"]["at"]))
         res.bytes_source = "graph (fxpasses.comm_volume on the graph before and after the pass, rank 0)"
@@ -373,11 +385,13 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
               tolerance: float | None = None, bytes_at: list[int] | tuple[int, ...] = BYTES_AT,
               config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
               timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
-              compilation: dict | None = None, env: dict[str, str] | None = None) -> CheckResult:
+              compilation: dict | None = None, env: dict[str, str] | None = None,
+              quant: str = "none") -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
-    keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `compilation`: vLLM
+    keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `quant` (with `arch`): the
+    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `compilation`: vLLM
     compilation_config keys for both engines; `env`: further environment variables for both.
     Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
@@ -392,7 +406,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     run_base, run_pass = workdir / "baseline", workdir / "pass"
     cfg = pass_config(strategies, tp, dump_dir=str(run_pass / "dump"), **(config or {}))
     workdir.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress)
+    model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant)
     hf = json.loads((model / "config.json").read_text())
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
     lens = list(tokens) + list(SOLO_LENS)
@@ -505,8 +519,10 @@ def format_report(res: CheckResult) -> str:
         for T in sorted(res.bytes_before):
             b, a = res.bytes_before[T], res.bytes_after.get(T)
             ratio = f" ({a / b:.2f}x)" if b else ""
+            int8 = res.int8_bytes_after.get(T)
             out.append(f"bytes sent per step per rank at T={T} tokens: before {_fmt_bytes(b)}, after "
-                       f"{_fmt_bytes(a)}{ratio}")
+                       f"{_fmt_bytes(a)}{ratio}" + (f"; {_fmt_bytes(int8)} of it int8 (W8A8 activations on "
+                                                    "the wire)" if int8 else ""))
         if res.one_time_bytes_after:
             out.append(f"one-time bytes (weight gathers) after: {_fmt_bytes(res.one_time_bytes_after)}")
         out.append(f"  (bytes from {res.bytes_source})")
@@ -537,7 +553,7 @@ def main(args) -> int:
         extra["patterns"] = args.patterns
     res = run_check(args.model, args.tp, args.strategy, args.tokens, arch=args.arch, workdir=args.out,
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
-                    bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout)
+                    bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant)
     print(format_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))

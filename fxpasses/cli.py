@@ -118,7 +118,7 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
 
 def _add_check_parser(sub) -> None:
     from fxpasses.check import BYTES_AT, ENGINE_TIMEOUT_S, MAX_TOKENS, PROMPT_LENS, TOLERANCE
-    from fxpasses.tiny_checkpoints import known_archs
+    from fxpasses.tiny_checkpoints import QUANTS, known_archs
 
     c = sub.add_parser("check", help="vLLM's CPU engine without and with the pass on a checkpoint: same "
                                      "tokens? sites, bytes per step, compile times",
@@ -130,6 +130,10 @@ def _add_check_parser(sub) -> None:
     src.add_argument("--model", help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
     src.add_argument("--arch", help="make a tiny random checkpoint of this architecture (nothing downloaded): "
                                     + ", ".join(known_archs()))
+    c.add_argument("--quant", choices=list(QUANTS), default="none",
+                   help="with --arch: make the tiny checkpoint W8A8 (compressed-tensors int8, served by vLLM "
+                        "CPU's own int8 kernels): per-token (w8a8_dynamic) or static per-tensor (w8a8) "
+                        "activation scales")
     c.add_argument("--tp", type=int, default=2)
     c.add_argument("--strategy", default="flashcomm1",
                    help="flashcomm1 (alias sp), flashcomm2, combinations joined with '+'")

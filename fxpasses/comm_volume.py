@@ -50,6 +50,7 @@ class CollectiveVolume:
     send_bytes: Any
     recv_bytes: Any
     one_time: bool = False
+    dtype: str = ""      # what travels on the wire ("int8", "bfloat16", ...; "" for fused / one-time)
 
     def at(self, subs: dict) -> dict:
         return {"send": evaluate(self.send_bytes, subs), "recv": evaluate(self.recv_bytes, subs),
@@ -167,7 +168,9 @@ def collective_volumes(graph: fx.Graph, group_sizes: dict[str, int] | None = Non
             full = numel_bytes(x)
         factor = sympy.Rational(2 * (n - 1), n) if kind == "all_reduce" else sympy.Rational(n - 1, n)
         b = sympy.expand(full * factor) if n > 1 else sympy.Integer(0)
-        out.append(CollectiveVolume(node.name, kind, gf.collective_group(node), n, layer, site, full, b, b))
+        dt = str(x.dtype).removeprefix("torch.") if isinstance(x, torch.Tensor) else ""
+        out.append(CollectiveVolume(node.name, kind, gf.collective_group(node), n, layer, site, full, b, b,
+                                    dtype=dt))
     return out
 
 
@@ -216,9 +219,12 @@ def per_layer(vols: list[CollectiveVolume], subs: dict) -> "OrderedDict[str, dic
 
 
 def totals(vols: list[CollectiveVolume], subs: dict) -> dict:
+    """Per-step and one-time send bytes; `per_step_send_int8`: the part of the per-step bytes that
+    travels as int8 (W8A8 activations and their packed scales, int8 on the wire)."""
     step = sum(evaluate(v.send_bytes, subs) for v in vols if not v.one_time)
     once = sum(evaluate(v.send_bytes, subs) for v in vols if v.one_time)
-    return {"per_step_send": step, "one_time_send": once}
+    int8 = sum(evaluate(v.send_bytes, subs) for v in vols if not v.one_time and v.dtype == "int8")
+    return {"per_step_send": step, "one_time_send": once, "per_step_send_int8": int8}
 
 
 # a symbolic token count is evaluated at this many tokens per rank of the group (no padding anywhere)

@@ -7,6 +7,12 @@ comes from transformers' config class, the weights from a seeded generator. The 
 smallest vLLM's CPU attention accepts at TP=2 (hidden 128, 2 layers, heads of 32, vocab 256; MLA:
 the CPU MLA decode kernel only exists for kv_lora_rank 512 + rope 64).
 
+`quant` makes the same checkpoint W8A8 in compressed-tensors' int8 format (`QUANTS`): every
+decoder-layer linear weight int8 with a float32 scale per output channel, activations quantised
+per token at run time (`w8a8_dynamic`) or with a static per-tensor scale (`w8a8`). vLLM's CPU
+engine serves it with its own int8 kernels (`_C.dynamic/static_scaled_int8_quant` +
+`_C.onednn_scaled_mm`, weights packed by oneDNN), which is how int8 on the wire is checked there.
+
 Imports transformers and torch only inside `make_tiny_model`, so `fxpasses check --help` and the
 argument checks stay fast.
 """
@@ -84,6 +90,14 @@ _DROP: dict[str, tuple[str, ...]] = {
 }
 
 
+#: `make_tiny_model(quant=...)`: activation schemes of the W8A8 (int8 weights per channel) checkpoints
+QUANTS = ("none", "w8a8", "w8a8_dynamic")
+#: architectures `quant` applies to: dense decoders served by vLLM's own model classes
+QUANT_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+#: the static scheme's per-tensor activation scale (activations here are O(1): |x| <= 127 * 0.03)
+STATIC_INPUT_SCALE = 0.03
+
+
 def known_archs() -> list[str]:
     return sorted(CONFIG_CLASSES)
 
@@ -97,12 +111,19 @@ def config_kwargs(model_type: str, **shape: Any) -> dict[str, Any]:
 
 
 def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str = "float32", seed: int = 0,
-                    **shape: Any) -> Path:
+                    quant: str = "none", **shape: Any) -> Path:
     """Write config.json + model.safetensors of a random-weight decoder into `out_dir`; return it.
 
     Weights are scaled so that activations stay O(1) through the layers, which makes greedy
     decoding sensitive to any numerical error a rewrite might introduce (the logits are not flat).
+    `quant`: one of `QUANTS`; not "none" writes the decoder layers' linears as compressed-tensors
+    W8A8 (see the module docstring).
     """
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    if quant != "none" and model_type not in QUANT_ARCHS:
+        raise ValueError(f"quant={quant!r} is made for the dense architectures {sorted(QUANT_ARCHS)} only "
+                         f"(MoE experts and MLA projections are not quantised here), not {model_type!r}")
     import torch
     import transformers
 
@@ -128,4 +149,40 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str =
     model.save_pretrained(out, safe_serialization=True)
     # vLLM with skip_tokenizer_init needs no tokenizer files; generation_config keeps defaults neutral
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    if quant != "none":
+        _quantize_w8a8(out, quant == "w8a8_dynamic")
     return out
+
+
+def _quantize_w8a8(out: Path, dynamic: bool) -> None:
+    """Rewrite `out`'s decoder-layer linear weights as compressed-tensors int8 ("int-quantized"):
+    symmetric per-output-channel weight scales; activations per token (dynamic) or one static
+    per-tensor scale. Embeddings, norms and lm_head stay float."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    new: dict[str, Any] = {}
+    for name, t in tensors.items():
+        if ".layers." in name and name.endswith("_proj.weight") and t.dim() == 2:
+            w = t.double()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            stem = name[: -len("weight")]
+            new[name] = torch.round(w / scale).clamp(-128, 127).to(torch.int8)
+            new[stem + "weight_scale"] = scale.float()
+            if not dynamic:
+                new[stem + "input_scale"] = torch.tensor([STATIC_INPUT_SCALE], dtype=torch.float32)
+        else:
+            new[name] = t
+    save_file(new, f, metadata={"format": "pt"})
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
+           "strategy": "token" if dynamic else "tensor"}
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"], "input_activations": act,
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"}}},
+        "ignore": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -55,6 +55,9 @@ def test_model_dir_missing(tmp_path, capsys):
     (["check"], "one of the arguments --model --arch is required"),
     (["check", "--arch", "llama", "--model", "/x"], "not allowed with"),
     (["check", "--arch", "llama", "--tokens", "300"], "max_model_len"),
+    (["check", "--model", "/x", "--quant", "w8a8"], "goes with --arch"),
+    (["check", "--arch", "qwen3_moe", "--quant", "w8a8_dynamic"], "--arch one of llama, mistral"),
+    (["check", "--arch", "llama", "--quant", "int4"], "invalid choice: 'int4'"),
 ])
 def test_bad_arguments_exit_2(argv, expected, tmp_path, capsys):
     rc, text = _run_cli(argv + ["--out", str(tmp_path)], capsys)
