@@ -10,13 +10,14 @@ send less"). Compute savings (FlashComm1 runs norms on T/tp rows) and overlap ar
 
 int8 on the wire (`quant` = "w8a8" / "w8a8_dynamic", the model's linear inputs quantised to int8):
 the collectives that feed a quantised linear send int8 (`int8_comm: auto`, the pass's default):
-FlashComm1's column all-gathers ([T, H]) and FlashComm2's o_proj all_to_all ([T, D/tp]) at 1
-byte per element instead of `dtype_bytes`; dynamic W8A8 also sends the float32 per-token scales,
+FlashComm1's column all-gathers ([T, H]), FlashComm2's o_proj all_to_all ([T, D/tp]) and
+MLP-TP's gate_up_proj all_gather ([B, H]) at 1 byte per element instead of `dtype_bytes`; dynamic W8A8 also sends the float32 per-token scales,
 4 bytes per token and chunk, in the same collective (`int8_row_bytes`). Same launches, fewer
 bytes: it pays at every token count whenever the activations are wider than 1 byte (the
 quantisation itself runs anyway; on FlashComm1's shards it even runs on T/tp rows). Both
-variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces, reduce-scatters and MLP-TP / OTP collectives stay in the
-activation dtype (they carry matmul outputs, or the pass does not quantise their input).
+variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces, the reduce-scatters
+and OTP's collectives stay in the activation dtype (they carry matmul outputs, or the pass does
+not quantise their input).
 
 Fused kernels (`fused_estimates`, the lowering of `fxpasses.lowering`): each matmul + collective
 pair a platform fuses (npu: matmul-all-reduce, matmul-reduce-scatter, all-gather-matmul; cuda
@@ -251,12 +252,17 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
         B = max(T // dp, 1)  # own tokens per DP rank
         otp_a2a = ("all_to_all", dp, _ring("all_to_all", B * D * b, dp))
         otp_rs = ("reduce_scatter", dp, _ring("reduce_scatter", dp * B * H * b, dp))
-        mlp_ag = ("all_gather", dp, _ring("all_gather", dp * B * H * b, dp))
         out.append(est(f"otp(K={dp})", [otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp,
                        "DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
                        "all_to_all of [B, D] + reduce_scatter [K*B, H]"))
-        out.append(est(f"mlp_tp(K={dp})", [mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp,
-                       "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"))
+        for q, tag in variants:
+            mlp_ag = _wire("all_gather", dp, dp * B, H, b, q)  # gate_up_proj's input, quantised before it
+            why = "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"
+            if q != "none":
+                why += (f"; int8 on the wire: the gate_up_proj all_gather sends [B, H] in int8"
+                        + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
+                        + _pays(H, dp, link, b, q) + "; needs plain int8 MLP weights (weight_format: nd)")
+            out.append(est(f"mlp_tp(K={dp})" + tag, [*mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp, why))
     # ties: less weight memory first, then the variant that also shards norms/residual (FlashComm1)
     out.sort(key=lambda e: (round(e.comm_us_per_layer, 6), e.weight_bytes_per_layer,
                             0 if "flashcomm1" in e.strategy else 1))

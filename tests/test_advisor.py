@@ -105,6 +105,15 @@ def test_int8_on_the_wire(quant):
     fc2 = ests["flashcomm2(K=1) int8"]
     assert [c for c in fc2.collectives if c[0] == "all_to_all"] == [("all_to_all", tp, ring(T * (w + extra)))]
     assert adv.int8_row_bytes(H, quant) * 2 in (2 * H, 2 * H + 8) and adv.int8_row_bytes(H, "none") == 2 * H
+    # DP attention: MLP-TP's gate_up_proj all_gather of [B, H] in int8, its reduce_scatter unchanged
+    dp = 4
+    B = T // dp
+    dps = {e.strategy: e for e in adv.estimate(m, tp, T, LINK, [1], dp=dp, quant=quant)}
+    on, off = dps[f"mlp_tp(K={dp}) int8"], dps[f"mlp_tp(K={dp}) (int8_comm off)"]
+    ring_dp = lambda full: (dp - 1) * full // dp  # noqa: E731
+    assert on.collectives[0] == ("all_gather", dp, ring_dp(dp * B * (H + extra)))
+    assert off.collectives[0] == ("all_gather", dp, ring_dp(dp * B * H * m.dtype_bytes))
+    assert on.collectives[1:] == off.collectives[1:] and on.comm_us_per_layer < off.comm_us_per_layer
     with pytest.raises(adv.AdvisorError, match="quant='w4a8'"):
         adv.estimate(m, tp, T, LINK, [1], quant="w4a8")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
