@@ -253,20 +253,11 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
 
     first = mm.prev
     with g.inserting_before(mm):
-        pad, _ = rw.padded_count()
         b = rw.shard_rows()                                   # rows per TP chunk = T_pad / tp
         kb = rw.sym(operator.mul, b, k) if k > 1 else b      # rows exchanged with each ODP peer
-        xp = call(aten.constant_pad_nd.default, x, [0, 0, 0, pad], 0.0)  # pad rows are dropped later
-        if k > 1:
-            # chunk c = j*n + i  ->  order (i, j): ids [[i + j*n for j in range(K)] for i in range(n)]
-            v = call(aten.view.default, xp, [k, n, b, dl])
-            v = call(aten.permute.default, v, [1, 0, 2, 3])
-            v = call(aten.clone.default, v, memory_format=torch.contiguous_format)
-            send = call(aten.view.default, v, [rw.sym(operator.mul, kb, n), dl])
-        else:
-            send = xp
-        a2a = rw.comm.all_to_all(g, send, groups.odp, kb)     # [n*K*b, D/tp], block p from ODP peer p
-        y = call(aten.view.default, a2a, [n, kb, dl])
+        # pad rows are dropped later; K > 1: chunk c = j*n + i -> order (i, j)
+        a2a = rw.comm.all_to_all(g, _send_rows(rw, g, x, k, n, b, kb, dl), groups.odp, kb)
+        y = call(aten.view.default, a2a, [n, kb, dl])         # [n*K*b, D/tp], block p from ODP peer p
         y = call(aten.permute.default, y, [1, 0, 2])
         y = call(aten.clone.default, y, memory_format=torch.contiguous_format)
         y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, n*D/tp]
@@ -278,7 +269,18 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         bias = call(aten.select.int, wo, 1, n * dl)
         out = call(aten.addmm.default, bias, y, wt)           # [T_pad/n, H], partial over OTP
         res = rw.comm.reduce_scatter(g, out, groups.otp) if k > 1 else out
-    # register everything inserted (so propagation leaves it alone) and copy the layer's stack
+    _finish_site(rw, first, mm, res, ar, gather_after)
+    for node in (mm, _weight_t(mm)):
+        if isinstance(node, fx.Node) and not node.users:
+            g.erase_node(node)
+    return h * (n * dl + 1) * wv.element_size()
+
+
+def _finish_site(rw: LayoutRewriter, first: fx.Node, mm: fx.Node, res: fx.Node, ar: fx.Node,
+                 gather_after: bool) -> None:
+    """After the nodes inserted between `first` and the layer's matmul `mm`: register them as created
+    (propagation leaves them alone) with the layer's module stack, mark the site's result `res`
+    Shard0 and let it replace the all-reduce (gathered back to all T rows without FlashComm1)."""
     stack = mm.meta.get("nn_module_stack")
     node = first.next
     while node is not mm:
@@ -288,12 +290,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
             node.meta.setdefault("nn_module_stack", stack)
         node = node.next
     rw.mark_shard0(res, 2)
-    final = rw.gather(res) if gather_after else res
-    rw.replace_all_reduce(ar, final)
-    for node in (mm, _weight_t(mm)):
-        if isinstance(node, fx.Node) and not node.users:
-            g.erase_node(node)
-    return h * (n * dl + 1) * wv.element_size()
+    rw.replace_all_reduce(ar, rw.gather(res) if gather_after else res)
 
 
 def _send_rows(rw, g, t: fx.Node, k: int, n: int, b, kb, width: int | None) -> fx.Node:
@@ -399,17 +396,7 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
             biased = call(aten.add.Tensor, biased, call(aten.mul.Tensor, call(aten.select.int, terms, 0, 1), s0))
         out = call(torch.ops.prims.convert_element_type.default, biased, out_dtype)
         res = rw.comm.reduce_scatter(g, out, groups.otp) if k > 1 else out
-    stack = mm.meta.get("nn_module_stack")
-    node = first.next
-    while node is not mm:
-        rw.mark_created(node)
-        node.meta.setdefault("fxpasses", {}).setdefault("role", "flashcomm2")
-        if stack is not None:
-            node.meta.setdefault("nn_module_stack", stack)
-        node = node.next
-    rw.mark_shard0(res, 2)
-    final = rw.gather(res) if gather_after else res
-    rw.replace_all_reduce(ar, final)
+    _finish_site(rw, first, mm, res, ar, gather_after)
     if not mm.users:
         g.erase_node(mm)
     return n * (dl * h * wv.element_size() + h * gf.val(scale).element_size())
