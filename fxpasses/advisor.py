@@ -224,7 +224,7 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
         agq = _wire("all_gather", tp, Tp, H, b, q)   # the column inputs (qkv_proj, gate_up_proj)
         int8_why = ""
         if q != "none":
-            int8_why = (f"; int8 on the wire: the qkv_proj and gate_up_proj gathers send [T, H] in int8"
+            int8_why = ("; int8 on the wire: the qkv_proj and gate_up_proj gathers send [T, H] in int8"
                         + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
                         + _pays(H, tp, link, b, q))
         out.append(est("flashcomm1" + tag, [rs, *agq, rs, *agq], base_w + oproj_w // tp,
@@ -239,7 +239,7 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
                        f"instead of reducing [T, H] = {H}; o_proj weight stored at 1/{k} (+"
                        f"{(oproj_w // k - oproj_w // tp) / 2**20:.1f} MiB per layer per rank)")
             if q != "none":
-                fc2_why += (f"; int8 on the wire: the o_proj all_to_all sends [T, D/tp] in int8"
+                fc2_why += ("; int8 on the wire: the o_proj all_to_all sends [T, D/tp] in int8"
                             + (" + float32 per-token scales per chunk (in the same all_to_all)"
                                if q == "w8a8_dynamic" else "") + _pays(D // tp, n, link, b, q)
                             + "; needs plain int8 o_proj weights (weight_format: nd)")
@@ -259,7 +259,7 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
             mlp_ag = _wire("all_gather", dp, dp * B, H, b, q)  # gate_up_proj's input, quantised before it
             why = "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"
             if q != "none":
-                why += (f"; int8 on the wire: the gate_up_proj all_gather sends [B, H] in int8"
+                why += ("; int8 on the wire: the gate_up_proj all_gather sends [B, H] in int8"
                         + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
                         + _pays(H, dp, link, b, q) + "; needs plain int8 MLP weights (weight_format: nd)")
             out.append(est(f"mlp_tp(K={dp})" + tag, [*mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp, why))

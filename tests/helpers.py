@@ -1,6 +1,9 @@
 """Small shared helpers for the tests (model specs, running a capture on a pool)."""
+import contextlib
 import dataclasses
+import logging
 import os
+from unittest import mock
 
 from fxpasses.testing.harness import rank_capture, rank_compare
 from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
@@ -57,3 +60,24 @@ def rank_all_reduce_only_on_rank1(state):
 
 def rank_id(state):
     return state["rank"]
+
+
+#: the environment without any fxpasses / vllm-ascend setting (tests set exactly what they test)
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("FXPASSES_", "VLLM_ASCEND_"))}
+
+
+@contextlib.contextmanager
+def clean_fxpasses_env():
+    """`CLEAN_ENV` as the environment, memoised pass configurations forgotten, and fxpasses' log
+    records reaching the root logger (where caplog listens)."""
+    from fxpasses import vllm_pass
+
+    vllm_pass._RESOLVED.clear()  # resolved configurations are memoised per process
+    fx = logging.getLogger("fxpasses")
+    parent = fx.parent
+    fx.parent = logging.getLogger()
+    try:
+        with mock.patch.dict(os.environ, CLEAN_ENV, clear=True):
+            yield
+    finally:
+        fx.parent = parent

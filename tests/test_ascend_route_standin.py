@@ -26,22 +26,12 @@ from fxpasses.plugin import PASS_KEY, configure_vllm_config, configs_of, platfor
 from fxpasses.testing.ascend_harness import rank_ascend_compare, rank_ascend_compile  # noqa: E402
 from fxpasses.testing.ascend_standin import AscendPlatformStandin, GraphFusionPassManagerStandin  # noqa: E402
 from fxpasses.vllm_pass import FxPassesInductorPass  # noqa: E402
-from helpers import bundled_spec  # noqa: E402
-
-CLEAN = {k: v for k, v in os.environ.items() if not k.startswith(("FXPASSES_", "VLLM_ASCEND_"))}
-
+from helpers import bundled_spec, clean_fxpasses_env  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def clean_env():
-    from fxpasses import vllm_pass
-
-    vllm_pass._RESOLVED.clear()
-    fx = logging.getLogger("fxpasses")
-    parent = fx.parent
-    fx.parent = logging.getLogger()  # caplog listens on the root logger
-    with mock.patch.dict(os.environ, CLEAN, clear=True):
+    with clean_fxpasses_env():
         yield
-    fx.parent = parent
 
 
 @pytest.fixture

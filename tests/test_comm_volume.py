@@ -1,7 +1,6 @@
 """The byte counter of fxpasses.comm_volume against hand-computed values on tiny hand-built graphs."""
 from __future__ import annotations
 
-import operator
 
 import pytest
 import sympy

@@ -4,7 +4,6 @@ no edit to the core."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch._dispatch.python import enable_python_dispatcher
 
 from fxpasses import graph_forms as gf

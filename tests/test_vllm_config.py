@@ -20,25 +20,19 @@ from hypothesis import strategies as st
 pytest.importorskip("vllm")
 
 from fxpasses.config import FxPassesConfig  # noqa: E402
+from helpers import CLEAN_ENV, clean_fxpasses_env  # noqa: E402
 from fxpasses.errors import ConfigError  # noqa: E402
 from fxpasses.plugin import PASS_KEY, configure_vllm_config  # noqa: E402
 from fxpasses.vllm_pass import ChainedInductorPass, FxPassesInductorPass  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLEAN = {k: v for k, v in os.environ.items() if not k.startswith(("FXPASSES_", "VLLM_ASCEND_"))}
+CLEAN = CLEAN_ENV
 
 
 @pytest.fixture(autouse=True)
 def clean_env():
-    from fxpasses import vllm_pass
-
-    vllm_pass._RESOLVED.clear()  # resolved configurations are memoised per process
-    fx = logging.getLogger("fxpasses")
-    parent = fx.parent
-    fx.parent = logging.getLogger()  # caplog listens on the root logger
-    with mock.patch.dict(os.environ, CLEAN, clear=True):
+    with clean_fxpasses_env():
         yield
-    fx.parent = parent
 
 
 def fake_vllm_config(tp=2, world=None, additional=None, icc=None):

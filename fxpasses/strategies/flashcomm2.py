@@ -245,7 +245,7 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         return _rewrite_quant_site(rw, plan, groups, gather_after)
     g, site = rw.graph, plan.site
     mm, x, w, ar = site.matmul, site.input, site.weight, site.all_reduce
-    tp, k, n = groups.tp, groups.k, groups.n
+    k, n = groups.k, groups.n
     wv = gf.val(w)
     h, dl = int(wv.shape[0]), int(wv.shape[1])
     def call(target, *args, **kwargs):
@@ -346,7 +346,7 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
     g, site = rw.graph, plan.site
     mm, ar = site.matmul, site.all_reduce
     form = _quant_linear(mm)
-    tp, k, n = groups.tp, groups.k, groups.n
+    k, n = groups.k, groups.n
     x, w = op_forms.arg(mm, form.x), site.weight
     scale = op_forms.arg(mm, form.channel_args[0])
     pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fxpasses.testing.harness import DTYPES, _tokens
+from fxpasses.testing.harness import DTYPES, _tokens, compiled_against_eager
 from fxpasses.testing.models.attention_op import SPLITTING_OP
 
 GRAPH_MODES = ("whole", "piecewise")
@@ -70,7 +70,6 @@ def _environ(env: dict[str, str]):
 
 
 def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, env) -> dict[str, Any]:
-    from vllm.config import set_current_vllm_config
 
     from fxpasses.ascend_pass import FxPassesAscendPass
     from fxpasses.testing.piecewise import RecordingPass
@@ -117,14 +116,7 @@ def _run(entry: dict, T: int, seed: int) -> torch.Tensor:
 def rank_ascend_compare(state: dict, key: str, token_counts: list[int], seed: int = 0) -> dict[str, Any]:
     """Compiled (rewritten) against the eager model per token count; plus every manager call so far."""
     entry = state["ascend_compiled"][key]
-    out = []
-    for T in token_counts:
-        got = _run(entry, T, seed)
-        with torch.no_grad():
-            ref = entry["model"](_tokens(T, entry["spec"].vocab_size, seed))
-        ok = got.shape == ref.shape
-        diff = (got.double() - ref.double()).abs().max().item() if ok else float("inf")
-        out.append({"T": T, "shape_ok": ok, "max_abs": diff, "rel": diff / (ref.double().abs().max().item() or 1.0)})
+    out = compiled_against_eager(entry, token_counts, seed, _run)
     return {"results": out, "calls": list(entry["manager"].calls), "pieces": list(entry["backend"].pieces)}
 
 

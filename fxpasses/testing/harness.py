@@ -87,15 +87,30 @@ def graph_args(state: dict, key: str, T: int, seed: int = 0, ids: torch.Tensor |
     return cap, rebind_token_args(cap.first_args, entry["ids0"], ids)
 
 
-def compare_outputs(cap, args, T: int) -> dict[str, float]:
-    """Run the original and the rewritten graph on `args`; shape check and max abs / relative error."""
-    ref = cap.originals[0](*list(args))[0]
-    new = cap.graphs[0](*list(args))[0]
+def error_record(ref: torch.Tensor, new: torch.Tensor, T: int) -> dict[str, float]:
+    """Shape check and max abs / relative (to ref's largest magnitude) error of `new` against `ref`."""
     if ref.shape != new.shape:
         return {"T": T, "shape_ok": False, "max_abs": float("inf"), "rel": float("inf")}
     diff = (new.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item() or 1.0
     return {"T": T, "shape_ok": True, "max_abs": diff, "rel": diff / scale}
+
+
+def compare_outputs(cap, args, T: int) -> dict[str, float]:
+    """Run the original and the rewritten graph on `args`; shape check and max abs / relative error."""
+    return error_record(cap.originals[0](*list(args))[0], cap.graphs[0](*list(args))[0], T)
+
+
+def compiled_against_eager(entry: dict, token_counts: list[int], seed: int, run) -> list[dict[str, float]]:
+    """`run(entry, T, seed)` (a compiled model) against `entry["model"]` run eagerly on the same
+    tokens, one `error_record` per token count."""
+    out = []
+    for T in token_counts:
+        got = run(entry, T, seed)
+        with torch.no_grad():
+            ref = entry["model"](_tokens(T, entry["spec"].vocab_size, seed))
+        out.append(error_record(ref, got, T))
+    return out
 
 
 def rank_compare(state: dict, key: str, token_counts: list[int], seed: int = 0) -> list[dict[str, float]]:

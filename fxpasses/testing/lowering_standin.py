@@ -107,21 +107,9 @@ _DEFINED: list[str] = []
 
 def ensure_fused_standin_ops() -> list[str]:
     """Define the three fused-kernel stand-ins where this process lacks them (idempotent)."""
-    from fxpasses.testing.npu_standin import _exists
+    from fxpasses.testing.npu_standin import define_standins
 
-    for op, schema in SCHEMAS.items():
-        if op in _DEFINED or _exists(op):
-            continue
-        ns, name = op.split("::")
-        lib = _LIBS.get(ns)
-        if lib is None:
-            lib = _LIBS[ns] = torch.library.Library(ns, "FRAGMENT")  # noqa: TOR901 - test-only stand-ins
-        real, fake = KERNELS[op]
-        lib.define(name + schema)
-        lib.impl(name, real, "CPU")
-        torch.library.register_fake(op, fake, lib=lib)
-        _DEFINED.append(op)
-    return list(_DEFINED)
+    return define_standins(SCHEMAS, KERNELS, _LIBS, _DEFINED)
 
 
 def register_standin_hcom(ctx, hcom: str = "hcom_standin_tp") -> str:

@@ -259,16 +259,24 @@ def ensure_npu_standin_ops() -> list[str]:
         import vllm.distributed.parallel_state  # noqa: F401  (vllm::all_reduce, reduce_scatter, all_gather)
     except ImportError:  # pragma: no cover - vLLM is part of the test environment
         pass
-    for op, schema in SCHEMAS.items():
-        if op in _DEFINED or _exists(op):
+    return define_standins(SCHEMAS, KERNELS, _LIBS, _DEFINED)
+
+
+def define_standins(schemas: dict[str, str], kernels: dict, libs: dict[str, torch.library.Library],
+                    defined: list[str]) -> list[str]:
+    """Define each op of `schemas` ({"ns::name": "(args) -> out"}) that this process lacks, with its
+    CPU reference kernel and fake kernel from `kernels` ({op: (real, fake)}); `libs` and `defined`
+    are the caller's registries (the libraries must stay alive). Returns the ops defined so far."""
+    for op, schema in schemas.items():
+        if op in defined or _exists(op):
             continue
         ns, name = op.split("::")
-        lib = _LIBS.get(ns)
+        lib = libs.get(ns)
         if lib is None:
-            lib = _LIBS[ns] = torch.library.Library(ns, "FRAGMENT")  # noqa: TOR901 - test-only stand-ins
-        real, fake = KERNELS[op]
+            lib = libs[ns] = torch.library.Library(ns, "FRAGMENT")  # noqa: TOR901 - test-only stand-ins
+        real, fake = kernels[op]
         lib.define(name + schema)
         lib.impl(name, real, "CPU")
         torch.library.register_fake(op, fake, lib=lib)
-        _DEFINED.append(op)
-    return list(_DEFINED)
+        defined.append(op)
+    return list(defined)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fxpasses.testing.harness import DTYPES, _tokens
+from fxpasses.testing.harness import DTYPES, _tokens, compiled_against_eager
 from fxpasses.testing.models.attention_op import SPLITTING_OP
 from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
 from fxpasses.vllm_pass import FxPassesInductorPass, compile_range_of_current_pass
@@ -80,7 +80,6 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     range and site report per call) and the number of pieces. Compile ranges are compiled lazily,
     on the first call of a size inside them."""
     from vllm.compilation.backends import VllmBackend
-    from vllm.config import set_current_vllm_config
 
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
@@ -129,13 +128,5 @@ def rank_compare_vllm(state: dict, key: str, token_counts: list[int], seed: int 
     """Compiled (rewritten per piece) against the eager model on the same weights and tokens, per
     token count; also the pass calls made so far (new compile ranges compile on first use)."""
     entry = state["vllm_compiled"][key]
-    out = []
-    for T in token_counts:
-        got = _run(entry, T, seed)
-        with torch.no_grad():
-            ref = entry["model"](_tokens(T, entry["spec"].vocab_size, seed))
-        ok = got.shape == ref.shape
-        diff = (got.double() - ref.double()).abs().max().item() if ok else float("inf")
-        out.append({"T": T, "shape_ok": ok, "max_abs": diff,
-                    "rel": diff / (ref.double().abs().max().item() or 1.0)})
+    out = compiled_against_eager(entry, token_counts, seed, _run)
     return {"results": out, "calls": list(entry["pass"].calls)}
