@@ -236,9 +236,9 @@ def collective_group(node: fx.Node) -> str:
 
 
 def same_size(a: Any, b: Any) -> bool:
-    """Structural equality of two sizes (ints or SymInts), never guarding."""
+    """Structural equality of two sizes (ints or SymInts), never guarding. A SymInt whose
+    expression is a constant (a size Dynamo specialised) equals that int."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        if not (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt)):
-            return False
-        return a.node.expr == b.node.expr
+        ea, eb = (x.node.expr if isinstance(x, torch.SymInt) else x for x in (a, b))
+        return bool(ea == eb)
     return a == b

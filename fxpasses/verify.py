@@ -265,7 +265,7 @@ def verify(gm: torch.nn.Module, rewriter, before_outputs: list, graph: fx.Graph 
             if not isinstance(v, torch.Tensor):
                 continue
             rows = v.shape[0]
-            if lay is layouts.REPLICATE and not gf.same_size(rows, rewriter.T):
+            if lay is layouts.REPLICATE and not _sym_equal(rows, rewriter.T):
                 raise VerificationError(f"{node.name} should be Replicate with {rewriter.T} rows, has {rows}")
             if lay is layouts.SHARD0:
                 if not _sym_equal(rows, shard_rows):

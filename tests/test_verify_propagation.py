@@ -166,3 +166,20 @@ def test_trace_artifacts_only_when_tracing():
     assert "all_reduce" in arts["fxpasses_traced_rank0_before"]
     assert "all_reduce" not in arts["fxpasses_traced_rank0_after"]
     assert "reduce_scatter_tensor" in arts["fxpasses_traced_rank0_after"]
+
+
+def test_a_specialised_size_equals_its_int():
+    """A SymInt whose expression is a constant (a size Dynamo specialised, e.g. a recompile for
+    T = 2) is the same size as that int, for token detection and for the verifier's row check; a
+    free symbol is not, and neither is another constant."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxpasses import graph_forms as gf
+    from fxpasses.verify import _sym_equal
+
+    env = ShapeEnv()
+    free = env.create_unbacked_symint()
+    two = torch.SymInt(free.node.wrap_int(2))
+    assert gf.same_size(two, 2) and gf.same_size(2, two) and _sym_equal(two, 2)
+    assert not gf.same_size(two, 3) and not _sym_equal(two, 3)
+    assert not gf.same_size(free, 2) and not _sym_equal(free, 2)
