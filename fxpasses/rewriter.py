@@ -26,9 +26,10 @@ from the graph's fake values (`_replicate_early`). A linear layer's input quanti
 values, plus per-token scales for a dynamic scheme) is therefore run on the shards and its int8
 output gathered (a token-wise quantisation commutes with a gather over tokens, bit for bit):
 half the bytes of a bf16 input. A dynamic quantisation's int8 values and float32 per-token scales
-are gathered in one all_gather (the scales as 4 more int8 columns, `_gather_packed`). With `int8_comm: off` the quantisation runs after the gather
-instead, on the gathered float input. Padding is
-symbolic and computed once per graph, right after the inputs, from the graph's own token count:
+are gathered in one all_gather (the scales as 4 more int8 columns, `pack_int8_scales`; MLP-TP's
+all_gather of a quantised gate_up_proj input uses the same packing). With `int8_comm: off` the
+quantisation runs after the gather instead, on the gathered float input. Padding is symbolic and
+computed once per graph, right after the inputs, from the graph's own token count:
 rows = ceil(T / n) = (T + n - 1) // n, T_pad = rows * n, pad = T_pad - T. (The ceil-div form keeps
 the shape expressions small, which keeps FakeTensor propagation of the sharded stream cheap.)
 """
@@ -257,37 +258,21 @@ class LayoutRewriter:
         if len(outs) != 2 or any(self.layout.get(u) is not layouts.SHARD0 for u in outs.values()):
             return None
         q, sc = (outs[i] for i in sorted(outs))
-        qv, sv = gf.val(q), gf.val(sc)
-        if not (isinstance(qv, torch.Tensor) and qv.dtype == torch.int8 and qv.dim() == 2
-                and isinstance(qv.shape[1], int) and isinstance(sv, torch.Tensor)
-                and sv.dtype == torch.float32 and (sv.dim() == 1 or (sv.dim() == 2 and sv.shape[1] == 1))):
-            return None
-        return q, sc
+        return (q, sc) if packable(q, sc) else None
 
     def _gather_packed(self, q: fx.Node, sc: fx.Node) -> None:
-        """int8 values [R, w] and their float32 scales, one all_gather: the scales travel as 4 more
-        int8 columns ([R, w + 4]), split off and viewed back as float32 after the unpad."""
+        """int8 values [R, w] and their float32 scales, one all_gather (`pack_int8_scales`): split
+        off and viewed back as float32 after the unpad."""
         g, t = self.graph, self.token_count_node()
-        w, sdim = int(gf.val(q).shape[1]), gf.val(sc).dim()
         anchor = max(q, sc)
         with g.inserting_before(max(anchor, t).next if isinstance(t, fx.Node) else anchor.next):
-            s2 = self._new(g.call_function(aten.unsqueeze.default, (sc, 1)), "int8_pack") if sdim == 1 else sc
-            s4 = self._new(g.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")
-            packed = self._new(g.call_function(aten.cat.default, ([q, s4], 1)), "int8_pack")
+            packed = pack_int8_scales(g, q, sc, self._new)
         with g.inserting_before(packed.next):
             ag = self.comm.all_gather(g, packed, self.group)
         self._record_collective(packed, ag)
         with g.inserting_before(ag.next):
             out = self._new(g.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
-            qs = self._new(g.call_function(aten.slice.Tensor, (out, 1, 0, w)), "int8_unpack")
-            qg = self._new(g.call_function(aten.clone.default, (qs,), {"memory_format": torch.contiguous_format}),
-                           "int8_unpack")
-            ss = self._new(g.call_function(aten.slice.Tensor, (out, 1, w, w + 4)), "int8_unpack")
-            ss = self._new(g.call_function(aten.clone.default, (ss,), {"memory_format": torch.contiguous_format}),
-                           "int8_unpack")
-            sg = self._new(g.call_function(aten.view.dtype, (ss, torch.float32)), "int8_unpack")
-            if sdim == 1:
-                sg = self._new(g.call_function(aten.squeeze.dim, (sg, 1)), "int8_unpack")
+            qg, sg = unpack_int8_scales(g, out, q, sc, self._new)
         for src, dst in ((q, qg), (sc, sg)):
             self.layout[dst] = layouts.REPLICATE
             self._ndim[dst] = gf.val(src).dim()
@@ -439,3 +424,40 @@ class LayoutRewriter:
     def dirty_nodes(self) -> set[fx.Node]:
         """Nodes whose fake values may be stale: created, re-laid-out or re-wired by a rewrite."""
         return set(self.created) | set(self.layout) | self.touched
+
+
+# ---- int8 values + float32 scales in one collective (FlashComm1's gather, MLP-TP's all_gather) ------
+
+def packable(q: fx.Node, sc: fx.Node) -> bool:
+    """`q` holds int8 values [R, w] (w a plain int) and `sc` their float32 per-row scales [R] or
+    [R, 1]: `pack_int8_scales` can send them as one int8 tensor."""
+    qv, sv = gf.val(q), gf.val(sc)
+    return (isinstance(qv, torch.Tensor) and qv.dtype == torch.int8 and qv.dim() == 2
+            and isinstance(qv.shape[1], int) and isinstance(sv, torch.Tensor)
+            and sv.dtype == torch.float32 and (sv.dim() == 1 or (sv.dim() == 2 and sv.shape[1] == 1)))
+
+
+def pack_int8_scales(graph: fx.Graph, q: fx.Node, sc: fx.Node, mark) -> fx.Node:
+    """cat([q, sc.view(int8)], 1): the int8 values [R, w] and their float32 scales as ONE [R, w + 4]
+    int8 tensor (each scale's 4 bytes as 4 more int8 columns), so one collective over dim 0 moves
+    both (`packable` must hold). Inserted at the graph's insertion point; `mark(node, role)` is
+    called on every inserted node and returns it (tagging / bookkeeping of the caller)."""
+    s2 = mark(graph.call_function(aten.unsqueeze.default, (sc, 1)), "int8_pack") if gf.val(sc).dim() == 1 else sc
+    s4 = mark(graph.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")
+    return mark(graph.call_function(aten.cat.default, ([q, s4], 1)), "int8_pack")
+
+
+def unpack_int8_scales(graph: fx.Graph, packed: fx.Node, q: fx.Node, sc: fx.Node, mark) -> tuple[fx.Node, fx.Node]:
+    """The inverse of `pack_int8_scales` on a (gathered) [R', w + 4] int8 tensor: (values [R', w],
+    float32 scales [R'] or [R', 1], as `sc` was), both contiguous."""
+    w, sdim = int(gf.val(q).shape[1]), gf.val(sc).dim()
+    qs = mark(graph.call_function(aten.slice.Tensor, (packed, 1, 0, w)), "int8_unpack")
+    qg = mark(graph.call_function(aten.clone.default, (qs,), {"memory_format": torch.contiguous_format}),
+              "int8_unpack")
+    ss = mark(graph.call_function(aten.slice.Tensor, (packed, 1, w, w + 4)), "int8_unpack")
+    ss = mark(graph.call_function(aten.clone.default, (ss,), {"memory_format": torch.contiguous_format}),
+              "int8_unpack")
+    sg = mark(graph.call_function(aten.view.dtype, (ss, torch.float32)), "int8_unpack")
+    if sdim == 1:
+        sg = mark(graph.call_function(aten.squeeze.dim, (sg, 1)), "int8_unpack")
+    return qg, sg

@@ -1,5 +1,6 @@
 """Shared fixtures: one gloo TP pool per (world, all-reduce form), alive for the whole session
-(spawning ranks or re-compiling per example would not fit 2 cores), and the hypothesis profile."""
+(spawning ranks or re-compiling per example would not fit 2 cores), TP=1 pools for the
+DP-attention strategies per test module, and the hypothesis profile."""
 import os
 
 import pytest
@@ -35,3 +36,20 @@ def pools():
     p = Pools()
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def dp_pools():
+    """TP=1 gloo pools (DP-attention ranks), one per world size, for this module."""
+    from fxpasses.testing.pool import TPPool
+
+    pools = {}
+
+    def get(world):
+        if world not in pools:
+            pools[world] = TPPool(world, tp=1)
+        return pools[world]
+
+    yield get
+    for p in pools.values():
+        p.close()

@@ -29,23 +29,6 @@ CASES = [
 BY_ID = {c[0]: c for c in CASES}
 
 
-@pytest.fixture(scope="module")
-def dp_pools():
-    """TP=1 gloo pools (DP-attention ranks), one per world size, for this module."""
-    from fxpasses.testing.pool import TPPool
-
-    pools = {}
-
-    def get(world):
-        if world not in pools:
-            pools[world] = TPPool(world, tp=1)
-        return pools[world]
-
-    yield get
-    for p in pools.values():
-        p.close()
-
-
 def _spec(layers=2, extra=None):
     return bundled_spec(num_hidden_layers=layers, **(extra or {}))
 

@@ -53,16 +53,19 @@ class TokenWise(OpForm):
     `dim_default`) names a dim argument the op works along: the op is not token-wise along dim 0.
     `quantizes`: the op quantises a linear layer's input (its outputs are the int8 values and, for
     a dynamic scheme, their per-token scales); `int8_comm` decides which side of a collective it
-    runs on (`fxpasses.rewriter`)."""
+    runs on (`fxpasses.rewriter`). `channel_args`: arguments that are per-feature vectors over the
+    last dim of `args` (a quantisation's scale, reciprocal, offset, smoothing scales; a
+    broadcast [1] too): MLP-TP slices them with the features (`fxpasses.strategies.mlp_activation`)."""
 
     args: tuple[str, ...] = ()
     all_args: bool = False
     dim_arg: str | None = None
     dim_default: int = -1
     quantizes: bool = False
+    channel_args: tuple[str, ...] = ()
 
     def arg_names(self):
-        return self.args + ((self.dim_arg,) if self.dim_arg else ())
+        return self.args + ((self.dim_arg,) if self.dim_arg else ()) + self.channel_args
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,34 @@ def arg(node: fx.Node, name: str) -> Any:
             return node.kwargs[name]
         return a.default_value if a.has_default_value() else None
     raise KeyError(f"{schema.name} has no argument {name!r}")
+
+
+def set_arg(node: fx.Node, name: str, value: Any) -> None:
+    """Set schema argument `name` of `node` (positional where the call passed it so, else keyword)."""
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name != name:
+            continue
+        if not a.kwarg_only and i < len(node.args):
+            args = list(node.args)
+            args[i] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: value}
+        return
+    raise KeyError(f"{node.target._schema.name} has no argument {name!r}")
+
+
+def call_like(node: fx.Node, graph: fx.Graph, **overrides: Any) -> fx.Node:
+    """A new call of `node`'s op with `node`'s arguments, `overrides` replacing some by schema name
+    (inserted at the graph's insertion point)."""
+    args, kwargs = [], {}
+    for a in node.target._schema.arguments:
+        v = overrides[a.name] if a.name in overrides else arg(node, a.name)
+        if a.kwarg_only:
+            kwargs[a.name] = v
+        else:
+            args.append(v)
+    return graph.call_function(node.target, tuple(args), kwargs)
 
 
 # ---- policy over the data -----------------------------------------------------------------------

@@ -49,9 +49,10 @@ FORMS = (
     # W8A8 activation quantisation: static (per-tensor scale repeated over the features) and dynamic
     # (per token: int8 values and a [T] scale, both token-major)
     TokenWise("vllm::quantize", args=("in_tensor",), quantizes=True,
+              channel_args=("input_scale", "input_scale_reciprocal", "input_offset"),
               note="vllm-ascend op wrapping npu_quantize(div_mode=False): quantize(Tensor in_tensor, "
                    "Tensor input_scale, Tensor input_scale_reciprocal, Tensor input_offset) -> Tensor (int8)"),
-    TokenWise("npu::npu_dynamic_quant", args=("input",), quantizes=True,
+    TokenWise("npu::npu_dynamic_quant", args=("input",), quantizes=True, channel_args=("smooth_scales",),
               note="npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
                    "ScalarType? dst_type=None) -> (Tensor, Tensor): int8 values and per-token scale"),
     # matmuls

@@ -43,9 +43,18 @@ def tag(node: fx.Node, role: str, strategy: str) -> fx.Node:
     return node
 
 
-def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown") -> str | None:
+def quantized_in_out(mm: fx.Node) -> op_forms.Matmul | None:
+    """The record of a quantised platform matmul with an [in, out] weight (vllm-ascend's W8A8
+    `npu.npu_quant_matmul`), or None."""
+    form = gf.platform_form(mm, op_forms.Matmul)
+    return form if form is not None and form.quantized and form.weight_layout == "in_out" else None
+
+
+def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown", quantized: bool = False) -> str | None:
     """Reasons shared by OTP and MLP-TP sites (`weight_format`: the config's, for platform matmuls
-    whose weight may be in a private layout, see `fxpasses.op_forms.weight_block_refusal`)."""
+    whose weight may be in a private layout, see `fxpasses.op_forms.weight_block_refusal`).
+    `quantized`: a quantised platform matmul with an [in, out] weight (`quantized_in_out`) is
+    accepted too (MLP-TP checks the rest of its form itself); otherwise aten.mm / aten.addmm only."""
     if ctx.tp != 1:
         return (f"o_proj/MLP TP rewrites DP-attention graphs whose linears run at TP=1; this graph was "
                 f"traced at tp={ctx.tp}")
@@ -61,8 +70,9 @@ def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown") -> s
     if why:
         return f"the weight is sliced in the graph: {why}"
     name = gf.op_name(site.matmul)
-    if name not in ("aten::mm", "aten::addmm"):
-        return f"matmul form {name} is not supported (aten.mm / aten.addmm only)"
+    if name not in ("aten::mm", "aten::addmm") and not (quantized and quantized_in_out(site.matmul)):
+        also = ", or a quantised platform matmul with an [in, out] weight" if quantized else " only"
+        return f"matmul form {name} is not supported (aten.mm / aten.addmm{also})"
     if site.weight.op != "placeholder":
         return "the weight is computed in the graph, not a graph input"
     return None
@@ -71,6 +81,16 @@ def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown") -> s
 def weight_val(site: Site):
     v = gf.val(site.weight)
     return v if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
+def out_in(site: Site):
+    """(output features, input features) of the site's 2-D weight, in either layout ([out, in] for
+    aten.mm / addmm, the record's `weight_layout` for a platform matmul); None when not 2-D."""
+    v = weight_val(site)
+    if v is None:
+        return None
+    form = gf.platform_form(site.matmul, op_forms.Matmul) if site.matmul is not None else None
+    return (v.shape[1], v.shape[0]) if form is not None and form.weight_layout == "in_out" else (v.shape[0], v.shape[1])
 
 
 def matmul_rhs_is_weight_t(site: Site) -> bool:

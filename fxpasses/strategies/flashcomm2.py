@@ -307,18 +307,6 @@ def _send_rows(rw, g, t: fx.Node, k: int, n: int, b, kb, width: int | None) -> f
     return g.call_function(aten.view.default, (v, [rw.sym(operator.mul, kb, n)] + tail))
 
 
-def _call_like(mm: fx.Node, g: fx.Graph, **overrides) -> fx.Node:
-    """A call of mm's op with mm's arguments, `overrides` replacing some by schema name."""
-    args, kwargs = [], {}
-    for a in mm.target._schema.arguments:
-        v = overrides[a.name] if a.name in overrides else op_forms.arg(mm, a.name)
-        if a.kwarg_only:
-            kwargs[a.name] = v
-        else:
-            args.append(v)
-    return g.call_function(mm.target, tuple(args), kwargs)
-
-
 def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool) -> int:
     """FlashComm2 for a W8A8 o_proj: int8 on the wire.
 
@@ -388,7 +376,7 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
                 over[form.bias] = None
             if sp is not None:
                 over[form.token_args[0]] = call(aten.select.int, sp, 0, p)
-            o = _call_like(mm, g, **over)
+            o = op_forms.call_like(mm, g, **over)
             out = o if out is None else call(aten.add.Tensor, out, o)
         biased = call(aten.add.Tensor, out, call(aten.select.int, terms, 0, 0))
         if sp is not None:

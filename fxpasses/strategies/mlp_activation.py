@@ -1,12 +1,16 @@
 """MLP-TP's activation analysis: can the ops between gate_up_proj and down_proj run on a slice of
 the intermediate features, and which constants change when they do?
 
-The region is the set of nodes on every path from the gate_up matmul to down_proj's input. Each op
-in it is looked up in `HANDLERS` (op name -> handler), with two fallbacks: vLLM's activation ops
+The region is the set of nodes on every path from the gate_up matmul to down_proj's input (and to
+its other token inputs: a quantised down_proj's per-token scale). Each op in it is looked up in
+`HANDLERS` (op name -> handler), then three fallbacks: a platform quantisation of down_proj's input
+(`fxpasses.op_forms` TokenWise records with `quantizes`, `quantize`), vLLM's activation ops
 (`*_and_mul`, also inside auto_functionalized) and aten pointwise ops. A handler returns the reason
 the op cannot be re-sliced, or None after recording its edits (`Analysis.edits`: node, argument
 position, new value): feature constants I -> I/K (gate/up boundaries kept, per half), token sizes
-T -> K*T. Nothing is edited unless the whole region is accepted (`MLPTP.rewrite` applies the edits).
+T -> K*T; and the per-feature vectors to slice to this rank's features (`Analysis.channel_slices`:
+a static quantisation's scale / reciprocal / offset [I] -> [I/K], which keeps it exact, value for
+value). Nothing is edited unless the whole region is accepted (`MLPTP.rewrite` applies the edits).
 Handlers are plain functions of (analysis, node) and can be tested alone on a tiny graph.
 """
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
-from fxpasses.tokenwise import is_pointwise, registrar
+from fxpasses import op_forms
+from fxpasses.tokenwise import is_pointwise, is_quantize, registrar
 
 ALLOC_OPS = {"aten::empty", "aten::empty_strided", "aten::zeros", "aten::full", "aten::ones"}
 ACTIVATION_SUFFIXES = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "mul_and_silu", "fatrelu_and_mul",
@@ -25,9 +30,10 @@ ACTIVATION_SUFFIXES = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "mul
 
 
 class Region:
-    """The activation nodes between the gate_up matmul and the down_proj input."""
+    """The activation nodes between the gate_up matmul and the down_proj input (and `extra`: other
+    token inputs of down_proj, e.g. the per-token scale of its quantised input)."""
 
-    def __init__(self, gu: fx.Node, dn: fx.Node, dn_in: fx.Node):
+    def __init__(self, gu: fx.Node, dn: fx.Node, dn_in: fx.Node, extra: tuple[fx.Node, ...] = ()):
         self.gu, self.dn, self.dn_in = gu, dn, dn_in
         down = set()
         stack = [gu]
@@ -38,7 +44,7 @@ class Region:
                     down.add(u)
                     stack.append(u)
         up = set()
-        stack = [dn_in]
+        stack = [dn_in, *extra]
         while stack:
             n = stack.pop()
             if n in up or n is gu:
@@ -57,6 +63,8 @@ class Analysis:
         self.N, self.ml = h * M, M // k
         self.inside = region.nodes | {region.gu}
         self.edits: list[tuple[fx.Node, int, object]] = []
+        # (node, schema argument name, [f] vector): slice to this rank's features of each half
+        self.channel_slices: list[tuple[fx.Node, str, fx.Node]] = []
 
     def map_col(self, c):
         """A feature offset in the full [0, h*M) range -> the same boundary in the sliced one."""
@@ -170,6 +178,58 @@ def view(a: Analysis, n: fx.Node) -> str | None:
     return None
 
 
+@handles("npu::npu_swiglu")
+def swiglu(a: Analysis, n: fx.Node) -> str | None:
+    """vllm-ascend's gated activation: silu(first half) * second half along `dim`; each rank's input
+    holds its gate slice then its up slice, so it runs unchanged on the last dim."""
+    form = gf.platform_form(n, op_forms.TokenWise)
+    dim = op_forms.arg(n, form.dim_arg) if form is not None and form.dim_arg else -1
+    if not a.is_last_dim(n.args[0], dim if isinstance(dim, int) else 0):
+        return f"{n.name} gates along dim {dim}, not the feature dim"
+    return None
+
+
+def quantize(a: Analysis, n: fx.Node) -> str | None:
+    """A platform quantisation of down_proj's input (`op_forms.TokenWise` with `quantizes`): its
+    token inputs come from the activation, its per-feature vectors (`channel_args`) are sliced with
+    the features (a static scheme stays exact) or broadcast ([1]); any other tensor argument set
+    (an MoE group index, ...) is refused. A dynamic per-token scheme then quantises over this
+    rank's I/K features (see `fxpasses.strategies.mlp_tp`)."""
+    name = gf.op_name(n)
+    form = gf.platform_form(n, op_forms.TokenWise)
+    if form is None or not form.quantizes:
+        return f"{name} ({n.name}) is not a known quantisation"
+    x = op_forms.arg(n, form.args[0]) if form.args else None
+    xv = gf.val(x)
+    if not (isinstance(x, fx.Node) and x in a.inside and isinstance(xv, torch.Tensor) and xv.dim() == 2):
+        return f"{n.name} ({name}) does not quantise a [tokens, features] activation of the MLP"
+    f = xv.shape[-1]
+    if not (isinstance(f, int) and f % a.M == 0):
+        return f"{n.name} quantises {f} features, not whole gate/up halves of {a.M}"
+    for arg in n.target._schema.arguments:
+        v = op_forms.arg(n, arg.name)
+        if arg.name in form.args:
+            if isinstance(v, fx.Node) and v not in a.inside:
+                return f"{n.name} ({name}) quantises {v.name} from outside the MLP"
+            continue
+        if isinstance(v, (list, tuple)) and any(isinstance(e, fx.Node) for e in v):
+            return f"{n.name} ({name}) has its argument {arg.name!r} set to a list of tensors"
+        if not isinstance(v, fx.Node):
+            continue  # None, a dtype, a number: the same on every slice
+        if arg.name not in form.channel_args:
+            return (f"{n.name} ({name}) has its argument {arg.name!r} set; only the per-feature vectors "
+                    f"{list(form.channel_args)} can be re-sliced")
+        cv = gf.val(v)
+        if v in a.inside or not isinstance(cv, torch.Tensor):
+            return f"{n.name} ({name}): {arg.name!r} is not a parameter vector"
+        if cv.numel() == 1:
+            continue  # broadcast over the features: the same on every slice
+        if cv.dim() != 1 or cv.shape[0] != f:
+            return f"{n.name} ({name}): {arg.name!r} has shape {list(cv.shape)}, not [{f}] (one per feature)"
+        a.channel_slices.append((n, arg.name, v))
+    return None
+
+
 def pointwise(a: Analysis, n: fx.Node) -> str | None:
     """Elementwise ops: fine unless they mix in a non-scalar tensor from outside the MLP."""
     for x in n.all_input_nodes:
@@ -185,11 +245,13 @@ def handler_for(n: fx.Node) -> Handler | None:
     name = gf.op_name(n)
     if gf.is_getitem(n):
         return _nothing
-    if gf.is_auto_functionalized(n) or name.startswith(("_C::", "vllm")):
-        return activation
     h = HANDLERS.get(name)
     if h is not None:
         return h
+    if is_quantize(n) and gf.platform_form(n, op_forms.TokenWise) is not None:
+        return quantize
+    if gf.is_auto_functionalized(n) or name.startswith(("_C::", "vllm")):
+        return activation
     return pointwise if is_pointwise(n) else None
 
 

@@ -28,8 +28,42 @@ propagation has nothing to carry (see `dp_common`).
 Only dense gate_up_proj/down_proj pairs of one MLP module: routed experts (FusedMoE) are no linear
 sites and `experts.` is excluded by the pattern set. The activation between the two matmuls must be
 made of ops whose feature dimension can be re-sliced (pointwise ops, slices/splits of the last dim,
-views, vLLM's `*_and_mul` ops; `fxpasses.strategies.mlp_activation`); anything else leaves the pair
-untouched with the reason.
+views, vLLM's `*_and_mul` ops, vllm-ascend's `npu.npu_swiglu`, a platform quantisation of down_proj's
+input; `fxpasses.strategies.mlp_activation`); anything else leaves the pair untouched with the reason.
+
+Quantised MLPs (W8A8, int8 on the wire). Both matmuls may instead be a quantised platform matmul
+with an [in, out] int8 weight (`op_forms.Matmul` with `quantized`, `weight_layout="in_out"`:
+vllm-ascend's `npu.npu_quant_matmul(q, W, scale, pertoken_scale=, bias=)`), whose input the graph
+quantises before the layer (static `vllm.quantize` with per-input-channel vectors, or dynamic
+`npu.npu_dynamic_quant`: int8 values and a float32 scale per token)::
+
+    q, p = <the graph's quantisation of x>         # int8 [B, H], (dynamic) p float32 [B]; stays here
+    g    = all_gather(q, mlp)                      # static: [K*B, H] int8
+    g, p = unpack(all_gather(cat([q, p.view(int8)], 1), mlp))   # dynamic: ONE all_gather of
+                                                   #   [B, H + 4] int8 (`rewriter.pack_int8_scales`)
+    Wl   = cat(W[:, j*I + s*I/K : j*I + (s+1)*I/K] for j < h)   # int8 output columns of each half
+    gu   = quant_matmul(g, Wl, <the same slices of scale>, pertoken_scale=p, bias=<same slices>)
+    a    = act(gu)                                 # as above
+    qa   = <the graph's quantisation of a>         # static: its per-channel scale / reciprocal /
+                                                   #   offset [I] sliced to [s*I/K, (s+1)*I/K)
+                                                   # dynamic: per token over this rank's I/K features
+    o    = quant_matmul(qa, Wd[s*I/K:(s+1)*I/K], scale_d (full [H]), pertoken_scale=, bias on rank 0)
+    y    = reduce_scatter(o, mlp)
+
+Static W8A8 is exact: the gathered int8 values are the graph's, the per-channel quantisation of the
+activation runs on the same values, sliced; only the order of down_proj's K partial sums differs.
+Dynamic W8A8 quantises down_proj's input per token over this rank's I/K features, as vLLM's own TP
+does per shard, instead of over all I: the result differs from the TP=1 graph by the quantisation
+error only (per element at most sigma_t * scale_j * sum_i |Wd[i, j]|, sigma_t the TP=1 per-token
+scale: each side's rounding error is at most half its scale, and a shard's scale is at most
+sigma_t; tests/test_mlp_tp_int8.py measures <= 0.15 of that bound, ~2% of the output's magnitude).
+The all_gather moves 1 byte per element (+ 4 bytes per token for dynamic scales) instead of 2 in bf16.
+Skipped with the reason, on every rank alike (graph facts only): `int8_comm: off`; a weight the
+platform may keep in its private layout (`op_forms.weight_block_refusal`, `weight_format`); an
+output offset; a dequant scale that is not one per output channel; a per-token scale that is not
+a float32 [tokens] tensor; an integer down_proj bias with a per-token scale (it would be scaled by
+one shard's scale); a quantisation of down_proj's input with any other argument set than its
+per-feature vectors; one matmul of the pair quantised and the other not.
 """
 from __future__ import annotations
 
@@ -37,9 +71,11 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
-from fxpasses.rewriter import LayoutRewriter
+from fxpasses.rewriter import LayoutRewriter, pack_int8_scales, packable, unpack_int8_scales
+from fxpasses.sites import Site
 from fxpasses.strategies import dp_common as dc
 from fxpasses.strategies.base import register
 from fxpasses.strategies.mlp_activation import Analysis, Region, analyse
@@ -69,13 +105,62 @@ def _pairs(mine: list[SitePlan]):
     return out
 
 
-def _check_site(plan: SitePlan, ctx: TPContext, weight_format: str = "unknown") -> str | None:
+def _check_site(plan: SitePlan, ctx: TPContext, rw: LayoutRewriter) -> str | None:
     s = plan.site
-    why = dc.dp_precheck(s, ctx, weight_format)
+    why = dc.dp_precheck(s, ctx, rw.config.weight_format, quantized=True)
     if why:
         return f"{s.prefix}: {why}"
+    if dc.quantized_in_out(s.matmul) is not None:
+        why = _check_quant_site(s, rw)
+        return f"{s.prefix}: {why}" if why else None
     if not dc.matmul_rhs_is_weight_t(s):
         return f"{s.prefix}: the matmul does not read the weight as weight.T"
+    return None
+
+
+def _param(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
+
+
+def _check_quant_site(site: Site, rw: LayoutRewriter) -> str | None:
+    """The quantised form (int8 on the wire), from facts every rank's graph shares."""
+    mm, w = site.matmul, site.weight
+    form = dc.quantized_in_out(mm)
+    op = gf.op_name(mm)
+    if rw.config.int8_comm == "off":
+        return ("int8_comm='off': MLP-TP rewrites a quantised MLP only with its int8 input on the wire (the "
+                "graph quantises it before gate_up_proj); set int8_comm='auto' to allow it")
+    if len(form.channel_args) != 1 or len(form.token_args) > 1:
+        return f"{op}: a quantised form with {form.channel_args} / {form.token_args} is not one MLP-TP knows"
+    if form.offset and op_forms.arg(mm, form.offset) is not None:
+        return f"{op} has an output offset; MLP-TP's quantised form takes none"
+    x = op_forms.arg(mm, form.x)
+    xv, wv = gf.val(x), gf.val(w)
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
+        return "the quantised input is not an int8 [tokens, features] tensor"
+    if not (isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8
+            and all(isinstance(d, int) for d in wv.shape)):
+        return "the weight is not a static int8 [in, out] matrix"
+    if not gf.same_size(xv.shape[1], wv.shape[0]):
+        return f"the input has {xv.shape[1]} features, the [in, out] weight {wv.shape[0]} rows"
+    scale = op_forms.arg(mm, form.channel_args[0])
+    sv = gf.val(scale)
+    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
+        return f"the dequant scale {form.channel_args[0]!r} is not a per-output-channel [{wv.shape[1]}] parameter"
+    pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
+    if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token(pts) and packable(x, pts)):
+        return "the per-token scale is not a float32 [tokens] tensor"
+    b = site.bias
+    if b is not None:
+        bv = gf.val(b)
+        if not (isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.shape[0] == wv.shape[1]):
+            return f"the bias is not a [{wv.shape[1]}] vector"
+        if site.kind == "row" and pts is not None and not bv.dtype.is_floating_point:
+            return ("an integer bias joins the accumulator and is scaled by the per-token scale, which MLP-TP "
+                    "computes per rank over I/K features: down_proj's bias would be scaled by group rank 0's")
+    out = gf.val(mm)
+    if not (isinstance(out, torch.Tensor) and out.dtype.is_floating_point):
+        return "the quantised matmul does not dequantise to a float output"
     return None
 
 
@@ -83,25 +168,39 @@ def _check_pair(cp: SitePlan, rp: SitePlan, rw: LayoutRewriter, ctx: TPContext, 
     """(reason, None) or (None, the accepted Analysis with its edits) for a gate_up/down pair."""
     cs, rs = cp.site, rp.site
     for p in (cp, rp):
-        why = _check_site(p, ctx, rw.config.weight_format)
+        why = _check_site(p, ctx, rw)
         if why:
             return why, None
+    quant = [dc.quantized_in_out(x.matmul) is not None for x in (cs, rs)]
+    if quant[0] != quant[1]:
+        return "one of gate_up_proj / down_proj is quantised and the other is not", None
     xv = gf.val(cs.input)
     if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not rw.is_token(cs.input):
         return "the gate_up_proj input is not a [tokens, features] tensor", None
-    wg, wd = dc.weight_val(cs), dc.weight_val(rs)
-    if wg is None or wd is None:
+    gdims, ddims = dc.out_in(cs), dc.out_in(rs)
+    if gdims is None or ddims is None:
         return "weights are not 2-D", None
-    N, M = wg.shape[0], wd.shape[1]
+    N, M = gdims[0], ddims[1]
     if not (isinstance(N, int) and isinstance(M, int)) or N % M or N // M not in (1, 2):
         return f"gate_up_proj has {N} output features and down_proj {M} input features: not a (gated) MLP", None
     if M % k:
         return f"intermediate size {M} is not divisible by mlp_tp_size={k}", None
-    analysis = Analysis(Region(cs.matmul, rs.matmul, rs.input), rw.T, M, N // M, k, kT)
+    pts = _token_scale(rs.matmul) if quant[1] else None
+    analysis = Analysis(Region(cs.matmul, rs.matmul, rs.input, (pts,) if pts is not None else ()),
+                        rw.T, M, N // M, k, kT)
     why = analyse(analysis)
     if why:
         return why, None
+    if pts is not None and pts not in analysis.region.nodes:
+        return "down_proj's per-token scale is not computed from the MLP's activation", None
     return None, analysis
+
+
+def _token_scale(mm: fx.Node) -> fx.Node | None:
+    """The per-token scale of a quantised matmul (dynamic W8A8), or None (static)."""
+    form = dc.quantized_in_out(mm)
+    v = op_forms.arg(mm, form.token_args[0]) if form is not None and form.token_args else None
+    return v if isinstance(v, fx.Node) else None
 
 
 class MLPTP(dc.DPAttentionStrategy):
@@ -113,7 +212,7 @@ class MLPTP(dc.DPAttentionStrategy):
 
     def precheck(self, plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
         """Per site; the pair's activation is checked in `rewrite` (MLP-TP rewrites pairs)."""
-        return _check_site(plan, ctx, rw.config.weight_format)
+        return _check_site(plan, ctx, rw)
 
     def rewrite(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
         pairs = _pairs(self.mine(plans))
@@ -138,6 +237,7 @@ class MLPTP(dc.DPAttentionStrategy):
                     kT = dc.tag(dc.mul_node(g, T, k), "tokens_times_k", NAME)
             state["kT"] = kT
         done_sites = []
+        group = list(grp.ref.ranks)
         for cp, rp in pairs:
             why, analysis = _check_pair(cp, rp, rw, ctx, k, kT)
             if why:
@@ -146,42 +246,101 @@ class MLPTP(dc.DPAttentionStrategy):
                 continue
             M, h = analysis.M, analysis.h
             ml = M // k
+            lo, hi = s * ml, (s + 1) * ml
             cs, rs = cp.site, rp.site
             gu, dn = cs.matmul, rs.matmul
+            quant = dc.quantized_in_out(gu) is not None
+            where = f"MLP TP at {cs.prefix}"
+
+            def halves(t: fx.Node, dim: int, width: int, role: str) -> fx.Node:
+                """This rank's features of each of the width // M halves of t along dim, side by side."""
+                parts = [dc.tag(g.call_function(aten.slice.Tensor, (t, dim, j * M + lo, j * M + hi)), role, NAME)
+                         for j in range(width // M)]
+                return parts[0] if len(parts) == 1 else dc.tag(g.call_function(aten.cat.default, (parts, dim)),
+                                                               role, NAME)
+
             with g.inserting_before(gu):
-                xin = dc.maybe_check_tokens(g, cs.input, grp.ref, rw.config, checked, f"MLP TP at {cs.prefix}", NAME)
-                gathered = rw.comm.all_gather(g, xin, grp.ref)
-                parts = [dc.tag(g.call_function(aten.slice.Tensor, (cs.weight, 0, j * M + s * ml, j * M + (s + 1) * ml)),
-                                "weight_slice", NAME) for j in range(h)]
-                w = parts[0] if h == 1 else dc.tag(g.call_function(aten.cat.default, (parts, 0)), "weight_slice", NAME)
-                b = None
-                if cs.bias is not None:
-                    bp = [dc.tag(g.call_function(aten.slice.Tensor, (cs.bias, 0, j * M + s * ml, j * M + (s + 1) * ml)),
-                                 "bias_slice", NAME) for j in range(h)]
-                    b = bp[0] if h == 1 else dc.tag(g.call_function(aten.cat.default, (bp, 0)), "bias_slice", NAME)
-                new_gu = dc.emit_matmul(g, gathered, w, b, NAME)
+                if quant:
+                    new_gu, wire = _quant_gate_up(rw, g, cs, grp, checked, where, halves, M * h)
+                else:
+                    xin = dc.maybe_check_tokens(g, cs.input, grp.ref, rw.config, checked, where, NAME)
+                    gathered = rw.comm.all_gather(g, xin, grp.ref)
+                    w = halves(cs.weight, 0, M * h, "weight_slice")
+                    b = halves(cs.bias, 0, M * h, "bias_slice") if cs.bias is not None else None
+                    new_gu = dc.emit_matmul(g, gathered, w, b, NAME)
             gu.replace_all_uses_with(new_gu)
             g.erase_node(gu)
             for node, pos, value in analysis.edits:
                 args = list(node.args)
                 args[pos] = value
                 node.args = tuple(args)
+            for node, name, vec in analysis.channel_slices:
+                with g.inserting_before(node):
+                    op_forms.set_arg(node, name, halves(vec, 0, int(gf.val(vec).shape[0]), "channel_slice"))
             with g.inserting_before(dn):
-                wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 1, s * ml, (s + 1) * ml)), "weight_slice", NAME)
-                o = dc.emit_matmul(g, rs.input, wd, rs.bias if s == 0 else None, NAME)
+                if quant:
+                    form = dc.quantized_in_out(dn)
+                    wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 0, lo, hi)), "weight_slice", NAME)
+                    over = {form.weight: wd}
+                    if form.bias:
+                        over[form.bias] = rs.bias if s == 0 else None
+                    o = dc.tag(op_forms.call_like(dn, g, **over), "matmul", NAME)
+                else:
+                    wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 1, lo, hi)), "weight_slice", NAME)
+                    o = dc.emit_matmul(g, rs.input, wd, rs.bias if s == 0 else None, NAME)
                 y = rw.comm.reduce_scatter(g, o, grp.ref)
             dn.replace_all_uses_with(y)
             g.erase_node(dn)
-            group = list(grp.ref.ranks)
-            cp.done(f"all_gather over MLP-TP group {group} + gate/up rows [{s * ml}, {(s + 1) * ml}) of each of "
-                    f"{h} half(s)")
-            rp.done(f"columns [{s * ml}, {(s + 1) * ml}) + reduce_scatter over {group}"
-                    + (" (bias on group rank 0)" if rs.bias is not None else ""))
+            if quant:
+                cp.done(f"{wire} over MLP-TP group {group} + int8 weight columns [{lo}, {hi}) of each of {h} "
+                        "half(s), with their dequant scales" + (" and bias" if cs.bias is not None else ""))
+                how = ("its input quantised per token over this rank's I/K features, as vLLM's TP does per shard"
+                       if _token_scale(o) is not None else
+                       "its input quantisation's per-channel vectors sliced to this rank's I/K channels"
+                       if analysis.channel_slices else "its input quantisation unchanged on this rank's I/K features")
+                rp.done(f"int8 weight rows [{lo}, {hi}) + reduce_scatter over {group}"
+                        + (" (bias on group rank 0)" if rs.bias is not None else "") + f"; {how}")
+            else:
+                cp.done(f"all_gather over MLP-TP group {group} + gate/up rows [{lo}, {hi}) of each of {h} half(s)")
+                rp.done(f"columns [{lo}, {hi}) + reduce_scatter over {group}"
+                        + (" (bias on group rank 0)" if rs.bias is not None else ""))
             done_sites += [(cs.prefix, dc.nbytes(dc.weight_val(cs))), (rs.prefix, dc.nbytes(dc.weight_val(rs)))]
         if done_sites:
             note, extra = dc.resident_note(NAME, k, done_sites)
             rw.notes.append(note)
             rw.extra[NAME] = {**extra, "group": list(grp.ref.ranks), "equal_token_counts_required": True}
+
+
+def _quant_gate_up(rw: LayoutRewriter, g: fx.Graph, cs: Site, grp, checked: set, where: str, halves, width: int):
+    """The quantised gate_up_proj on all K*B tokens of the group: (new matmul, wire description).
+    The graph's own quantisation of x stays before the all_gather, which moves its int8 output
+    (dynamic: with the float32 per-token scales as 4 more int8 columns, `rewriter.pack_int8_scales`)."""
+    gu = cs.matmul
+    form = dc.quantized_in_out(gu)
+    x = op_forms.arg(gu, form.x)
+    pts = _token_scale(gu)
+    xin = dc.maybe_check_tokens(g, x, grp.ref, rw.config, checked, where, NAME)
+
+    def mark(n: fx.Node, role: str) -> fx.Node:
+        return dc.tag(n, role, NAME)
+
+    if pts is None:
+        xg, sg = rw.comm.all_gather(g, xin, grp.ref), None
+        wire = "int8 all_gather of the quantised input"
+    else:
+        ag = rw.comm.all_gather(g, pack_int8_scales(g, xin, pts, mark), grp.ref)
+        xg, sg = unpack_int8_scales(g, ag, x, pts, mark)
+        wire = "int8 all_gather of the quantised input + its per-token float32 scales (4 int8 columns)"
+    w = halves(cs.weight, 1, width, "weight_slice")
+    if gf.op_name(w) == "aten::slice":  # one half: a column block of [in, out] is strided, copy it (cat does)
+        w = mark(g.call_function(aten.clone.default, (w,), {"memory_format": torch.contiguous_format}), "weight_slice")
+    over = {form.x: xg, form.weight: w,
+            form.channel_args[0]: halves(op_forms.arg(gu, form.channel_args[0]), 0, width, "scale_slice")}
+    if form.bias:
+        over[form.bias] = halves(cs.bias, 0, width, "bias_slice") if cs.bias is not None else None
+    if sg is not None:
+        over[form.token_args[0]] = sg
+    return mark(op_forms.call_like(gu, g, **over), "matmul"), wire
 
 
 STRATEGY = register(MLPTP())
