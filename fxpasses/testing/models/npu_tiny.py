@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpasses.testing.models.tiny import DecoderSpec
+from fxpasses.testing.models.tiny import DecoderSpec, SeededWeights
 from fxpasses.testing.npu_standin import ensure_npu_standin_ops
 
 QUANTS = ("none", "w8a8", "w8a8_dynamic")
@@ -203,34 +203,13 @@ def build_npu_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float64, 
     spec.check_tp(get_tensor_model_parallel_world_size())
     with torch.device("cpu"):
         model = NPUDecoder(spec, neox=neox, max_pos=max_pos, moe_reduce=moe_reduce).to(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    h, hd = spec.hidden_size, spec.head_dim
+    sw = SeededWeights(spec, dtype, seed)
+    rnd, h = sw.rnd, spec.hidden_size
 
-    def rnd(*shape, scale=None):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
-
-    def load(param, full, *shard_id):
-        param.weight_loader(param, full, *shard_id)
-
-    load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
+    sw.load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
     for layer in model.layers:
-        att, mlp = layer.self_attn, layer.mlp
-        for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
-                           ("v", spec.num_key_value_heads * hd)):
-            load(att.qkv_proj.weight, rnd(rows, h), name)
-            if spec.qkv_bias:
-                load(att.qkv_proj.bias, rnd(rows, scale=0.1), name)
-        load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
-        if spec.o_proj_bias:
-            load(att.o_proj.bias, rnd(h, scale=0.1))
-        for i in range(2):
-            load(mlp.gate_up_proj.weight, rnd(spec.intermediate_size, h), i)
-            if spec.mlp_bias:
-                load(mlp.gate_up_proj.bias, rnd(spec.intermediate_size, scale=0.1), i)
-        load(mlp.down_proj.weight, rnd(h, spec.intermediate_size))
-        if spec.mlp_bias:
-            load(mlp.down_proj.bias, rnd(h, scale=0.1))
+        sw.attention(layer.self_attn)
+        sw.mlp(layer.mlp, spec.intermediate_size)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
         layer.post_attention_layernorm.bias.data.copy_(rnd(h, scale=0.1))

@@ -352,6 +352,47 @@ def _plain_linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+class SeededWeights:
+    """Seeded full weights, drawn in a fixed order and loaded through vLLM's weight loaders (which
+    shard them as a checkpoint load would): the tiny decoders' common initialisation."""
+
+    def __init__(self, spec: "DecoderSpec", dtype: torch.dtype, seed: int):
+        self.spec, self.dtype = spec, dtype
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def rnd(self, *shape, scale=None) -> torch.Tensor:
+        """N(0, scale^2) drawn in float64 (default scale 1/sqrt(fan_in)), cast to the model dtype."""
+        t = torch.randn(*shape, generator=self.gen, dtype=torch.float64)
+        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(self.dtype)
+
+    @staticmethod
+    def load(param, full, *shard_id) -> None:
+        param.weight_loader(param, full, *shard_id)
+
+    def attention(self, att) -> None:
+        """qkv_proj (q, k, v shards, biases if the spec has them) and o_proj."""
+        spec, h, hd = self.spec, self.spec.hidden_size, self.spec.head_dim
+        for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
+                           ("v", spec.num_key_value_heads * hd)):
+            self.load(att.qkv_proj.weight, self.rnd(rows, h), name)
+            if spec.qkv_bias:
+                self.load(att.qkv_proj.bias, self.rnd(rows, scale=0.1), name)
+        self.load(att.o_proj.weight, self.rnd(h, spec.num_attention_heads * hd))
+        if spec.o_proj_bias:
+            self.load(att.o_proj.bias, self.rnd(h, scale=0.1))
+
+    def mlp(self, mlp, inter: int) -> None:
+        """gate_up_proj (gate, up) and down_proj, biases if the spec has them."""
+        h = self.spec.hidden_size
+        for i in range(2):
+            self.load(mlp.gate_up_proj.weight, self.rnd(inter, h), i)
+            if self.spec.mlp_bias:
+                self.load(mlp.gate_up_proj.bias, self.rnd(inter, scale=0.1), i)
+        self.load(mlp.down_proj.weight, self.rnd(h, inter))
+        if self.spec.mlp_bias:
+            self.load(mlp.down_proj.bias, self.rnd(h, scale=0.1))
+
+
 def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                        pack_weights: bool = False) -> TinyDecoder:
     """Build the model on this rank with seeded full weights sharded exactly as vLLM's loaders do.
@@ -364,26 +405,11 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
     spec.check_tp(get_tensor_model_parallel_world_size())
     with torch.device("cpu"):
         model = TinyDecoder(spec).to(dtype)
-    gen = torch.Generator().manual_seed(seed)
+    sw = SeededWeights(spec, dtype, seed)
+    rnd, load, load_mlp = sw.rnd, sw.load, sw.mlp
     h, hd = spec.hidden_size, spec.head_dim
 
-    def rnd(*shape, scale=None):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return (t * (scale if scale is not None else shape[-1] ** -0.5)).to(dtype)
-
-    def load(param, full, *shard_id):
-        loader = getattr(param, "weight_loader")
-        loader(param, full, *shard_id)
-
     load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
-    def load_mlp(mlp, inter):
-        for i in range(2):
-            load(mlp.gate_up_proj.weight, rnd(inter, h), i)
-            if spec.mlp_bias:
-                load(mlp.gate_up_proj.bias, rnd(inter, scale=0.1), i)
-        load(mlp.down_proj.weight, rnd(h, inter))
-        if spec.mlp_bias:
-            load(mlp.down_proj.bias, rnd(h, scale=0.1))
 
     def load_experts(experts):
         from vllm.distributed import get_tensor_model_parallel_rank
@@ -410,14 +436,7 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         if spec.kv_lora_rank:
             load_mla(att)
         else:
-            for name, rows in (("q", spec.num_attention_heads * hd), ("k", spec.num_key_value_heads * hd),
-                               ("v", spec.num_key_value_heads * hd)):
-                load(att.qkv_proj.weight, rnd(rows, h), name)
-                if spec.qkv_bias:
-                    load(att.qkv_proj.bias, rnd(rows, scale=0.1), name)
-            load(att.o_proj.weight, rnd(h, spec.num_attention_heads * hd))
-            if spec.o_proj_bias:
-                load(att.o_proj.bias, rnd(h, scale=0.1))
+            sw.attention(att)
         if spec.shared_expert_intermediate_size:
             block = layer.mlp
             if spec.num_experts:
