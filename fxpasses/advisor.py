@@ -10,14 +10,13 @@ send less"). Compute savings (FlashComm1 runs norms on T/tp rows) and overlap ar
 
 int8 on the wire (`quant` = "w8a8" / "w8a8_dynamic", the model's linear inputs quantised to int8):
 the collectives that feed a quantised linear send int8 (`int8_comm: auto`, the pass's default):
-FlashComm1's column all-gathers ([T, H]), FlashComm2's o_proj all_to_all ([T, D/tp]) and
-MLP-TP's gate_up_proj all_gather ([B, H]) at 1 byte per element instead of `dtype_bytes`; dynamic W8A8 also sends the float32 per-token scales,
+FlashComm1's column all-gathers ([T, H]), FlashComm2's o_proj all_to_all ([T, D/tp]),
+MLP-TP's gate_up_proj all_gather ([B, H]) and OTP's o_proj all_to_all ([B, D]) at 1 byte per element instead of `dtype_bytes`; dynamic W8A8 also sends the float32 per-token scales,
 4 bytes per token and chunk, in the same collective (`int8_row_bytes`). Same launches, fewer
 bytes: it pays at every token count whenever the activations are wider than 1 byte (the
 quantisation itself runs anyway; on FlashComm1's shards it even runs on T/tp rows). Both
-variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces, the reduce-scatters
-and OTP's collectives stay in the activation dtype (they carry matmul outputs, or the pass does
-not quantise their input).
+variants (int8 and `int8_comm: off`) are listed. The vanilla all-reduces and the reduce-scatters
+stay in the activation dtype (they carry matmul outputs).
 
 Fused kernels (`fused_estimates`, the lowering of `fxpasses.lowering`): each matmul + collective
 pair a platform fuses (npu: matmul-all-reduce, matmul-reduce-scatter, all-gather-matmul; cuda
@@ -250,12 +249,17 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
                            + (int8_why and "; column gathers in int8 as FlashComm1's")))
     if dp > 1:
         B = max(T // dp, 1)  # own tokens per DP rank
-        otp_a2a = ("all_to_all", dp, _ring("all_to_all", B * D * b, dp))
         otp_rs = ("reduce_scatter", dp, _ring("reduce_scatter", dp * B * H * b, dp))
-        out.append(est(f"otp(K={dp})", [otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp,
-                       "DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
-                       "all_to_all of [B, D] + reduce_scatter [K*B, H]"))
         for q, tag in variants:
+            otp_a2a = _wire("all_to_all", dp, B * dp, D // dp, b, q)  # B rows of K blocks of D/K features
+            why = ("DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
+                   "all_to_all of [B, D] + reduce_scatter [K*B, H]")
+            if q != "none":
+                why += (f"; int8 on the wire: the o_proj all_to_all sends [B, D] in int8"
+                        + (" + each token's float32 scale per block (in the same all_to_all)"
+                           if q == "w8a8_dynamic" else "") + _pays(D // dp, dp, link, b, q)
+                        + "; needs plain int8 o_proj weights (weight_format: nd)")
+            out.append(est(f"otp(K={dp})" + tag, [*otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp, why))
             mlp_ag = _wire("all_gather", dp, dp * B, H, b, q)  # gate_up_proj's input, quantised before it
             why = "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"
             if q != "none":

@@ -272,7 +272,7 @@ class LayoutRewriter:
         self._record_collective(packed, ag)
         with g.inserting_before(ag.next):
             out = self._new(g.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
-            qg, sg = unpack_int8_scales(g, out, q, sc, self._new)
+            qg, sg = unpack_int8_scales(g, out, int(gf.val(q).shape[1]), gf.val(sc).dim(), self._new)
         for src, dst in ((q, qg), (sc, sg)):
             self.layout[dst] = layouts.REPLICATE
             self._ndim[dst] = gf.val(src).dim()
@@ -447,10 +447,9 @@ def pack_int8_scales(graph: fx.Graph, q: fx.Node, sc: fx.Node, mark) -> fx.Node:
     return mark(graph.call_function(aten.cat.default, ([q, s4], 1)), "int8_pack")
 
 
-def unpack_int8_scales(graph: fx.Graph, packed: fx.Node, q: fx.Node, sc: fx.Node, mark) -> tuple[fx.Node, fx.Node]:
+def unpack_int8_scales(graph: fx.Graph, packed: fx.Node, w: int, sdim: int, mark) -> tuple[fx.Node, fx.Node]:
     """The inverse of `pack_int8_scales` on a (gathered) [R', w + 4] int8 tensor: (values [R', w],
-    float32 scales [R'] or [R', 1], as `sc` was), both contiguous."""
-    w, sdim = int(gf.val(q).shape[1]), gf.val(sc).dim()
+    float32 scales [R'] (`sdim` 1) or [R', 1] (`sdim` 2)), both contiguous."""
     qs = mark(graph.call_function(aten.slice.Tensor, (packed, 1, 0, w)), "int8_unpack")
     qg = mark(graph.call_function(aten.clone.default, (qs,), {"memory_format": torch.contiguous_format}),
               "int8_unpack")

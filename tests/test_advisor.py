@@ -114,6 +114,12 @@ def test_int8_on_the_wire(quant):
     assert on.collectives[0] == ("all_gather", dp, ring_dp(dp * B * (H + extra)))
     assert off.collectives[0] == ("all_gather", dp, ring_dp(dp * B * H * m.dtype_bytes))
     assert on.collectives[1:] == off.collectives[1:] and on.comm_us_per_layer < off.comm_us_per_layer
+    # OTP's all_to_all of [B, D] in K blocks: each block with its token's scale (dynamic)
+    on, off = dps[f"otp(K={dp}) int8"], dps[f"otp(K={dp}) (int8_comm off)"]
+    w = m.attn_out // dp
+    assert on.collectives[0] == ("all_to_all", dp, ring_dp(dp * B * (w + extra)))
+    assert off.collectives[0] == ("all_to_all", dp, ring_dp(B * m.attn_out * m.dtype_bytes))
+    assert on.collectives[1:] == off.collectives[1:] and on.comm_us_per_layer < off.comm_us_per_layer
     with pytest.raises(adv.AdvisorError, match="quant='w4a8'"):
         adv.estimate(m, tp, T, LINK, [1], quant="w4a8")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",

@@ -78,6 +78,57 @@ def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown", quan
     return None
 
 
+def _param(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
+
+
+def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = False) -> str | None:
+    """Why a quantised site (`quantized_in_out`) cannot be rewritten with its int8 input on the wire,
+    or None; from facts every rank's graph shares. `shard_token_scale`: the rewrite quantises the
+    site's input per rank over a feature shard (MLP-TP's down_proj), so a per-token scale differs
+    per rank and an integer bias (added to the accumulator, then scaled) would take rank 0's."""
+    from fxpasses.rewriter import packable
+
+    mm, w = site.matmul, site.weight
+    form = quantized_in_out(mm)
+    op = gf.op_name(mm)
+    if rw.config.int8_comm == "off":
+        return (f"int8_comm='off': {strategy} rewrites a quantised layer only with its int8 input on the wire "
+                "(the graph quantises it before the layer); set int8_comm='auto' to allow it")
+    if len(form.channel_args) != 1 or len(form.token_args) > 1:
+        return f"{op}: a quantised form with {form.channel_args} / {form.token_args} is not one {strategy} knows"
+    if form.offset and op_forms.arg(mm, form.offset) is not None:
+        return f"{op} has an output offset; {strategy}'s quantised form takes none"
+    x = op_forms.arg(mm, form.x)
+    xv, wv = gf.val(x), gf.val(w)
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
+        return "the quantised input is not an int8 [tokens, features] tensor"
+    if not (isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8
+            and all(isinstance(d, int) for d in wv.shape)):
+        return "the weight is not a static int8 [in, out] matrix"
+    if not gf.same_size(xv.shape[1], wv.shape[0]):
+        return f"the input has {xv.shape[1]} features, the [in, out] weight {wv.shape[0]} rows"
+    scale = op_forms.arg(mm, form.channel_args[0])
+    sv = gf.val(scale)
+    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
+        return f"the dequant scale {form.channel_args[0]!r} is not a per-output-channel [{wv.shape[1]}] parameter"
+    pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
+    if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token(pts) and packable(x, pts)):
+        return "the per-token scale is not a float32 [tokens] tensor"
+    b = site.bias
+    if b is not None:
+        bv = gf.val(b)
+        if not (isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.shape[0] == wv.shape[1]):
+            return f"the bias is not a [{wv.shape[1]}] vector"
+        if shard_token_scale and pts is not None and not bv.dtype.is_floating_point:
+            return ("an integer bias joins the accumulator and is scaled by the per-token scale, which "
+                    f"{strategy} computes per rank over a feature shard: the bias would be scaled by group rank 0's")
+    out = gf.val(mm)
+    if not (isinstance(out, torch.Tensor) and out.dtype.is_floating_point):
+        return "the quantised matmul does not dequantise to a float output"
+    return None
+
+
 def weight_val(site: Site):
     v = gf.val(site.weight)
     return v if isinstance(v, torch.Tensor) and v.dim() == 2 else None

@@ -74,7 +74,7 @@ from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
-from fxpasses.rewriter import LayoutRewriter, pack_int8_scales, packable, unpack_int8_scales
+from fxpasses.rewriter import LayoutRewriter, pack_int8_scales, unpack_int8_scales
 from fxpasses.sites import Site
 from fxpasses.strategies import dp_common as dc
 from fxpasses.strategies.base import register
@@ -111,56 +111,10 @@ def _check_site(plan: SitePlan, ctx: TPContext, rw: LayoutRewriter) -> str | Non
     if why:
         return f"{s.prefix}: {why}"
     if dc.quantized_in_out(s.matmul) is not None:
-        why = _check_quant_site(s, rw)
+        why = dc.quant_site_refusal(s, rw, "MLP-TP", shard_token_scale=s.kind == "row")
         return f"{s.prefix}: {why}" if why else None
     if not dc.matmul_rhs_is_weight_t(s):
         return f"{s.prefix}: the matmul does not read the weight as weight.T"
-    return None
-
-
-def _param(n) -> bool:
-    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
-
-
-def _check_quant_site(site: Site, rw: LayoutRewriter) -> str | None:
-    """The quantised form (int8 on the wire), from facts every rank's graph shares."""
-    mm, w = site.matmul, site.weight
-    form = dc.quantized_in_out(mm)
-    op = gf.op_name(mm)
-    if rw.config.int8_comm == "off":
-        return ("int8_comm='off': MLP-TP rewrites a quantised MLP only with its int8 input on the wire (the "
-                "graph quantises it before gate_up_proj); set int8_comm='auto' to allow it")
-    if len(form.channel_args) != 1 or len(form.token_args) > 1:
-        return f"{op}: a quantised form with {form.channel_args} / {form.token_args} is not one MLP-TP knows"
-    if form.offset and op_forms.arg(mm, form.offset) is not None:
-        return f"{op} has an output offset; MLP-TP's quantised form takes none"
-    x = op_forms.arg(mm, form.x)
-    xv, wv = gf.val(x), gf.val(w)
-    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
-        return "the quantised input is not an int8 [tokens, features] tensor"
-    if not (isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8
-            and all(isinstance(d, int) for d in wv.shape)):
-        return "the weight is not a static int8 [in, out] matrix"
-    if not gf.same_size(xv.shape[1], wv.shape[0]):
-        return f"the input has {xv.shape[1]} features, the [in, out] weight {wv.shape[0]} rows"
-    scale = op_forms.arg(mm, form.channel_args[0])
-    sv = gf.val(scale)
-    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
-        return f"the dequant scale {form.channel_args[0]!r} is not a per-output-channel [{wv.shape[1]}] parameter"
-    pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
-    if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token(pts) and packable(x, pts)):
-        return "the per-token scale is not a float32 [tokens] tensor"
-    b = site.bias
-    if b is not None:
-        bv = gf.val(b)
-        if not (isinstance(bv, torch.Tensor) and bv.dim() == 1 and bv.shape[0] == wv.shape[1]):
-            return f"the bias is not a [{wv.shape[1]}] vector"
-        if site.kind == "row" and pts is not None and not bv.dtype.is_floating_point:
-            return ("an integer bias joins the accumulator and is scaled by the per-token scale, which MLP-TP "
-                    "computes per rank over I/K features: down_proj's bias would be scaled by group rank 0's")
-    out = gf.val(mm)
-    if not (isinstance(out, torch.Tensor) and out.dtype.is_floating_point):
-        return "the quantised matmul does not dequantise to a float output"
     return None
 
 
@@ -329,7 +283,7 @@ def _quant_gate_up(rw: LayoutRewriter, g: fx.Graph, cs: Site, grp, checked: set,
         wire = "int8 all_gather of the quantised input"
     else:
         ag = rw.comm.all_gather(g, pack_int8_scales(g, xin, pts, mark), grp.ref)
-        xg, sg = unpack_int8_scales(g, ag, x, pts, mark)
+        xg, sg = unpack_int8_scales(g, ag, int(gf.val(x).shape[1]), gf.val(pts).dim(), mark)
         wire = "int8 all_gather of the quantised input + its per-token float32 scales (4 int8 columns)"
     w = halves(cs.weight, 1, width, "weight_slice")
     if gf.op_name(w) == "aten::slice":  # one half: a column block of [in, out] is strided, copy it (cat does)
