@@ -51,15 +51,20 @@ class NPUW8A8DynamicLinearMethod:
                                               bias=bias, output_dtype=x.dtype)
 
 
-def _quantize_layer(layer: nn.Module, quant: str) -> None:
-    """This rank's float weight shard [out, in] -> int8 [in, out] with per-output-channel scales."""
+def _quantize_layer(layer: nn.Module, quant: str, scale_spread: float = 0.0) -> None:
+    """This rank's float weight shard [out, in] -> int8 [in, out] with per-output-channel scales.
+    `scale_spread` (static W8A8, test-only): the per-input-channel quantisation vectors vary by
+    +-spread around the per-tensor scale (vllm-ascend repeats one value), so a rewrite that slices
+    them to the wrong channels changes the result; the dequant scale keeps the per-tensor value,
+    so such a model is consistent, not a faithful W8A8 model."""
     w = layer.weight.data.double()
     w_scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     wq = torch.round(w / w_scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
     layer.weight = nn.Parameter(wq.t().contiguous(), requires_grad=False)
     if quant == "w8a8":
         n_in = wq.shape[1]
-        s = torch.full((n_in,), STATIC_INPUT_SCALE, dtype=torch.float32)
+        s = STATIC_INPUT_SCALE * (1.0 + scale_spread * torch.cos(torch.arange(n_in, dtype=torch.float64)))
+        s = s.float()
         layer.aclnn_input_scale = nn.Parameter(s, requires_grad=False)
         layer.aclnn_input_scale_reciprocal = nn.Parameter(1.0 / s, requires_grad=False)
         layer.aclnn_input_offset = nn.Parameter(torch.zeros(n_in, dtype=torch.float32), requires_grad=False)
@@ -191,7 +196,8 @@ class NPUDecoder(nn.Module):
 
 
 def build_npu_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float64, seed: int = 0, quant: str = "none",
-                      neox: bool = True, moe_reduce: bool = True, max_pos: int = 512) -> NPUDecoder:
+                      neox: bool = True, moe_reduce: bool = True, max_pos: int = 512,
+                      scale_spread: float = 0.0) -> NPUDecoder:
     """Build the model on this rank (after vLLM's model-parallel groups exist), weights seeded and
     sharded by vLLM's loaders, then each linear routed to the NPU ops of `quant` (see the module
     docstring)."""
@@ -221,5 +227,5 @@ def build_npu_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float64, 
             if quant == "none":
                 mod.quant_method = NPUUnquantizedLinearMethod()
             else:
-                _quantize_layer(mod, quant)
+                _quantize_layer(mod, quant, scale_spread)
     return model.eval()
