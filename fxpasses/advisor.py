@@ -255,7 +255,7 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
             why = ("DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
                    "all_to_all of [B, D] + reduce_scatter [K*B, H]")
             if q != "none":
-                why += (f"; int8 on the wire: the o_proj all_to_all sends [B, D] in int8"
+                why += ("; int8 on the wire: the o_proj all_to_all sends [B, D] in int8"
                         + (" + each token's float32 scale per block (in the same all_to_all)"
                            if q == "w8a8_dynamic" else "") + _pays(D // dp, dp, link, b, q)
                         + "; needs plain int8 o_proj weights (weight_format: nd)")

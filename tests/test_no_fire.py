@@ -32,7 +32,6 @@ def test_tp1_graph_is_left_alone():
 
 
 def test_graph_without_linear_sites_is_left_alone():
-    import torch.distributed as dist
     from fxpasses.context import GroupRef
 
     def f(x):
