@@ -1,5 +1,6 @@
-"""What OTP and MLP-TP share: the DP-attention graph family, its preconditions, the equal-token-count
-run-time check, in-graph weight slicing and the memory note of the report.
+"""What OTP and MLP-TP share: the DP-attention graph family, its preconditions (for quantised W8A8
+sites too: `quant_site_refusal`), the equal-token-count run-time check, in-graph weight slicing and
+the memory note of the report.
 
 DP-attention graphs (`DP_ATTENTION_GRAPHS`) are TP=1 graphs: every rank runs the whole model on its
 own B tokens. OTP and MLP-TP rewrite one site (or one gate_up/down pair) at a time so that it
