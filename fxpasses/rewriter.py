@@ -442,9 +442,13 @@ def pack_int8_scales(graph: fx.Graph, q: fx.Node, sc: fx.Node, mark) -> fx.Node:
     int8 tensor (each scale's 4 bytes as 4 more int8 columns), so one collective over dim 0 moves
     both (`packable` must hold). Inserted at the graph's insertion point; `mark(node, role)` is
     called on every inserted node and returns it (tagging / bookkeeping of the caller)."""
+    return mark(graph.call_function(aten.cat.default, ([q, scale_columns(graph, sc, mark)], 1)), "int8_pack")
+
+
+def scale_columns(graph: fx.Graph, sc: fx.Node, mark) -> fx.Node:
+    """float32 per-row scales [R] or [R, 1] viewed as [R, 4] int8 columns (their bytes)."""
     s2 = mark(graph.call_function(aten.unsqueeze.default, (sc, 1)), "int8_pack") if gf.val(sc).dim() == 1 else sc
-    s4 = mark(graph.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")
-    return mark(graph.call_function(aten.cat.default, ([q, s4], 1)), "int8_pack")
+    return mark(graph.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")
 
 
 def unpack_int8_scales(graph: fx.Graph, packed: fx.Node, w: int, sdim: int, mark) -> tuple[fx.Node, fx.Node]:

@@ -55,7 +55,7 @@ from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, RewriteError
 from fxpasses.plan import SitePlan
-from fxpasses.rewriter import LayoutRewriter
+from fxpasses.rewriter import LayoutRewriter, pack_int8_scales
 from fxpasses.strategies.base import Strategy, register
 
 aten = torch.ops.aten
@@ -352,8 +352,7 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
         kb = rw.sym(operator.mul, b, k) if k > 1 else b
         wide = dl + 4 if pts is not None else dl
         if pts is not None:  # the float32 scale rides in the same all_to_all as 4 int8 columns
-            s4 = call(aten.view.dtype, call(aten.unsqueeze.default, pts, 1), torch.int8)   # [T, 4]
-            x = call(aten.cat.default, [x, s4], 1)                                         # [T, D/tp + 4]
+            x = pack_int8_scales(g, x, pts, lambda n, _role: n)                          # [T, D/tp + 4]
         a2a = rw.comm.all_to_all(g, _send_rows(rw, g, x, k, n, b, kb, wide), groups.odp, kb)
         a = call(aten.view.default, a2a, [n, kb, wide])             # block p from ODP peer p
         sp = None

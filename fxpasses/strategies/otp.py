@@ -44,7 +44,7 @@ from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan
-from fxpasses.rewriter import LayoutRewriter, unpack_int8_scales
+from fxpasses.rewriter import LayoutRewriter, scale_columns, unpack_int8_scales
 from fxpasses.strategies import dp_common as dc
 from fxpasses.strategies.base import register
 
@@ -103,8 +103,7 @@ def _quant_site(rw: LayoutRewriter, g, site, xin_of, grp, B, k: int, s: int, dk:
         recv, sg = rw.comm.all_to_all(g, _send_blocks(g, q, B, k, dk), grp.ref, B), None
         wire = "int8 all_to_all of the quantised input"
     else:
-        s2 = mark(g.call_function(aten.unsqueeze.default, (pts, 1)), "int8_pack") if gf.val(pts).dim() == 1 else pts
-        s4 = mark(g.call_function(aten.view.dtype, (s2, torch.int8)), "int8_pack")              # [B, 4]
+        s4 = scale_columns(g, pts, mark)                                                          # [B, 4]
         blocks = mark(g.call_function(aten.view.default, (q, [B, k, dk])), "otp_view")
         s4k = mark(g.call_function(aten.expand.default, (mark(g.call_function(aten.unsqueeze.default, (s4, 1)),
                                                                  "int8_pack"), [B, k, 4])), "int8_pack")
