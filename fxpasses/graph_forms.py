@@ -1,7 +1,8 @@
 """Recognisers for the op forms vLLM's post-grad graphs contain (measured on vLLM 0.32 / torch 2.13).
 
-Everything that asks "what kind of node is this?" lives here: matmuls (aten mm/addmm/linear/bmm,
-`_C.onednn_mm` inside `auto_functionalized[_v2]`), TP all-reduces (`vllm.all_reduce`,
+Everything that asks "what kind of node is this?" lives here: matmuls (aten mm/addmm/linear/bmm;
+vLLM CPU's `_C.onednn_mm`, `_C.weight_packed_linear`, ... are data in `fxpasses.op_forms.vllm_cpu`,
+also inside `auto_functionalized[_v2]`), TP all-reduces (`vllm.all_reduce`,
 `_c10d_functional.all_reduce[_]` + `wait_tensor`, `_C.shm_allreduce` inside auto_functionalized),
 other collectives, and the module-stack -> vLLM prefix translation. Platforms' custom ops
 (vllm-ascend's `vllm.unquantized_gemm`, `npu.npu_quant_matmul`, `vllm.maybe_pad_and_reduce`, ...)
@@ -48,15 +49,16 @@ def is_getitem(node: fx.Node) -> bool:
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "aten::baddbmm",
-              "_C::onednn_mm", "_C::onednn_scaled_mm", "aten::_weight_int8pack_mm"}
+              "aten::_weight_int8pack_mm"}  # platforms' matmuls (vLLM CPU's `_C` kernels too): op_forms
 EMBEDDING_OPS = {"aten::embedding"}
 
 
 def platform_form(node: fx.Node, kind: type | None = None) -> op_forms.OpForm | None:
     """The `fxpasses.op_forms` record of `node`'s op (of `kind`, e.g. `op_forms.Matmul`), or None."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    op = op_forms.wrapped_op(node) if node.op == "call_function" else None
+    if op is None:
         return None
-    return op_forms.find(node.target._schema.name, node, kind)
+    return op_forms.find(op._schema.name, node, kind)
 
 
 def is_matmul(node: fx.Node) -> bool:

@@ -61,7 +61,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
 
 def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                     patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
-                    fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER) -> PassReport:
+                    fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
+                    left_out: dict[str, str] | None = None) -> PassReport:
     """The rewrite of `run_passes`, without the lowering.
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
@@ -84,7 +85,7 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             patterns = patterns or load_patterns(config.patterns)
             sites = find_sites(work, patterns, config.module_prefix)
         with report.timed("plan"):
-            report.sites = plans = plan_sites(sites, config, patterns)
+            report.sites = plans = plan_sites(sites, config, patterns, left_out)
         why = _nothing_owned(plans, config, sites)
         if why:
             return _kept(report, why, graph, config, tag)
@@ -107,7 +108,8 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             # the others still pay on their own, decided from the same shapes on every rank
             dropped = [n for n in config.strategies if n not in rest]
             retry = _run_strategies(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
-                                    recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode)
+                                    recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode,
+                                    left_out={n: str(e) for n in dropped})
             retry.strategies = list(config.strategies)
             retry.extra["left_out"] = {n: str(e) for n in dropped}
             retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")

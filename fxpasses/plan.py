@@ -63,9 +63,13 @@ class SitePlan:
                 "reason": self.reason}
 
 
-def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet) -> list[SitePlan]:
+def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet,
+               left_out: dict[str, str] | None = None) -> list[SitePlan]:
+    """One plan per site. `left_out`: enabled strategies the pipeline dropped for this graph, with
+    why (a site they would own says so, never "no enabled strategy matches")."""
     plans = []
-    enabled = set(config.strategies)
+    left_out = left_out or {}
+    enabled = set(config.strategies) | set(left_out)
     for site in sites:
         ex = patterns.excluded(site.prefix)
         if ex:
@@ -80,6 +84,9 @@ def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet
             ex = sp.excluded(site.prefix)
             if ex:
                 why_not.append(f"{strat.name} excludes prefixes containing {ex!r}")
+                continue
+            if strat.name in left_out:
+                why_not.append(f"{strat.name} was left out of this graph: {left_out[strat.name]}")
                 continue
             wanting.append(strat.name)
         if wanting:

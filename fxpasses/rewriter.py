@@ -18,11 +18,11 @@ marked node Replicate inputs. A marked node therefore computes exactly what it c
 original graph (all its inputs are the original values), whatever it is.
 
 Where to gather. A Shard0 value consumed by a Replicate-demanding node is all-gathered once. A
-token-wise node whose every consumer demands Replicate would have its output gathered; it runs
-on Replicate inputs instead (the original computation, on all tokens) when that moves fewer bytes
-per token: when its inputs are gathered anyway for another consumer (an MoE router reading the
-hidden state its experts gather) or are narrower than its output. Decided once, before the walk,
-from the graph's fake values (`_replicate_early`). A linear layer's input quantisation (int8
+token-wise node whose every consumer demands Replicate may instead run on all tokens after its
+inputs are gathered (an MoE router reading the hidden state its experts gather, a norm whose
+float32 steps are wider than its bf16 input and output); which of them do is decided once, before
+the walk, as the minimum cut of gathered bytes per token over the graph's fake values
+(`fxpasses.gather_points`, called by `_replicate_early`). A linear layer's input quantisation (int8
 values, plus per-token scales for a dynamic scheme) is therefore run on the shards and its int8
 output gathered (a token-wise quantisation commutes with a gather over tokens, bit for bit):
 half the bytes of a bf16 input. A dynamic quantisation's int8 values and float32 per-token scales
@@ -40,6 +40,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from fxpasses import gather_points
 from fxpasses import graph_forms as gf
 from fxpasses import layouts
 from fxpasses.comm import CommBackend
@@ -80,6 +81,7 @@ class LayoutRewriter:
         self.extra: dict = {}                 # strategy numbers copied into PassReport.extra
         self._state: dict[str, dict] = {}     # per-strategy scratch space (state())
         self.rank_local: set[fx.Node] = set()  # values that differ across the group beyond their rows
+        self.early: set[fx.Node] = set()      # token-wise nodes run on all tokens after a gather upstream
 
     def state(self, strategy: str) -> dict:
         """A dict private to one strategy for the length of this rewrite (e.g. values it built once)."""
@@ -308,7 +310,7 @@ class LayoutRewriter:
 
     def propagate(self) -> None:
         self._spread_rank_local()
-        early = self._replicate_early()
+        early = self.early = self._replicate_early()
         for node in list(self.graph.nodes):
             if not self._original(node):
                 continue
@@ -337,15 +339,21 @@ class LayoutRewriter:
     # ---- where to gather (see the module docstring) --------------------------------------------
     def _replicate_early(self) -> set[fx.Node]:
         """Token-wise nodes that run on Replicate inputs because every consumer demands Replicate
-        and gathering their inputs moves no more bytes per token than gathering their output."""
+        and gathering upstream of them moves fewer bytes per token (`fxpasses.gather_points`)."""
         demands: set[fx.Node] = set()   # nodes that take Replicate inputs whatever we decide
+        sharded: set[fx.Node] = {n for n, lay in self.layout.items() if lay is layouts.SHARD0}
         for node in self.graph.nodes:
             if not self._original(node):
                 continue
             tensor_op = node.op == "call_function" and _tensor_valued(node)
-            if node.op == "output" or node in self.rank_local or (
-                    tensor_op and token_aligned_args(node, self.is_token, self.ndim) is None):
+            aligned = token_aligned_args(node, self.is_token, self.ndim) if tensor_op else None
+            into = [a for a in node.all_input_nodes if a in sharded]
+            if node.op == "output" or node in self.rank_local or (tensor_op and aligned is None):
                 demands.add(node)
+            elif into and tensor_op and set(into) <= set(aligned):
+                sharded.add(node)        # Shard0 when it runs on shards
+            elif into:
+                demands.add(node)        # a sharded input it cannot align: propagation gathers it
         candidates: set[fx.Node] = set()  # every consumer demands Replicate or is a candidate itself
         for node in reversed(self.graph.nodes):
             if (node.op == "call_function" and _tensor_valued(node) and self._original(node)
@@ -355,32 +363,8 @@ class LayoutRewriter:
         forced = set()
         if getattr(self.config, "int8_comm", "auto") == "off":  # gather the float input, quantise after
             forced = {n for n in candidates if is_quantize(n)}
-        return self._cheaper_replicated(candidates, demands, forced)
-
-    def _cheaper_replicated(self, allowed: set[fx.Node], demands: set[fx.Node],
-                            forced: set[fx.Node] = frozenset()) -> set[fx.Node]:
-        """The nodes of `allowed` (graph order) whose Replicate inputs cost fewer bytes per token than
-        their output's gather: inputs already Replicate or gathered for a demanding consumer are free.
-        A node with several outputs in use (a fused norm's output and residual; not a matmul whose
-        auto_functionalized tuple carries one) only when all its inputs are free: not every output
-        of it would be gathered."""
-        early: set[fx.Node] = set()
-        for node in self.graph.nodes:
-            if node not in allowed:
-                continue
-            if node in forced:
-                early.add(node)
-                continue
-            aligned = token_aligned_args(node, self.is_token, self.ndim) or []
-            cost = 0
-            for a in aligned:
-                if a in early or a in demands or any(u in demands for u in a.users):
-                    continue  # Replicate anyway (or gathered anyway for another consumer)
-                cost += self._row_bytes(a)
-            multi = len({u.args[1] for u in node.users if gf.is_getitem(u)}) > 1  # outputs in use
-            if cost == 0 or (not multi and cost < self._row_bytes(node)):
-                early.add(node)
-        return early
+        return gather_points.replicated_candidates(self.graph, candidates, demands, sharded, forced,
+                                                   self._row_bytes)
 
     @staticmethod
     def _row_bytes(n: fx.Node) -> float:
@@ -420,6 +404,21 @@ class LayoutRewriter:
         for a in sharded:
             node.replace_input_with(a, self.gather(a))
         self.touched.add(node)
+
+    def gathered_for(self, node: fx.Node) -> bool:
+        """Did propagation gather a value for `node`: right at its inputs, or upstream of the
+        token-wise nodes it reads that run on all tokens (`early`)?"""
+        seen, todo = set(), list(node.all_input_nodes)
+        while todo:
+            a = todo.pop()
+            if a in seen:
+                continue
+            seen.add(a)
+            if a in self.created:
+                return True
+            if a in self.early:
+                todo.extend(a.all_input_nodes)
+        return False
 
     def dirty_nodes(self) -> set[fx.Node]:
         """Nodes whose fake values may be stale: created, re-laid-out or re-wired by a rewrite."""

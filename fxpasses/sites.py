@@ -74,8 +74,6 @@ def _matmul_operands(mm: fx.Node):
         return mm.args[0], mm.args[1], (mm.args[2] if len(mm.args) > 2 else mm.kwargs.get("bias"))
     if name in ("aten::matmul",):
         return mm.args[0], _strip_view(mm.args[1]), None
-    if gf.is_auto_functionalized(mm):  # _C.onednn_mm(c, a, bias, handler_tensor): weight packed
-        return mm.kwargs.get("a"), None, mm.kwargs.get("bias")
     if name.startswith("_C::"):
         return mm.args[1] if len(mm.args) > 1 else None, None, None
     return (mm.args[0] if mm.args else None), None, None

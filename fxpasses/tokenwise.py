@@ -226,11 +226,6 @@ def embedding(f: OpFacts):
     return [f.node.args[1]]
 
 
-@rule("_C::onednn_mm")
-def onednn_mm(f: OpFacts):
-    return f.token_tensor_args() if gf.is_auto_functionalized(f.node) else None
-
-
 def platform_rule(f: OpFacts, form: op_forms.OpForm):
     """A platform op's rule from its `fxpasses.op_forms` record."""
     node = f.node
@@ -248,10 +243,11 @@ def platform_rule(f: OpFacts, form: op_forms.OpForm):
             return None
         return aligned
     if isinstance(form, op_forms.Matmul):
-        x, w, _ = form.operands(node)
+        x, w = op_forms.arg(node, form.x), op_forms.arg(node, form.weight)
         if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or f.is_token(w):
             return None
-        extra = [a for a in (op_forms.arg(node, n) for n in form.token_args) if isinstance(a, fx.Node)]
+        extra = [a for a in (op_forms.arg(node, n) for n in form.token_args + ((form.out,) if form.out else ()))
+                 if isinstance(a, fx.Node)]
         return [x] + [a for a in extra if f.is_token(a)]
     if isinstance(form, op_forms.Collective):  # token-wise only when it moves nothing (the identity)
         x = op_forms.arg(node, form.input)

@@ -92,6 +92,6 @@ def test_topk_and_sort_are_tokenwise_along_features_only():
 
 @pytest.mark.parametrize("name,rule", [("aten::view", tw.view), ("aten::mm", tw.mm), ("aten::cat", tw.cat),
                                        ("aten::sum", tw.reduction), ("aten::clone", tw.pointwise),
-                                       ("_C::onednn_mm", tw.onednn_mm), ("aten::embedding", tw.embedding)])
+                                       ("aten::embedding", tw.embedding)])
 def test_the_table_maps_op_names_to_rules(name, rule):
     assert tw.RULES[name] is rule

@@ -56,6 +56,9 @@ def operands(mm: fx.Node) -> Operands:
             return Operands(name, mm.args[1], refused="matmul form: addmm with beta/alpha")
         return Operands(name, mm.args[1], w_kn=mm.args[2], bias=mm.args[0])
     form = gf.platform_form(mm, op_forms.Matmul)
+    if form is not None and form.packed:
+        return Operands(name, op_forms.arg(mm, form.x), refused=f"matmul form: the weight of {form.op} is packed "
+                        "for its kernel; no fused kernel takes a packed weight")
     if form is not None:
         x, w, b = form.operands(mm)
         ops = Operands(name, x, weight=w, layout=form.weight_layout, bias=b)
@@ -66,9 +69,6 @@ def operands(mm: fx.Node) -> Operands:
             ops.output_dtype = op_forms.arg(mm, "output_dtype")
             ops.quant = "w8a8_dynamic" if ops.pertoken_scale is not None else "w8a8"
         return ops
-    if gf.is_auto_functionalized(mm):
-        return Operands(name, mm.kwargs.get("a"), refused="matmul form: the weight is packed (oneDNN); "
-                        "no fused kernel takes a packed weight")
     return Operands(name, mm.args[0] if mm.args else None, refused=f"matmul form: {name} is not fused")
 
 

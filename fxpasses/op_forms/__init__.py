@@ -91,15 +91,19 @@ class Matmul(OpForm):
     never_private: tuple[str, ...] = ()
     channel_args: tuple[str, ...] = ()
     offset: str | None = None
+    packed: bool = False
+    out: str | None = None
+    fused_quant: str = ""
 
     def arg_names(self):
         return ((self.x, self.weight) + ((self.bias,) if self.bias else ()) + self.token_args
-                + self.channel_args + ((self.offset,) if self.offset else ()))
+                + self.channel_args + ((self.offset,) if self.offset else ()) + ((self.out,) if self.out else ()))
 
     def operands(self, node: fx.Node):
-        """(activation, weight, bias) nodes (bias None when absent)."""
+        """(activation, weight, bias) nodes (bias None when absent; weight None when `packed`)."""
         b = arg(node, self.bias) if self.bias else None
-        return arg(node, self.x), arg(node, self.weight), b if isinstance(b, fx.Node) else None
+        w = None if self.packed else arg(node, self.weight)
+        return arg(node, self.x), w, b if isinstance(b, fx.Node) else None
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,18 @@ def _fits(form: OpForm, target) -> bool:
     return hit
 
 
+_AUTO_FUNCTIONALIZED = ("auto_functionalized", "auto_functionalized_v2")
+
+
+def wrapped_op(node: fx.Node):
+    """The OpOverload a call runs: its target, or for auto_functionalized[_v2] (how a mutating
+    custom op is traced) the op it wraps; None for anything else."""
+    t = node.target
+    if getattr(t, "__name__", "") in _AUTO_FUNCTIONALIZED and node.args:
+        t = node.args[0]
+    return t if isinstance(t, torch._ops.OpOverload) else None
+
+
 def find(name: str, node: fx.Node, kind: type | None = None) -> OpForm | None:
     """The form registered for op `name` (as `graph_forms.op_name` spells it) if it is of `kind`
     and fits `node`'s schema; None otherwise."""
@@ -187,12 +203,30 @@ def find(name: str, node: fx.Node, kind: type | None = None) -> OpForm | None:
     f = _FORMS.get(name)
     if f is None or (kind is not None and not isinstance(f, kind)):
         return None
-    return f if _fits(f, node.target) else None
+    op = wrapped_op(node)
+    return f if op is not None and _fits(f, op) else None
+
+
+def _functionalized_arg(node: fx.Node, name: str) -> Any:
+    """Argument `name` of the op wrapped by an auto_functionalized[_v2] node: a keyword of the node,
+    or (v2, a mutated argument) the base tensor `_all_bases[_<name>_base_index]`."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    idx = node.kwargs.get(f"_{name}_base_index")
+    if idx is not None:
+        return node.kwargs["_all_bases"][idx]
+    schema = node.args[0]._schema
+    a = next((a for a in schema.arguments if a.name == name), None)
+    if a is None:
+        raise KeyError(f"{schema.name} has no argument {name!r}")
+    return a.default_value if a.has_default_value() else None
 
 
 def arg(node: fx.Node, name: str) -> Any:
     """The value of schema argument `name` at `node` (positional or keyword; its default when the
-    call left it out)."""
+    call left it out); for an auto_functionalized[_v2] node, of the op it wraps."""
+    if node.target is not wrapped_op(node):
+        return _functionalized_arg(node, name)
     schema = node.target._schema
     for i, a in enumerate(schema.arguments):
         if a.name != name:
@@ -207,6 +241,7 @@ def arg(node: fx.Node, name: str) -> Any:
 
 def set_arg(node: fx.Node, name: str, value: Any) -> None:
     """Set schema argument `name` of `node` (positional where the call passed it so, else keyword)."""
+    _plain_call(node)
     for i, a in enumerate(node.target._schema.arguments):
         if a.name != name:
             continue
@@ -223,6 +258,7 @@ def set_arg(node: fx.Node, name: str, value: Any) -> None:
 def call_like(node: fx.Node, graph: fx.Graph, **overrides: Any) -> fx.Node:
     """A new call of `node`'s op with `node`'s arguments, `overrides` replacing some by schema name
     (inserted at the graph's insertion point)."""
+    _plain_call(node)
     args, kwargs = [], {}
     for a in node.target._schema.arguments:
         v = overrides[a.name] if a.name in overrides else arg(node, a.name)
@@ -231,6 +267,12 @@ def call_like(node: fx.Node, graph: fx.Graph, **overrides: Any) -> fx.Node:
         else:
             args.append(v)
     return graph.call_function(node.target, tuple(args), kwargs)
+
+
+def _plain_call(node: fx.Node) -> None:
+    if node.target is not wrapped_op(node):
+        raise TypeError(f"{node.name}: an auto_functionalized call is rewritten by its wrapped op's buffers, "
+                        "not argument by argument; strategies leave packed (mutating) matmuls alone")
 
 
 # ---- policy over the data -----------------------------------------------------------------------
@@ -263,5 +305,5 @@ def weight_block_refusal(form: Matmul, weight: fx.Node | None, weight_format: st
             "to allow it")
 
 
-__all__ = ["OpForm", "TokenWise", "Matmul", "Collective", "register", "forms", "find", "arg",
+__all__ = ["OpForm", "TokenWise", "Matmul", "Collective", "register", "forms", "find", "arg", "wrapped_op",
            "platform_of", "weight_block_refusal", "WEIGHT_FORMATS"]

@@ -24,6 +24,8 @@ gathered itself (`LayoutRewriter.propagate`). Graph outputs: all_gather + unpad.
 """
 from __future__ import annotations
 
+from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses.context import TPContext
 from fxpasses.plan import SitePlan, SiteStatus
 from fxpasses.rewriter import LayoutRewriter
@@ -69,18 +71,22 @@ class FlashComm1(Strategy):
             elif site.kind == "column":
                 # nothing to insert: a column matmul is rank-local (TP-sharded weight), so propagation
                 # already gives it Replicate input (all_gather + unpad of a Shard0 value)
-                plan.done("input all_gather + unpad (Replicate) before the matmul")
+                form = gf.platform_form(site.matmul, op_forms.Matmul)
+                plan.done("input all_gather + unpad (Replicate) before the matmul"
+                          + (f"; no int8 on the wire: {form.fused_quant}" if form is not None and form.fused_quant
+                             else ""))
             else:
                 rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))
                 plan.done("all_reduce -> pad + reduce_scatter")
 
 
     def after_propagation(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:
-        """A column site counts as rewritten only where propagation gathered its input."""
+        """A column site counts as rewritten only where propagation gathered its input (at the
+        matmul, or upstream where that moves fewer bytes)."""
         for plan in plans:
             mm = plan.site.matmul
             if (plan.strategy == self.name and plan.site.kind == "column" and plan.status is SiteStatus.REWRITTEN
-                    and mm is not None and not any(a in rw.created for a in mm.all_input_nodes)):
+                    and mm is not None and not rw.gathered_for(mm)):
                 plan.leave("its input is Replicate where it is computed (never sharded, or gathered "
                            "upstream for a cheaper point): nothing to gather here")
 
