@@ -6,7 +6,7 @@ environment: a fresh VLLM_CACHE_ROOT (no cache serves the other run's graph), VL
 and for the pass run FXPASSES_CONFIG with a dump_dir. The pass run registers `MeasuringPass` (the
 vLLM pass, which also measures the bytes each rank sends per step with `fxpasses.comm_volume` on the
 graph before and after the rewrite). `run_check` compares the two runs (tokens, chosen-token and
-prompt logprobs), reads the site reports and timings and returns a `CheckResult`; `format_report`
+prompt logprobs, a flipped token only at a near-tie: `fxpasses.greedy_compare`), reads the site reports and timings and returns a `CheckResult`; `format_report`
 prints it. Exit codes: 0 equal and rewritten, 1 outputs differ (or the pass run failed), 2 bad input
 (or the baseline engine cannot run the model), 3 nothing rewritten, 4 the pass moves more bytes.
 """
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fxpasses import greedy_compare
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 
@@ -31,6 +32,7 @@ MAX_TOKENS = 8
 #: the rewrite reorders the all-reduce's additions (reduce-scatter + all-gather), so logprobs may
 #: differ in the last bits; a wrong shard or partial sum moves them by far more
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
+TOP_K = 5  # logprobs kept per generated token: a flipped greedy choice must be a near-tie within them
 BYTES_AT = (256,)                       # token counts at which bytes per step are evaluated
 ENGINE_TIMEOUT_S = 900
 
@@ -50,6 +52,8 @@ class CheckResult:
     max_logprob_diff: float = float("nan")
     tolerance: float = 0.0
     first_divergence: str = ""           # which prompt diverged first, "" when none
+    near_ties: list[str] = field(default_factory=list)   # divergences at near-ties (fxpasses.greedy_compare)
+    outputs_equal: bool = False          # tokens identical, or diverging only at near-ties
     sites: list[dict] = field(default_factory=list)      # rank 0's site table (every graph)
     rewritten: int = 0                   # sites rewritten (rank 0)
     applied_ranks: list[int] = field(default_factory=list)
@@ -230,7 +234,7 @@ def run_engine(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     t_start = time.perf_counter() - t0
-    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=1,
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=TOP_K,
                         prompt_logprobs=1)
     t1 = time.perf_counter()
     batch = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["batch"]], sp, use_tqdm=False)
@@ -244,8 +248,11 @@ def run_engine(spec: dict) -> dict:
     def prompt_lp(o):
         return [None if lp is None else lp[t].logprob for lp, t in zip(o.prompt_logprobs or [], o.prompt_token_ids)]
 
+    def top(o):
+        return [{str(t): v.logprob for t, v in lp.items()} for lp in o.outputs[0].logprobs]
+
     outs = list(batch) + list(solo)
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "topk": [top(o) for o in outs],
             "logprobs": [chosen(o) for o in outs], "prompt_logprobs": [prompt_lp(o) for o in outs],
             "engine_start_s": round(t_start, 2), "generate_s": round(t_gen, 2)}
 
@@ -311,23 +318,6 @@ def compile_seconds(log_text: str) -> tuple[float | None, str]:
     if vals:
         return max(vals), "engine init = compile + warmup"
     return None, "not in the log"
-
-
-def compare(base: dict, got: dict, lens: list[int]) -> tuple[bool, float, str]:
-    """(tokens equal, max |logprob difference| over chosen and prompt tokens, first divergence)."""
-    equal, worst, first = True, 0.0, ""
-    for i, (b, g) in enumerate(zip(base["tokens"], got["tokens"])):
-        if b != g:
-            equal = False
-            if not first:
-                k = next((j for j, (x, y) in enumerate(zip(b, g)) if x != y), min(len(b), len(g)))
-                first = f"prompt {i} ({lens[i]} tokens) at generated token {k}: {g[k:k + 4]} != {b[k:k + 4]}"
-    for key in ("logprobs", "prompt_logprobs"):
-        for b, g in zip(base[key], got[key]):
-            for x, y in zip(b, g):
-                if x is not None and y is not None:
-                    worst = max(worst, abs(x - y))
-    return equal, worst, first
 
 
 def _read_dumps(dump_dir: Path, volume_dir: Path, res: CheckResult) -> None:
@@ -447,7 +437,12 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         return res
     progress(f"      done in {wall_p:.0f} s (engine start {got['engine_start_s']:.1f} s)")
 
-    res.tokens_equal, res.max_logprob_diff, res.first_divergence = compare(base, got, lens)
+    cmp = greedy_compare.compare(base, got, lens, tol)
+    res.tokens_equal, res.max_logprob_diff, res.first_divergence = (cmp.tokens_equal, cmp.max_logprob_diff,
+                                                                    cmp.first_divergence)
+    res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
+    if not cmp.outputs_equal:
+        res.first_divergence = cmp.unexplained[0]
     decide(res)
     return res
 
@@ -456,9 +451,9 @@ def decide(res: CheckResult) -> CheckResult:
     """Set res.exit_code and res.message from the compared outputs, site reports and bytes."""
     tol = res.tolerance
     T = max(res.bytes_before) if res.bytes_before else None
-    if not res.tokens_equal or res.max_logprob_diff > tol:
+    if not res.outputs_equal or res.max_logprob_diff > tol:
         res.exit_code = EXIT_DIFFERENT
-        res.message = ("DIFFERENT: " + (f"greedy tokens diverged ({res.first_divergence})" if not res.tokens_equal
+        res.message = ("DIFFERENT: " + (f"greedy tokens diverged ({res.first_divergence})" if not res.outputs_equal
                                         else f"logprobs differ by {res.max_logprob_diff:.3e} > {tol:.0e}"))
     elif res.rewritten == 0 and not res.applied_ranks:
         res.exit_code = EXIT_NOTHING_REWRITTEN
@@ -480,7 +475,8 @@ def decide(res: CheckResult) -> CheckResult:
                        f"T={T} > {res.bytes_before[T]} without it")
     else:
         res.exit_code = EXIT_OK
-        res.message = (f"EQUAL: greedy tokens identical, logprobs within {res.max_logprob_diff:.1e} "
+        ties = (f" up to {len(res.near_ties)} near-tie(s) ({res.near_ties[0]})" if res.near_ties else "")
+        res.message = (f"EQUAL: greedy tokens identical{ties}, logprobs within {res.max_logprob_diff:.1e} "
                        f"(tolerance {tol:.0e}); {res.rewritten} sites rewritten")
     return res
 

@@ -1,0 +1,50 @@
+"""`fxpasses.greedy_compare`: a flipped greedy token is accepted only at a near-tie (each run's token
+in the other's top-k within the tolerance of the chosen one, in both runs); logprobs are compared
+over prompts and the common prefix of each sequence only. Hand-made outputs with hand-computed
+expectations."""
+from fxpasses.greedy_compare import compare
+
+TOL = 0.05
+
+
+def _out(tokens, logprobs, topk=None):
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_logprobs": [[None, -1.0]] * len(tokens),
+            **({"topk": topk} if topk is not None else {})}
+
+
+def test_identical_outputs_are_equal_and_the_worst_difference_is_measured():
+    base = _out([[1, 2, 3]], [[-1.0, -2.0, -3.0]])
+    got = _out([[1, 2, 3]], [[-1.0, -2.01, -3.0]])
+    c = compare(base, got, [4], TOL)
+    assert c.tokens_equal and c.outputs_equal and not c.near_ties
+    assert abs(c.max_logprob_diff - 0.01) < 1e-12
+
+
+def test_a_flip_at_a_near_tie_is_accepted_and_the_rest_of_that_sequence_is_not_compared():
+    # position 1: base chose 2 (-2.00) over 7 (-2.02); the pass run chose 7 (-2.00) over 2 (-2.03)
+    base = _out([[1, 2, 9]], [[-1.0, -2.0, -0.1]], [[{"1": -1.0}, {"2": -2.0, "7": -2.02}, {"9": -0.1}]])
+    got = _out([[1, 7, 4]], [[-1.0, -2.0, -9.0]], [[{"1": -1.0}, {"7": -2.0, "2": -2.03}, {"4": -9.0}]])
+    c = compare(base, got, [4], TOL)
+    assert not c.tokens_equal and c.outputs_equal
+    assert c.near_ties == ["prompt 0 (4 tokens) at generated token 1: [7, 4] != [2, 9]"]
+    assert c.max_logprob_diff == 0.0  # position 2 (after the flip) is not compared
+
+
+def test_a_flip_with_a_gap_beyond_the_tolerance_fails():
+    base = _out([[1, 2]], [[-1.0, -2.0]], [[{"1": -1.0}, {"2": -2.0, "7": -2.5}]])
+    got = _out([[1, 7]], [[-1.0, -1.9]], [[{"1": -1.0}, {"7": -1.9, "2": -1.95}]])
+    c = compare(base, got, [3], TOL)
+    assert not c.outputs_equal and "logprob gap 0.5 > 0.05" in c.unexplained[0]
+
+
+def test_a_flip_to_a_token_outside_the_other_runs_top_k_fails():
+    base = _out([[5]], [[-1.0]], [[{"5": -1.0, "6": -1.01}]])
+    got = _out([[8]], [[-1.0]], [[{"8": -1.0, "5": -1.01}]])
+    c = compare(base, got, [2], TOL)
+    assert not c.outputs_equal and "outside the other run's top-k" in c.unexplained[0]
+
+
+def test_without_top_k_any_flip_fails_and_a_missing_output_is_never_zipped_away():
+    assert not compare(_out([[1]], [[-1.0]]), _out([[2]], [[-1.0]]), [1], TOL).outputs_equal
+    c = compare(_out([[1], [2]], [[-1.0], [-1.0]]), _out([[1]], [[-1.0]]), [1, 1], TOL)
+    assert not c.outputs_equal and "1 outputs against 2" in c.first_divergence
