@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fxpasses import greedy_compare
+from fxpasses import cpu_kernels, greedy_compare
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 
@@ -32,6 +32,7 @@ MAX_TOKENS = 8
 #: the rewrite reorders the all-reduce's additions (reduce-scatter + all-gather), so logprobs may
 #: differ in the last bits; a wrong shard or partial sum moves them by far more
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
+_KERNEL_RE = re.compile(r"torch\.ops\.(_C\.\w+|vllm\.\w+)")
 TOP_K = 5  # logprobs kept per generated token: a flipped greedy choice must be a near-tie within them
 BYTES_AT = (256,)                       # token counts at which bytes per step are evaluated
 ENGINE_TIMEOUT_S = 900
@@ -54,6 +55,9 @@ class CheckResult:
     first_divergence: str = ""           # which prompt diverged first, "" when none
     near_ties: list[str] = field(default_factory=list)   # divergences at near-ties (fxpasses.greedy_compare)
     outputs_equal: bool = False          # tokens identical, or diverging only at near-ties
+    dtype: str = ""                      # the engines' dtype (--dtype auto: fxpasses.cpu_kernels)
+    cpu: str = ""                        # this CPU's kernel family (fxpasses.cpu_kernels)
+    kernels: list[str] = field(default_factory=list)     # vLLM's custom ops in rank 0's traced graphs
     sites: list[dict] = field(default_factory=list)      # rank 0's site table (every graph)
     rewritten: int = 0                   # sites rewritten (rank 0)
     applied_ranks: list[int] = field(default_factory=list)
@@ -344,6 +348,9 @@ def _read_dumps(dump_dir: Path, volume_dir: Path, res: CheckResult) -> None:
                 res.reasons.append(r["reason"])
             res.reasons.extend(f"note: {n}" for n in r.get("notes", []))
     res.rewritten = sum(1 for s in res.sites if s.get("status") == "rewritten")
+    if ranks:
+        texts = [f.read_text() for f in sorted(ranks[0].glob("*.before.py"))]
+        res.kernels = sorted({m for t in texts for m in _KERNEL_RE.findall(t)})
     # bytes per step: rank 0's measured graphs (MeasuringPass), else only the collective counts
     f = volume_dir / "rank0.jsonl"
     lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
@@ -371,7 +378,7 @@ def _read_dumps(dump_dir: Path, volume_dir: Path, res: CheckResult) -> None:
 
 def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str | list[str] = "flashcomm1",
               tokens: list[int] | tuple[int, ...] = PROMPT_LENS, *, arch: str | None = None,
-              workdir: str | os.PathLike = "fxpasses-check", dtype: str = "float32", max_tokens: int = MAX_TOKENS,
+              workdir: str | os.PathLike = "fxpasses-check", dtype: str = "auto", max_tokens: int = MAX_TOKENS,
               tolerance: float | None = None, bytes_at: list[int] | tuple[int, ...] = BYTES_AT,
               config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
               timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
@@ -381,13 +388,14 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
     keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `quant` (with `arch`): the
-    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `compilation`: vLLM
+    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `dtype` "auto": float32 where vLLM's
+    CPU kernels on this CPU accept it, else bfloat16 (`fxpasses.cpu_kernels.engine_dtype`). `compilation`: vLLM
     compilation_config keys for both engines; `env`: further environment variables for both.
     Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
-    if dtype not in TOLERANCE:
-        raise ConfigError(f"--dtype {dtype!r}: use one of {sorted(TOLERANCE)}")
+    if dtype not in TOLERANCE and dtype != "auto":
+        raise ConfigError(f"--dtype {dtype!r}: use auto or one of {sorted(TOLERANCE)}")
     if not tokens or min(tokens) < 1:
         raise ConfigError(f"--tokens must be prompt lengths >= 1, got {list(tokens)}")
     if max(tokens) + max_tokens > max_model_len:
@@ -398,6 +406,9 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     workdir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant)
     hf = json.loads((model / "config.json").read_text())
+    if dtype == "auto":
+        dtype, why = cpu_kernels.engine_dtype(model)
+        progress(f"      dtype {dtype}: {why} ({cpu_kernels.describe()})")
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
     lens = list(tokens) + list(SOLO_LENS)
     spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
@@ -405,7 +416,8 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
             "batch": [prompt_ids(n, n, vocab) for n in tokens],
             "solo": [prompt_ids(n, 100 + n, vocab) for n in SOLO_LENS]}
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
-    res = CheckResult(EXIT_BAD_INPUT, str(model), tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir))
+    res = CheckResult(EXIT_BAD_INPUT, str(model), tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir),
+                      dtype=dtype, cpu=cpu_kernels.capabilities().family)
     for d in (run_base, run_pass):  # stale dumps / caches would be read as this run's
         if d.exists():
             import shutil
@@ -494,7 +506,10 @@ def _fmt_bytes(b: float | int | None) -> str:
 
 def format_report(res: CheckResult) -> str:
     """The printed report: sites, collectives, bytes per step, compile and pass times, verdict."""
-    out = [f"model {res.model}  tp={res.tp}  strategies={'+'.join(res.strategies)}"]
+    out = [f"model {res.model}  tp={res.tp}  strategies={'+'.join(res.strategies)}  dtype={res.dtype}  "
+           f"cpu={res.cpu}"]
+    if res.kernels:
+        out.append(f"vLLM kernels in the traced graph: {', '.join(res.kernels)}")
     if res.sites:
         w = min(max([len(s.get("prefix", "")) for s in res.sites] + [10]), 60)  # longer ones overflow
         out.append(f"sites (rank 0): {res.rewritten} rewritten of {len(res.sites)}")

@@ -141,7 +141,9 @@ def _add_check_parser(sub) -> None:
                    help="prompt lengths, generated as one batch (prompts of 1 and 5 tokens are also generated "
                         f"alone), default {','.join(map(str, PROMPT_LENS))}")
     c.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens generated per prompt (greedy)")
-    c.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    c.add_argument("--dtype", choices=["auto"] + sorted(TOLERANCE), default="auto",
+                   help="auto (default): float32 where vLLM's CPU kernels on this CPU accept it, else bfloat16 "
+                        "(MLA or W8A8 checkpoints on AMX CPUs)")
     c.add_argument("--tolerance", type=float, default=None,
                    help="max |logprob difference| allowed (default " +
                         ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ")")

@@ -53,3 +53,31 @@ def dp_pools():
     yield get
     for p in pools.values():
         p.close()
+
+
+# ---- the CPU and the kernels each engine test exercised (vLLM picks kernels by CPU) -------------
+_ENGINE_RUNS: list[str] = []
+
+
+def pytest_report_header(config):
+    from fxpasses import cpu_kernels
+
+    return f"fxpasses: {cpu_kernels.describe()}"
+
+
+@pytest.fixture
+def engine_log(request):
+    """engine_log(res): record an `fxpasses.check` result's dtype and vLLM kernels for the summary."""
+    def log(res):
+        _ENGINE_RUNS.append(f"{request.node.nodeid}: dtype {res.dtype}, cpu {res.cpu}, kernels "
+                            f"{', '.join(res.kernels) or '(none recorded)'}"
+                            + (f"; near-ties {len(res.near_ties)}" if res.near_ties else ""))
+        return res
+    return log
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ENGINE_RUNS:
+        terminalreporter.section("vLLM CPU kernels exercised by the engine tests")
+        for line in _ENGINE_RUNS:
+            terminalreporter.write_line(line)

@@ -32,7 +32,8 @@ def _site_reports(res):
 
 
 def _common(res):
-    assert res.tokens_equal, res.message
+    # identical greedy tokens, or (bfloat16, where vLLM's CPU kernels take no float32) flips at near-ties only
+    assert res.outputs_equal and (res.tokens_equal or res.dtype != "float32"), res.message
     assert res.max_logprob_diff <= res.tolerance, res.message
     assert res.bytes_before and res.bytes_after, res.bytes_source
     for T, b in res.bytes_after.items():
@@ -44,8 +45,8 @@ def _common(res):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "cohere"])
-def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path):
-    res = check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None)
+def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path, engine_log):
+    res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None))
     _common(res)
     assert res.exit_code == check.EXIT_OK, res.message
     assert res.collectives_after.get("all_reduce", 0) == 0, res.collectives_after
@@ -63,8 +64,9 @@ def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path
         assert res.collectives_after["all_gather"] == 2 * layers + 1, (res.collectives_after, layers)
 
 
-def test_a_transformers_backend_model_is_left_unsharded(tmp_path):
-    res = check.run_check(None, TP, "flashcomm1", arch="gpt_neox", workdir=tmp_path, progress=lambda line: None)
+def test_a_transformers_backend_model_is_left_unsharded(tmp_path, engine_log):
+    res = engine_log(check.run_check(None, TP, "flashcomm1", arch="gpt_neox", workdir=tmp_path,
+                                     progress=lambda line: None))
     _common(res)
     assert res.exit_code == check.EXIT_NOTHING_REWRITTEN, res.message
     assert res.collectives_after == res.collectives_before

@@ -1,0 +1,43 @@
+"""vLLM CPU's AMX linear forms (`_C.weight_packed_linear` inside auto_functionalized,
+`_C.int8_scaled_mm_with_quant`), recognised from `fxpasses.op_forms.vllm_cpu` and rewritten by
+FlashComm1 on every CPU: the ops' real schemas with stand-in reference kernels
+(`cpu_kernel_standin`), real gloo groups at TP=2 and TP=4, the stand-in shm all-reduce.
+
+Shapes: one block of d=24, f=32 (qkv_proj/gate_up_proj column-sharded, o_proj/down_proj
+row-sharded); token counts drawn by hypothesis (TOKEN_SETS sets of 1..300, counts below and not
+divisible by tp included), float64: the rewritten graph equals the original to 1e-12 relative."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpu_kernel_standin import rank_run
+from helpers import TOKEN_SETS, examples
+
+TOKENS = st.lists(st.integers(1, 300), min_size=3, max_size=6)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kernel,op", [("packed", "weight_packed_linear"), ("int8", "int8_scaled_mm_with_quant")])
+@settings(max_examples=examples(1))
+@given(data=st.data())
+def test_amx_linear_forms_are_sites_and_flashcomm1_is_equivalent_standin(pools, tp, kernel, op, data):
+    for i in range(TOKEN_SETS // 4):
+        tokens = data.draw(TOKENS, label=f"tokens[{i}]")
+        results = pools.get(tp, "c10d").run(rank_run, kernel, tokens)
+        for res in results:
+            assert all(e <= 1e-12 for e in res["errs"]), (tokens, res["errs"])
+            rep = res["report"]
+            assert rep["applied"], rep["reason"]
+            assert f"_C.{op}" in res["before"]
+            sites = {s["prefix"].rsplit(".", 1)[-1]: s for s in rep["sites"]}
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                assert sites[name]["matmul"] is not None, sites[name]   # the op is the layer's matmul
+            assert sites["o_proj"]["status"] == sites["down_proj"]["status"] == "rewritten"
+            gu = sites["gate_up_proj"]
+            assert gu["status"] == "rewritten" and "all_gather" in gu["reason"], gu
+            assert ("no int8 on the wire: _C.int8_scaled_mm_with_quant" in gu["reason"]) == (kernel == "int8"), gu
+            assert rep["collectives_before"]["all_reduce"] == 2
+            # 2 reduce_scatters; gathers before gate_up_proj and at the output (qkv_proj reads the input)
+            assert rep["collectives_after"] == {"all_reduce": 0, "reduce_scatter": 2, "all_gather": 2,
+                                                "all_to_all": 0}, rep["collectives_after"]
+        assert len({r["report"]["fingerprint_digest"] for r in results}) == 1
