@@ -77,9 +77,13 @@ def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet
                                   SiteStatus.UNTOUCHED))
             continue
         wanting, why_not = [], []
-        for strat in by_precedence(site.kind, enabled):
+        able = by_precedence(site.kind, enabled)
+        for strat in able:
             sp = patterns.for_strategy(strat)
             if not sp.matches(site.kind, site.prefix):
+                pats = getattr(sp, site.kind, [])
+                why_not.append(f"{strat.name} owns {site.kind} sites whose prefix contains one of "
+                               f"{pats} (pattern set), not this one")
                 continue
             ex = sp.excluded(site.prefix)
             if ex:
@@ -92,7 +96,9 @@ def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet
         if wanting:
             plans.append(SitePlan(site, wanting[0], fallbacks=wanting[1:]))
         else:
-            reason = "; ".join(why_not) or ("no enabled strategy matches this prefix" if enabled
-                                            else "no strategy enabled")
+            reason = "; ".join(why_not) or (
+                f"no enabled strategy ({'+'.join(sorted(enabled))}) rewrites {site.kind} sites"
+                + (" (a replicated layer: no TP communication to rewrite)" if site.kind == "replicated" else "")
+                if enabled else "no strategy enabled")
             plans.append(SitePlan(site, None, reason, SiteStatus.UNTOUCHED))
     return plans
