@@ -31,7 +31,10 @@ SOLO_LENS = (1, 5)                      # also generated alone: T=1 and an odd T
 MAX_TOKENS = 8
 #: the rewrite reorders the all-reduce's additions (reduce-scatter + all-gather), so logprobs may
 #: differ in the last bits; a wrong shard or partial sum moves them by far more
-TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
+# max |logprob difference| between the runs. bfloat16 keeps 8 bits: a logprob near -5.5 (a tiny random
+# model's flat distribution over 256 tokens) moves in steps of 0.03, and a W8A8 kernel that requantises
+# an activation one bfloat16 step away moves a few steps; a wrong shard or sum moves it by O(1).
+TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-1, "float16": 1e-2}
 _KERNEL_RE = re.compile(r"torch\.ops\.(_C\.\w+|vllm\.\w+)")
 TOP_K = 5  # logprobs kept per generated token: a flipped greedy choice must be a near-tie within them
 BYTES_AT = (256,)                       # token counts at which bytes per step are evaluated
