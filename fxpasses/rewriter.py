@@ -51,6 +51,12 @@ from fxpasses.tokenwise import is_quantize, shape_arg_fix, token_aligned_args
 aten = torch.ops.aten
 
 
+#: ops that change a tensor's dim 0 only (its rows keep their width and dtype)
+_ROWS_ONLY = frozenset({"_c10d_functional::wait_tensor", "_c10d_functional::reduce_scatter_tensor",
+                        "_c10d_functional::all_gather_into_tensor", "vllm::reduce_scatter", "vllm::all_gather",
+                        "aten::constant_pad_nd", "aten::slice", "aten::narrow"})
+
+
 def _tensor_valued(node: fx.Node) -> bool:
     v = gf.val(node)
     return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and
@@ -316,6 +322,8 @@ class LayoutRewriter:
                 continue
             sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
             if not sharded:
+                if node in early:  # on all tokens behind an early node (a getitem of an early split):
+                    self.touched.add(node)  # its input's value was re-made, so is its own
                 continue
             if node.op == "output" or node in self.rank_local or node in early:
                 self._replicate_inputs(node, sharded)
@@ -368,7 +376,11 @@ class LayoutRewriter:
 
     @staticmethod
     def _row_bytes(n: fx.Node) -> float:
-        """Bytes per token of `n`'s tensor value(s) (inf when unknown: never chosen to save bytes)."""
+        """Bytes per token of `n`'s tensor value(s) (inf when unknown: never chosen to save bytes). A
+        node the rewrite inserted has no fake value yet; one that only changes dim 0 (a collective, its
+        wait, a pad or a slice of rows) has the row of the value it came from."""
+        while gf.val(n) is None and isinstance(n, fx.Node) and gf.op_name(n) in _ROWS_ONLY and n.args:
+            n = n.args[0]
         v = gf.val(n)
         vals = v if isinstance(v, (list, tuple)) else [v]
         total = 0
