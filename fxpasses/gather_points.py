@@ -14,10 +14,9 @@ So the choice is made once, for the whole graph, as a minimum cut (the same tool
 min-cut rematerialisation partitioner uses, networkx's max-flow): every value that may be sharded
 is a vertex whose capacity is its row bytes (the bytes per token of its gather); source edges feed
 the sharded values that are not candidates, sink edges leave every value a demand reads; a
-candidate's inputs are joined to it by uncuttable edges, and a candidate that runs on all tokens
-keeps its candidate consumers there too (an uncuttable edge back: a consumer is never computed on
-shards sliced from a value that was gathered). A cut is then exactly a set of gathered values that
-separates every demand from the shards, and its capacity is their bytes per token. Of
+candidate's inputs are joined to it by uncuttable edges. A cut is then exactly a set of gathered
+values that separates every demand from the shards, and its capacity is their bytes per token (a
+consumer left on shards behind a candidate run on all tokens takes its rows by a local slice: free). Of
 the minimum cuts the one nearest the sink is taken (most work stays on shards). Values with several
 outputs (a fused norm's tuple) and values of unknown row size are never cut, so they are never
 gathered themselves: a getitem of a tuple runs on all tokens only when the tuple does.
@@ -69,17 +68,16 @@ def replicated_candidates(graph: fx.Graph, candidates: set[fx.Node], demands: se
                 vertex(a)
                 net.add_edge(_SOURCE, ("in", a))         # computed on shards whatever is decided
             net.add_edge(("out", a), ("in", c))          # c on all tokens needs a whole
-            if a in in_region:
-                net.add_edge(("in", c), ("in", a))       # and a on all tokens keeps c there too
     for f in forced:
         if f in in_region:
             net.add_edge(("in", f), _SINK)
     if _SINK not in net:
         return set()
     net.add_node(_SOURCE)  # without a source edge every input is free: the whole region runs on all tokens
-    # the minimum cut nearest the sink: reachable from the sink in the reversed residual network
+    # the minimum cut nearest the sink: networkx's sink side is what still reaches the sink in the
+    # residual network, the smallest sink side of all minimum cuts
     try:
-        _, (sink_side, _) = nx.minimum_cut(net.reverse(copy=False), _SINK, _SOURCE)
+        _, (_, sink_side) = nx.minimum_cut(net, _SOURCE, _SINK)
     except nx.NetworkXUnbounded:  # only values of unknown row size in between: gather at the demands
         return set()
     return {c for c in region if ("in", c) in sink_side}

@@ -322,8 +322,8 @@ class LayoutRewriter:
                 continue
             sharded = [a for a in node.all_input_nodes if self.layout.get(a) is layouts.SHARD0]
             if not sharded:
-                if node in early:  # on all tokens behind an early node (a getitem of an early split):
-                    self.touched.add(node)  # its input's value was re-made, so is its own
+                if any(a in early for a in node.all_input_nodes):  # behind a node re-run on all tokens
+                    self.touched.add(node)  # (a getitem of an early split): its value is re-made too
                 continue
             if node.op == "output" or node in self.rank_local or node in early:
                 self._replicate_inputs(node, sharded)
