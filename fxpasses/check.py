@@ -405,7 +405,9 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         raise ConfigError(f"--tokens {max(tokens)} + {max_tokens} generated tokens exceed max_model_len "
                           f"{max_model_len}; use shorter prompts")
     run_base, run_pass = workdir / "baseline", workdir / "pass"
-    cfg = pass_config(strategies, tp, dump_dir=str(run_pass / "dump"), **(config or {}))
+    # the check compares the rewritten model with the original: it forces the rewrite at every token
+    # count (min_tokens 0) unless the caller asks for another gate ("auto": a default deployment's)
+    cfg = pass_config(strategies, tp, dump_dir=str(run_pass / "dump"), **{"min_tokens": 0, **(config or {})})
     workdir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant)
     hf = json.loads((model / "config.json").read_text())
@@ -565,6 +567,7 @@ def main(args) -> int:
         extra["flashcomm2_oproj_tp_size"] = args.flashcomm2_oproj_tp_size
     if args.patterns:
         extra["patterns"] = args.patterns
+    extra["min_tokens"] = args.min_tokens
     res = run_check(args.model, args.tp, args.strategy, args.tokens, arch=args.arch, workdir=args.out,
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
                     bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant)

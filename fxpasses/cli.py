@@ -152,8 +152,23 @@ def _add_check_parser(sub) -> None:
     c.add_argument("--out", default="fxpasses-check", help="work folder: tiny checkpoint, logs, dumps, caches")
     c.add_argument("--patterns", action="append", help="pattern set name or file (repeatable)")
     c.add_argument("--flashcomm2-oproj-tp-size", type=int, default=None, help="config key flashcomm2_oproj_tp_size")
+    c.add_argument("--min-tokens", type=_min_tokens, default=0,
+                   help="config key min_tokens of the pass run: 0 (default) forces the rewrite at every token "
+                        "count, so the check compares it; auto: the decision a default deployment takes")
     c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
     c.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
+
+def _min_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a token count >= 0 or auto")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fxpasses import op_forms
+from fxpasses import link_costs, op_forms
 from fxpasses.errors import ConfigError
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.strategies import base as strategy_registry
@@ -41,7 +41,12 @@ class FxPassesConfig:
     flashcomm2_oproj_tp_size: int = 1      # K of FlashComm2 (1 <= K < tp, K | tp)
     otp_size: int = 0                      # K of o_proj TP (DP attention); 0 = world size
     mlp_tp_size: int = 0                   # K of MLP TP (DP attention); 0 = world size
-    min_tokens: int = 0                    # apply only to graphs compiled for >= this many tokens
+    # apply only to graphs compiled for >= this many tokens; "auto": where the α-β model says the
+    # rewrite is no slower over every token count vLLM runs the graph at (fxpasses.token_gate)
+    min_tokens: int | str = "auto"
+    # the α-β model's constants over the platform's (fxpasses.link_costs): "platform", "memory_gbps",
+    # and per collective kind {"latency_us", "gbps"}
+    link_costs: Mapping[str, Any] = field(default_factory=dict)
     patterns: tuple[str, ...] = ("default",)  # pattern-set names shipped in the package, or file paths
     strict: bool = False                   # raise instead of skipping a site / keeping the graph
     dump_dir: str | None = None            # before/after graphs + site report, one folder per rank
@@ -86,7 +91,13 @@ class FxPassesConfig:
         if not names(self.patterns) or not self.patterns:
             raise ConfigError(f"patterns must be a pattern-set name or file path, or a non-empty list of them, "
                               f"got {self.patterns!r}; the default is [\"default\"]")
-        for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size", "min_tokens"):
+        if self.min_tokens != "auto" and (isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int)
+                                          or self.min_tokens < 0):
+            raise ConfigError(f"min_tokens must be a non-negative integer or \"auto\", got {self.min_tokens!r}; "
+                              "write min_tokens: 0 to rewrite at every token count, \"auto\" (the default) to "
+                              "rewrite where the cost model says it pays")
+        link_costs.validate(self.link_costs)
+        for k in ("flashcomm2_oproj_tp_size", "otp_size", "mlp_tp_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{k} must be a non-negative integer, got {v!r} ({type(v).__name__}); "
@@ -125,11 +136,15 @@ class FxPassesConfig:
         d = asdict(self)
         d["strategies"] = list(self.strategies)
         d["patterns"] = list(self.patterns)
+        d["link_costs"] = dict(self.link_costs)
         return d
 
     def key(self) -> str:
         """Stable text of every value (for cache keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
     def replace(self, **kw) -> "FxPassesConfig":
         return replace(self, **kw)

@@ -19,7 +19,7 @@ import logging
 import torch
 import torch.fx as fx
 
-from fxpasses import comm_volume, dump
+from fxpasses import comm_volume, dump, link_costs, token_gate
 from fxpasses.lowering import lower as lowering
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
@@ -41,13 +41,14 @@ _graph_ids = itertools.count()
 
 def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
-               fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER) -> PassReport:
+               fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
+               token_range: tuple[int, int | None] | None = None) -> PassReport:
     """Rewrite `graph` in place (or leave it untouched and say why in the report), then lower it:
     the graph as it now is, rewritten or not, gets its matmul + collective pairs fused by the
     backend the `lowering` key picks (`fxpasses.lowering`; nothing on CPU unless `reference`), with
     the record in `report.extra["lowering"]`. See `_run_strategies` for the arguments."""
     report = _run_strategies(graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile,
-                             fail_loudly=fail_loudly, graph_mode=graph_mode)
+                             fail_loudly=fail_loudly, graph_mode=graph_mode, token_range=token_range)
     if config.lowering != "off":
         with report.timed("lowering"):
             rec = lowering.lower_graph(graph, config.lowering, ctx, module_prefix=config.module_prefix,
@@ -62,7 +63,8 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
 def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                     patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
                     fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
-                    left_out: dict[str, str] | None = None) -> PassReport:
+                    left_out: dict[str, str] | None = None,
+                    token_range: tuple[int, int | None] | None = None) -> PassReport:
     """The rewrite of `run_passes`, without the lowering.
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
@@ -71,7 +73,10 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
     would issue other collectives than its peers. `graph_mode` says whether `graph` is the whole
     model or one piece of vLLM's FX split (`fxpasses.graph_mode`); it is stated in the report, and a
-    piece's inputs and outputs keep their original (replicated) layout either way."""
+    piece's inputs and outputs keep their original (replicated) layout either way. `token_range`:
+    the token counts vLLM will run this graph at ([lo, hi], hi None when unknown); with
+    `min_tokens: auto` a rewrite is kept only where `fxpasses.token_gate.judge` says it is no
+    slower over that range (None, library use: the caller chose the graph, it is rewritten)."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
@@ -97,7 +102,8 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                 return _kept(report, "every owned site was skipped", graph, config, tag)
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
-                more = _more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
+                more = (_more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
+                        or _slower(graph, work, config, ctx, report, token_range))
             if more:
                 raise WireBytesError(more)
         except WireBytesError as e:
@@ -109,7 +115,7 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             dropped = [n for n in config.strategies if n not in rest]
             retry = _run_strategies(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
                                     recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode,
-                                    left_out={n: str(e) for n in dropped})
+                                    left_out={n: str(e) for n in dropped}, token_range=token_range)
             retry.strategies = list(config.strategies)
             retry.extra["left_out"] = {n: str(e) for n in dropped}
             retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")
@@ -156,6 +162,19 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
                    "boundary: exclude fewer sites, or none")
 
 
+def _slower(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext, report: PassReport,
+            token_range: tuple[int, int | None] | None) -> str | None:
+    """`min_tokens: auto`: why the rewrite may not be kept for its modelled time over the token
+    counts vLLM runs this graph at, or None (`fxpasses.token_gate`). Read off shapes and constants
+    every rank shares, so every rank decides alike."""
+    if config.min_tokens != "auto" or token_range is None or not config.family().bounded_by_original_bytes:
+        return None
+    sizes = {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
+    verdict = token_gate.judge(before, after, token_range, ctx.tp, sizes, link_costs.resolve(config.link_costs))
+    report.extra["token_gate"] = verdict.to_dict()
+    return None if verdict.keeps else verdict.why
+
+
 def _nothing_to_do(config: FxPassesConfig, ctx: TPContext) -> str | None:
     if not config.strategies:
         return "no strategy enabled"
@@ -169,7 +188,7 @@ def _nothing_owned(plans: list[SitePlan], config: FxPassesConfig, sites) -> str 
     T = config.family().token_count(plans)
     if T is None:
         return "no owned site has a TP all-reduce; nothing to rewrite"
-    if config.min_tokens and isinstance(T, int) and T < config.min_tokens:
+    if config.min_tokens != "auto" and config.min_tokens and isinstance(T, int) and T < config.min_tokens:
         why = f"graph compiled for {T} tokens < min_tokens={config.min_tokens}"
         for p in plans:
             if p.strategy:

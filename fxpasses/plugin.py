@@ -173,6 +173,7 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
                  ours[0].resolve_config(env).key())
         _warn_if_not_compiled(vllm_config)
         _warn_if_pieces(vllm_config, ours[0].resolve_config(env), key)
+        add_auto_compile_range(vllm_config, ours[0].resolve_config(env))
         return ours[0]
 
     p = _new_pass(key, vllm_config)
@@ -186,7 +187,38 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
              type(p).__name__, key, tp, world, cfg.key())
     _warn_if_not_compiled(vllm_config)
     _warn_if_pieces(vllm_config, cfg, key)
+    add_auto_compile_range(vllm_config, cfg)
     return p
+
+
+def add_auto_compile_range(vllm_config, cfg) -> int | None:
+    """`min_tokens: auto`: add the token count from which the enabled layout is modelled to pay
+    (`fxpasses.token_gate.model_min_tokens`) to vLLM's `compile_ranges_endpoints`, as vLLM does for
+    its allreduce-rms fusion, so that VLLM_COMPILE compiles a range below it and one from it (the
+    pass then decides each range from its graph). Returns the endpoint added (N - 1: vLLM's ranges
+    are [1, e1], [e1 + 1, e2], ...) or None."""
+    from fxpasses import link_costs, token_gate
+
+    if cfg.min_tokens != "auto" or not cfg.strategies:
+        return None
+    cc = getattr(vllm_config, "compilation_config", None)
+    top = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
+    hf = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    dtype = getattr(getattr(vllm_config, "model_config", None), "dtype", None)
+    if cc is None or not top or not hasattr(hf, "to_dict") or not hasattr(dtype, "itemsize"):
+        return None  # no model or scheduler (a tool's partial config): nothing to size a range by
+    tp, _ = _sizes(vllm_config)
+    n, why = token_gate.model_min_tokens(cfg.strategies, hf.to_dict(), tp=tp, dtype_bytes=dtype.itemsize,
+                                         max_tokens=int(top), costs=link_costs.resolve(cfg.link_costs),
+                                         k=cfg.flashcomm2_oproj_tp_size)
+    if n is None or n <= 1:
+        log.info("fxpasses: min_tokens=auto: %s; no compile range added", why)
+        return None
+    end = n - 1
+    cc.compile_ranges_endpoints = sorted(set(cc.compile_ranges_endpoints or []) | {end})
+    log.info("fxpasses: min_tokens=auto: %s; compile range endpoint %d added (ranges %s)", why, end,
+             [str(r) for r in cc.get_compile_ranges()])
+    return end
 
 
 def configs_of(vllm_config, env: Mapping[str, str] | None = None) -> list:

@@ -228,23 +228,36 @@ class FxPassesInductorPass(InductorPass):
         return InductorPass.hash_dict(state)
 
     def is_applicable_for_range(self, compile_range) -> bool:
-        """vLLM (VLLM_COMPILE mode) asks this per compile range: apply only where every token
-        count of the range reaches `min_tokens`."""
+        """vLLM (VLLM_COMPILE mode) asks this per compile range: with an explicit `min_tokens`, apply
+        only where every token count of the range reaches it; with `auto` the pass decides from the
+        graph it is handed (`fxpasses.token_gate`), so every range is handed over."""
         try:
             cfg = self.resolve_config()
         except Exception:
             return True  # let __call__ raise the configuration error with its message
         start = getattr(compile_range, "start", None)
-        if not cfg.min_tokens or start is None:
+        if cfg.min_tokens == "auto" or not cfg.min_tokens or start is None:
             return True
         return int(start) >= cfg.min_tokens
 
     def __call__(self, graph) -> None:
         self.apply(graph)
 
+    def token_range(self, cfg: FxPassesConfig, rng) -> tuple[int, int | None] | None:
+        """The token counts vLLM runs the graph being compiled at, for `min_tokens: auto`: its compile
+        range, else (one graph for every size) [1, max_num_batched_tokens]; None for an explicit
+        `min_tokens`."""
+        if cfg.min_tokens != "auto":
+            return None
+        if rng is not None:
+            return int(rng.start), int(rng.end)
+        vc = find_vllm_config()
+        top = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
+        return 1, int(top) if top else None
+
     def apply(self, graph):
         """Rewrite `graph` in place; returns the pass report (None when no strategy is configured or
-        the compile range is below `min_tokens`)."""
+        the compile range is below an explicit `min_tokens`)."""
         from fxpasses.context import TPContext
         from fxpasses.pipeline import run_passes
         from fxpasses.logs import bridge_logging
@@ -257,26 +270,14 @@ class FxPassesInductorPass(InductorPass):
         ctx = TPContext.from_vllm()
         self.validate(cfg, ctx.tp, ctx.world)
         rng = compile_range_of_current_pass()
-        if rng is not None:
-            if not self.is_applicable_for_range(rng):
-                log.info("fxpasses: compile range %s is below min_tokens=%d; graph left unchanged",
-                         rng, cfg.min_tokens)
-                return
-            log.info("fxpasses: compile range %s, min_tokens=%d: rewriting", rng, cfg.min_tokens)
-        elif not cfg.min_tokens:
-            self._once("onegraph", logging.INFO,
-                       "fxpasses: vLLM compiles one graph for every token count here (no compile ranges on "
-                       "this platform/mode); min_tokens=0: the rewrite applies to all token counts")
-        else:
-            self._once("onegraph", logging.WARNING,
-                       "fxpasses: vLLM compiles one graph for every token count here (no compile ranges on "
-                       "this platform/mode), so min_tokens=%d cannot select sizes at compile time; the "
-                       "rewrite applies to all token counts (a graph traced for a fixed size below "
-                       "min_tokens is left unchanged)", cfg.min_tokens)
+        self._log_range(cfg, rng)
+        if rng is not None and not self.is_applicable_for_range(rng):
+            return
         # Inductor recompiles after post-grad passes; a rank whose rewrite fails must not run its
         # original graph beside peers that run theirs rewritten: it raises
         mode = graph_mode_of(find_vllm_config(), getattr(self, "platform_pass_key", None))
-        report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode)
+        report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode,
+                            token_range=self.token_range(cfg, rng))
         if mode.is_piece and not report.applied and "bytes per step" in report.reason:
             self._once("piece", logging.WARNING, "fxpasses: %s; %s is kept in its original layout in such "
                        "pieces. For the whole graph set %s", mode.why, "+".join(cfg.strategies),
@@ -287,6 +288,32 @@ class FxPassesInductorPass(InductorPass):
         log.info("fxpasses: rank %d/%d %s: applied=%s sites=%s%s", ctx.rank, ctx.tp, "+".join(cfg.strategies),
                  report.applied, json.dumps(statuses, sort_keys=True), f" ({report.reason})" if report.reason else "")
         return report
+
+    def _log_range(self, cfg: FxPassesConfig, rng) -> None:
+        if cfg.min_tokens == "auto":
+            if rng is None:
+                self._once("onegraph", logging.INFO,
+                           "fxpasses: vLLM compiles one graph for every token count here (no compile ranges on "
+                           "this platform/mode); min_tokens=auto: the rewrite is kept only if the cost model "
+                           "finds it no slower from 1 token (decode) to max_num_batched_tokens")
+            else:
+                log.info("fxpasses: compile range %s, min_tokens=auto: rewriting where it pays over the range", rng)
+        elif rng is not None:
+            if self.is_applicable_for_range(rng):
+                log.info("fxpasses: compile range %s, min_tokens=%d: rewriting", rng, cfg.min_tokens)
+            else:
+                log.info("fxpasses: compile range %s is below min_tokens=%d; graph left unchanged",
+                         rng, cfg.min_tokens)
+        elif not cfg.min_tokens:
+            self._once("onegraph", logging.INFO,
+                       "fxpasses: vLLM compiles one graph for every token count here (no compile ranges on "
+                       "this platform/mode); min_tokens=0: the rewrite applies to all token counts")
+        else:
+            self._once("onegraph", logging.WARNING,
+                       "fxpasses: vLLM compiles one graph for every token count here (no compile ranges on "
+                       "this platform/mode), so min_tokens=%d cannot select sizes at compile time; the "
+                       "rewrite applies to all token counts (a graph traced for a fixed size below "
+                       "min_tokens is left unchanged)", cfg.min_tokens)
 
     def _once(self, key: str, level: int, msg: str, *args) -> None:
         if key not in self._warned:

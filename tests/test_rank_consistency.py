@@ -21,7 +21,7 @@ def rank_compile_with_vllm_pass(state, spec, bad_rank):
     from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
     from fxpasses.vllm_pass import FxPassesInductorPass
 
-    vllm_pass = FxPassesInductorPass(strategies=["flashcomm1"])
+    vllm_pass = FxPassesInductorPass(strategies=["flashcomm1"], min_tokens=0)  # forced: a rewrite must start
     model = build_tiny_decoder(DecoderSpec(**spec), dtype=torch.float32)
     seen = {}
 

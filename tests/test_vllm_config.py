@@ -300,7 +300,10 @@ VALUES = {
     "flashcomm2_oproj_tp_size": st.integers(1, 8),
     "otp_size": st.integers(0, 8),
     "mlp_tp_size": st.integers(0, 8),
-    "min_tokens": st.integers(0, 4096),
+    "min_tokens": st.one_of(st.just("auto"), st.integers(0, 4096)),
+    "link_costs": st.one_of(st.just({}), st.fixed_dictionaries({"platform": st.sampled_from(["cpu", "cuda", "npu"])}),
+                            st.fixed_dictionaries({"all_gather": st.fixed_dictionaries(
+                                {"latency_us": st.integers(0, 100), "gbps": st.integers(1, 400)})})),
     "patterns": st.sampled_from([["default"]]),
     "strict": st.booleans(),
     "dump_dir": st.one_of(st.none(), st.sampled_from(["/tmp/a", "/tmp/b"])),

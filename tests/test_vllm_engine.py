@@ -128,8 +128,9 @@ def _base_env(tmp: Path) -> dict[str, str]:
 RUNS = {
     # route, extra env, additional_config
     "baseline": ("none", {}, None),
-    "object": ("object", {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"], "strict": True})}, None),
-    "string": ("string", {}, {"fxpasses": {"strategies": "flashcomm1", "strict": True}}),
+    "object": ("object", {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"], "strict": True,
+                                                        "min_tokens": 0})}, None),
+    "string": ("string", {}, {"fxpasses": {"strategies": "flashcomm1", "strict": True, "min_tokens": 0}}),
     "plugin": ("plugin", {"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None),
 }
 

@@ -14,7 +14,7 @@ import pytest
 
 from test_vllm_engine import TP, assert_same_generation, launch
 
-FC1 = {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"]})}
+FC1 = {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"], "min_tokens": 0})}  # forced: see README "min_tokens"
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
 
     if graph_mode not in GRAPH_MODES:
         raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+    config = {"min_tokens": 0, **config}  # the rewrite forced (see rank_compile_vllm)
     key = f"ascend-{graph_mode}-{sorted(spec.items())}-{sorted(config.items())}-{sorted(env.items())}-{dtype}-{seed}"
     cache = state.setdefault("ascend_compiled", {})
     if key in cache:

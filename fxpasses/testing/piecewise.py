@@ -78,13 +78,15 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
                       seed: int = 0) -> dict[str, Any]:
     """Compile the tiny decoder through vLLM's backend on this rank; returns the pass calls (compile
     range and site report per call) and the number of pieces. Compile ranges are compiled lazily,
-    on the first call of a size inside them."""
+    on the first call of a size inside them. The rewrite is forced at every token count
+    (`min_tokens: 0`) unless `config` names another `min_tokens`: these compiles check the rewrite."""
     from vllm.compilation.backends import VllmBackend
 
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
     from fxpasses.topology import prepare_process_groups
 
+    config = {"min_tokens": 0, **config}
     key = f"vllm-{graph_mode}-{sorted(spec.items())}-{sorted(config.items())}-{dtype}-{endpoints}"
     cache = state.setdefault("vllm_compiled", {})
     if key in cache:

@@ -1,0 +1,121 @@
+"""Per-platform cost constants of the α-β time model (`fxpasses.token_gate`): for each collective
+kind the fixed cost of one collective (launch + synchronisation, µs) and the bandwidth its bytes
+move at (GB/s per rank, each direction), and the memory bandwidth token-wise ops (norms, residual
+adds, activations) stream at. The config key `link_costs` overrides any of them.
+
+These are modelled constants, not measurements of the machine at hand (calibration at worker start
+is a separate concern). What they encode, per platform:
+
+* `cpu` — vLLM's CPU engine: the model's own all-reduce is vLLM's shared-memory kernel
+  (`_C.shm_allreduce`); the reduce-scatters, all-gathers and all-to-alls a rewrite inserts run on the
+  gloo group (TCP over loopback), an order of magnitude slower per byte and per call. A rewrite that
+  trades one all-reduce for a reduce-scatter + all-gather therefore never pays here by bytes.
+* `cuda` — NVLink: vLLM's custom all-reduce (one kernel) and NCCL's ring collectives.
+* `npu` — Ascend HCCS through HCCL. With these constants FlashComm1 pays on a 4k-hidden model from
+  about a thousand tokens, where vllm-ascend put its fixed `sp_min_token_num` (1000).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+from fxpasses.errors import ConfigError
+
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One collective kind: `latency_us` per collective, `gbps` GB/s for its send bytes."""
+
+    latency_us: float
+    gbps: float
+
+    def time_us(self, send_bytes: float) -> float:
+        return self.latency_us + send_bytes / (self.gbps * 1e3)
+
+
+@dataclass(frozen=True)
+class LinkCosts:
+    platform: str
+    links: dict[str, Link]
+    memory_gbps: float               # token-wise ops: bytes written (and read once) at this rate
+    source: str = "platform defaults"
+
+    def link(self, kind: str) -> Link:
+        return self.links.get(kind) or self.links["all_gather"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"platform": self.platform, "source": self.source, "memory_gbps": self.memory_gbps,
+                "links": {k: asdict(v) for k, v in self.links.items()}}
+
+
+def _same(latency_us: float, gbps: float, **other: Link) -> dict[str, Link]:
+    base = {k: Link(latency_us, gbps) for k in KINDS}
+    base.update(other)
+    return base
+
+
+PLATFORMS: dict[str, LinkCosts] = {
+    "cpu": LinkCosts("cpu", _same(60.0, 1.5, all_reduce=Link(10.0, 8.0)), memory_gbps=10.0),
+    "cuda": LinkCosts("cuda", _same(12.0, 150.0, all_reduce=Link(8.0, 150.0)), memory_gbps=2000.0),
+    "npu": LinkCosts("npu", _same(25.0, 50.0), memory_gbps=1600.0),
+}
+
+
+def current_platform() -> str:
+    """"npu", "cuda" or "cpu": vLLM's current platform where vLLM is loaded, else "cpu"."""
+    try:
+        from vllm.platforms import current_platform as p
+    except Exception:  # no vLLM: a library user on the host
+        return "cpu"
+    dev = str(getattr(p, "device_type", "") or "")
+    if dev == "npu":
+        return "npu"
+    if dev in ("cuda", "rocm") or getattr(p, "is_cuda_alike", lambda: False)():
+        return "cuda"
+    return "cpu"
+
+
+def validate(spec: Mapping[str, Any]) -> None:
+    """ConfigError naming the bad entry of a `link_costs` mapping (see `resolve`)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"link_costs must be a mapping, got {spec!r}; write e.g. "
+                          '{"platform": "cuda", "all_gather": {"latency_us": 10, "gbps": 100}}')
+    for k, v in spec.items():
+        if k == "platform":
+            if v not in PLATFORMS:
+                raise ConfigError(f"link_costs.platform must be one of {sorted(PLATFORMS)}, got {v!r}")
+        elif k == "memory_gbps":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"link_costs.memory_gbps must be a positive number (GB/s), got {v!r}")
+        elif k in KINDS:
+            if not isinstance(v, Mapping) or set(v) - {"latency_us", "gbps"}:
+                raise ConfigError(f"link_costs.{k} must be a mapping with latency_us and/or gbps, got {v!r}")
+            for name, x in v.items():
+                ok = isinstance(x, (int, float)) and not isinstance(x, bool) and (x > 0 if name == "gbps" else x >= 0)
+                if not ok:
+                    raise ConfigError(f"link_costs.{k}.{name} must be a {'positive' if name == 'gbps' else 'non-negative'}"
+                                      f" number, got {x!r}")
+        else:
+            raise ConfigError(f"unknown link_costs key {k!r}; valid: platform, memory_gbps, {', '.join(KINDS)}")
+
+
+def resolve(spec: Mapping[str, Any] | None = None, platform: str | None = None) -> LinkCosts:
+    """The platform's constants (`spec["platform"]`, else `platform`, else `current_platform()`)
+    with the entries of `spec` over them."""
+    spec = dict(spec or {})
+    validate(spec)
+    name = spec.pop("platform", None) or platform or current_platform()
+    costs = PLATFORMS[name]
+    if not spec:
+        return costs
+    links = dict(costs.links)
+    for k in KINDS:
+        if k in spec:
+            links[k] = replace(links[k], **{n: float(x) for n, x in spec[k].items()})
+    return LinkCosts(name, links, float(spec.get("memory_gbps", costs.memory_gbps)),
+                     source="platform defaults + config link_costs")
+
+
+__all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "current_platform", "resolve", "validate"]

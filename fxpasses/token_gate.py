@@ -1,0 +1,199 @@
+"""`min_tokens: auto`: is a rewrite worth it over the token counts a graph will run at?
+
+The α-β time of one step of a graph, per rank, at T tokens:
+
+    Σ over its collectives   latency(kind) + send_bytes(T) / bandwidth(kind)
+  + Σ over its token-wise ops 2 x bytes written(T) / memory bandwidth     (one write, one read)
+
+Bytes come exactly from the graph (`fxpasses.comm_volume` for the collectives, the fake shapes of
+every other op that has a token dimension: norms, residual adds, activations; matmuls, views and
+collectives are left out of the second sum, so a rank's row bias, which vLLM adds inside rank 0's
+matmul, cannot make ranks decide differently). The constants are the platform's
+(`fxpasses.link_costs`, the config's `link_costs` over them).
+
+`judge(before, after, ...)` keeps a rewrite for a token range [lo, hi] only where the rewritten
+graph's modelled time is no worse than the original's at both ends and at every padding phase
+above lo (T = lo .. lo + tp - 1: the worst case of the rewrite's padding). Where vLLM compiles one
+graph for every size, the range is [1, max_num_batched_tokens], decode sizes included.
+`analytic_min_tokens` is the same rule on the advisor's per-layer model of a decoder (no graph
+yet): the vLLM plugin adds its result to `compile_ranges_endpoints` so that vLLM compiles a range
+below and a range from it, and the pass decides each from its graph.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxpasses import comm_volume
+from fxpasses import graph_forms as gf
+from fxpasses.link_costs import LinkCosts
+
+_SKIPPED = {"getitem"}
+
+
+@dataclass
+class GraphCost:
+    """What a step of one graph costs, symbolic in its token symbols."""
+
+    collectives: Counter          # (kind, send-bytes expression) -> count
+    token_wise: Counter           # written-bytes expression -> count
+    symbols: list
+
+    def time_us(self, T: int, costs: LinkCosts) -> tuple[float, float]:
+        """(communication µs, token-wise compute µs) at T tokens."""
+        subs = {s: T for s in self.symbols}
+        comm = sum(n * costs.link(kind).time_us(comm_volume.evaluate(e, subs))
+                   for (kind, e), n in self.collectives.items())
+        written = sum(n * comm_volume.evaluate(e, subs) for e, n in self.token_wise.items())
+        return comm, 2 * written / (costs.memory_gbps * 1e3)
+
+
+def _has_token_dim(v: Any, symbols: set) -> bool:
+    return isinstance(v, torch.Tensor) and any(
+        isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols for s in v.shape)
+
+
+def _written(node: fx.Node, symbols: set) -> list:
+    """Bytes expressions of the token-sized tensors a token-wise op writes ([] for any other node)."""
+    if node.op != "call_function" or gf.op_name(node).split("::")[-1].split(".")[0] in _SKIPPED:
+        return []
+    if getattr(node.target, "is_view", False) or gf.is_matmul(node) or gf.collective_kind(node):
+        return []
+    if gf.op_name(node).startswith(("fxpasses::", "_c10d_functional::", "vllm::all_", "vllm::reduce")):
+        return []
+    v = gf.val(node)
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    return [comm_volume.numel_bytes(t) for t in vals if _has_token_dim(t, symbols)]
+
+
+def graph_cost(graph: fx.Graph, group_sizes: dict[str, int], default_group_size: int) -> GraphCost:
+    symbols = comm_volume.token_symbols(graph)
+    coll = Counter((v.kind, v.send_bytes) for v in comm_volume.collective_volumes(graph, group_sizes,
+                                                                                  default_group_size)
+                   if not v.one_time)
+    syms = set(symbols)
+    tw: Counter = Counter()
+    for node in graph.nodes:
+        for e in _written(node, syms):
+            tw[e] += 1
+    return GraphCost(coll, tw, symbols)
+
+
+@dataclass
+class Verdict:
+    keeps: bool
+    token_range: tuple[int, int | None]
+    points: list[dict] = field(default_factory=list)   # [{"tokens", "before_us", "after_us"}]
+    costs: dict = field(default_factory=dict)
+    why: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keeps": self.keeps, "token_range": list(self.token_range), "points": self.points,
+                "link_costs": self.costs, "why": self.why}
+
+
+def range_points(lo: int, hi: int | None, tp: int) -> list[int]:
+    """Both ends of [lo, hi] and every padding phase above lo."""
+    top = hi if hi is not None else lo + tp - 1
+    pts = set(range(lo, min(lo + tp - 1, top) + 1))
+    pts.add(top)
+    return sorted(pts)
+
+
+def judge(before: fx.Graph, after: fx.Graph, token_range: tuple[int, int | None], tp: int,
+          group_sizes: dict[str, int], costs: LinkCosts) -> Verdict:
+    """Keep `after` for the token counts of `token_range` only where its modelled time is no worse
+    than `before`'s at every point of `range_points` (a static graph: at its own size)."""
+    cb, ca = graph_cost(before, group_sizes, tp), graph_cost(after, group_sizes, tp)
+    lo, hi = token_range
+    pts = range_points(lo, hi, tp) if cb.symbols else [None]
+    out, worst = [], None
+    for T in pts:
+        b, a = sum(cb.time_us(T or 0, costs)), sum(ca.time_us(T or 0, costs))
+        out.append({"tokens": T, "before_us": round(b, 3), "after_us": round(a, 3)})
+        if a > b * (1 + 1e-9) and worst is None:
+            worst = out[-1]
+    rng = f"[{lo}, {hi if hi is not None else '...'}]" if cb.symbols else "(its static size)"
+    if worst is None:
+        why = (f"modelled time no worse over tokens {rng} on {costs.platform} "
+               f"({', '.join(_point_text(p) for p in out)})")
+        return Verdict(True, token_range, out, costs.to_dict(), why)
+    at = worst["tokens"]
+    why = (f"min_tokens=auto: at {at if at is not None else 'its'} tokens the rewritten graph would take "
+           f"{worst['after_us']:.1f} us against {worst['before_us']:.1f} us without the pass (α-β model, "
+           f"{costs.platform} link costs: {_brief(costs)}), and vLLM runs this graph for tokens {rng}; "
+           "every site is left as it was. Set min_tokens to an explicit count (0 = always) to force it, or "
+           "give measured link_costs")
+    return Verdict(False, token_range, out, costs.to_dict(), why)
+
+
+def _point_text(p: dict) -> str:
+    return f"T={p['tokens']}: {p['after_us']:.1f} vs {p['before_us']:.1f} us"
+
+
+def _brief(costs: LinkCosts) -> str:
+    ls = "; ".join(f"{k} {v.latency_us:g} us + B/{v.gbps:g} GB/s" for k, v in costs.links.items())
+    return f"{ls}; token-wise ops at {costs.memory_gbps:g} GB/s"
+
+
+# ---- before any graph exists: the decoder model of the advisor -----------------------------------
+
+def _layer_collectives(strategy: str, T: int, tp: int, H: int, D: int, b: int, k: int) -> list[tuple[str, int]]:
+    """(kind, send bytes) per decoder layer of each layout, as `comm_volume.analytic_layer_bytes`."""
+    Tp = comm_volume.padded(T, tp)
+    ring = lambda size, g: (g - 1) * size // g  # noqa: E731
+    ar = ("all_reduce", 2 * (tp - 1) * T * H * b // tp)
+    rs, ag = ("reduce_scatter", ring(Tp * H * b, tp)), ("all_gather", ring(Tp * H * b, tp))
+    n = tp // k
+    a2a = [("all_to_all", ring(Tp * (D // tp) * b, n))] + (
+        [("reduce_scatter", ring((Tp // n) * H * b, k))] if k > 1 else [])
+    return {"vanilla": [ar, ar], "flashcomm1": [rs, ag, rs, ag], "flashcomm2": [*a2a, ag, ar],
+            "flashcomm1+flashcomm2": [*a2a, ag, rs, ag]}[strategy]
+
+
+def layer_time_us(strategy: str, T: int, *, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
+                  costs: LinkCosts, k: int = 1) -> float:
+    """Modelled µs of one decoder layer's communication and residual-stream ops at T tokens: two
+    add+norms writing two [T, H] tensors each, on T/tp rows where FlashComm1 shards the stream."""
+    comm = sum(costs.link(kind).time_us(nb)
+               for kind, nb in _layer_collectives(strategy, T, tp, hidden, attn_out, dtype_bytes, k))
+    rows = comm_volume.padded(T, tp) // tp if "flashcomm1" in strategy else T
+    return comm + 2 * (2 * 2 * rows * hidden * dtype_bytes) / (costs.memory_gbps * 1e3)
+
+
+def analytic_min_tokens(strategy: str, *, max_tokens: int, tp: int, hidden: int, attn_out: int,
+                        dtype_bytes: int, costs: LinkCosts, k: int = 1) -> int | None:
+    """The smallest N such that the layout is no slower than vanilla TP at every T in [N, max_tokens]
+    (None: not even at max_tokens)."""
+    n = None
+    for T in range(max_tokens, 0, -1):
+        kw = dict(tp=tp, hidden=hidden, attn_out=attn_out, dtype_bytes=dtype_bytes, costs=costs, k=k)
+        if layer_time_us(strategy, T, **kw) > layer_time_us("vanilla", T, **kw) * (1 + 1e-9):
+            break
+        n = T
+    return n
+
+
+def model_min_tokens(strategies: tuple[str, ...], hf_config: dict, *, tp: int, dtype_bytes: int, max_tokens: int,
+                     costs: LinkCosts, k: int = 1) -> tuple[int | None, str]:
+    """(N, why) for a decoder's HF config: `analytic_min_tokens` of the enabled layout, None when it
+    does not pay up to `max_tokens` or has no layer model (DP-attention layouts are not gated)."""
+    from fxpasses.advisor import AdvisorError, dims_from_config
+
+    name = "+".join(strategies)
+    if name not in ("flashcomm1", "flashcomm2", "flashcomm1+flashcomm2"):
+        return None, f"{name} is not gated by token count"
+    try:
+        dims = dims_from_config(dict(hf_config), "model", dtype_bytes)
+    except AdvisorError as e:
+        return None, f"no layer model for this checkpoint ({e})"
+    n = analytic_min_tokens(name, max_tokens=max_tokens, tp=tp, hidden=dims.hidden, attn_out=dims.attn_out,
+                            dtype_bytes=dtype_bytes, costs=costs, k=k)
+    if n is None:
+        return None, (f"{name} is modelled slower than the all-reduces at every token count up to "
+                      f"{max_tokens} on {costs.platform} ({_brief(costs)})")
+    return n, f"{name} is modelled no slower from {n} tokens on {costs.platform} (hidden {dims.hidden}, tp {tp})"
