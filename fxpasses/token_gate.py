@@ -5,10 +5,13 @@ The α-β time of one step of a graph, per rank, at T tokens:
     Σ over its collectives   latency(kind) + send_bytes(T) / bandwidth(kind)
   + Σ over its token-wise ops 2 x bytes written(T) / memory bandwidth     (one write, one read)
 
+and a rewrite is judged by the difference of the two graphs' times.
+
 Bytes come exactly from the graph (`fxpasses.comm_volume` for the collectives, the fake shapes of
-every other op that has a token dimension: norms, residual adds, activations; matmuls, views and
-collectives are left out of the second sum, so a rank's row bias, which vLLM adds inside rank 0's
-matmul, cannot make ranks decide differently). The constants are the platform's
+the floating-point activations every other op writes with a token dimension: norms, residual adds,
+activations; matmuls, views and collectives are left out of the second sum). Ranks' graphs differ
+in small ways (vLLM folds rank 0's vocabulary offset, adds rank 0's row bias): the token-wise terms
+both graphs share cancel before anything is evaluated, so every rank decides alike. The constants are the platform's
 (`fxpasses.link_costs`, the config's `link_costs` over them).
 
 `judge(before, after, ...)` keeps a rewrite for a token range [lo, hi] only where the rewritten
@@ -43,13 +46,21 @@ class GraphCost:
     token_wise: Counter           # written-bytes expression -> count
     symbols: list
 
-    def time_us(self, T: int, costs: LinkCosts) -> tuple[float, float]:
-        """(communication µs, token-wise compute µs) at T tokens."""
+    def comm_us(self, T: int, costs: LinkCosts) -> float:
         subs = {s: T for s in self.symbols}
-        comm = sum(n * costs.link(kind).time_us(comm_volume.evaluate(e, subs))
+        return sum(n * costs.link(kind).time_us(comm_volume.evaluate(e, subs))
                    for (kind, e), n in self.collectives.items())
-        written = sum(n * comm_volume.evaluate(e, subs) for e, n in self.token_wise.items())
-        return comm, 2 * written / (costs.memory_gbps * 1e3)
+
+
+def token_wise_delta_us(before: GraphCost, after: GraphCost, T: int, costs: LinkCosts) -> float:
+    """µs the token-wise ops of `after` take more than those of `before` at T tokens. Identical
+    terms cancel before anything is evaluated, so ops a rank has alone (vLLM folds rank 0's vocab
+    offset, adds rank 0's row bias) and the rewrite leaves alone add exactly nothing on any rank."""
+    diff = Counter(after.token_wise)
+    diff.subtract(before.token_wise)
+    subs = {s: T for s in before.symbols or after.symbols}
+    written = sum(n * comm_volume.evaluate(e, subs) for e, n in diff.items() if n)
+    return 2 * written / (costs.memory_gbps * 1e3)
 
 
 def _has_token_dim(v: Any, symbols: set) -> bool:
@@ -58,7 +69,8 @@ def _has_token_dim(v: Any, symbols: set) -> bool:
 
 
 def _written(node: fx.Node, symbols: set) -> list:
-    """Bytes expressions of the token-sized tensors a token-wise op writes ([] for any other node)."""
+    """Bytes expressions of the token-sized activations (floating point, 2-D or more) a token-wise
+    op writes ([] for any other node: matmuls, views, collectives, index arithmetic)."""
     if node.op != "call_function" or gf.op_name(node).split("::")[-1].split(".")[0] in _SKIPPED:
         return []
     if getattr(node.target, "is_view", False) or gf.is_matmul(node) or gf.collective_kind(node):
@@ -67,7 +79,8 @@ def _written(node: fx.Node, symbols: set) -> list:
         return []
     v = gf.val(node)
     vals = v if isinstance(v, (list, tuple)) else [v]
-    return [comm_volume.numel_bytes(t) for t in vals if _has_token_dim(t, symbols)]
+    return [comm_volume.numel_bytes(t) for t in vals
+            if _has_token_dim(t, symbols) and t.dim() >= 2 and t.dtype.is_floating_point]
 
 
 def graph_cost(graph: fx.Graph, group_sizes: dict[str, int], default_group_size: int) -> GraphCost:
@@ -87,7 +100,7 @@ def graph_cost(graph: fx.Graph, group_sizes: dict[str, int], default_group_size:
 class Verdict:
     keeps: bool
     token_range: tuple[int, int | None]
-    points: list[dict] = field(default_factory=list)   # [{"tokens", "before_us", "after_us"}]
+    points: list[dict] = field(default_factory=list)   # [{"tokens", "comm_before_us", "comm_after_us", "delta_us"}]
     costs: dict = field(default_factory=dict)
     why: str = ""
 
@@ -106,16 +119,19 @@ def range_points(lo: int, hi: int | None, tp: int) -> list[int]:
 
 def judge(before: fx.Graph, after: fx.Graph, token_range: tuple[int, int | None], tp: int,
           group_sizes: dict[str, int], costs: LinkCosts) -> Verdict:
-    """Keep `after` for the token counts of `token_range` only where its modelled time is no worse
-    than `before`'s at every point of `range_points` (a static graph: at its own size)."""
+    """Keep `after` for the token counts of `token_range` only where its modelled time is no more
+    than `before`'s at every point of `range_points` (a static graph: at its own size). Every number
+    is read off shapes all ranks share (see `token_wise_delta_us`), so every rank decides alike."""
     cb, ca = graph_cost(before, group_sizes, tp), graph_cost(after, group_sizes, tp)
     lo, hi = token_range
     pts = range_points(lo, hi, tp) if cb.symbols else [None]
     out, worst = [], None
     for T in pts:
-        b, a = sum(cb.time_us(T or 0, costs)), sum(ca.time_us(T or 0, costs))
-        out.append({"tokens": T, "before_us": round(b, 3), "after_us": round(a, 3)})
-        if a > b * (1 + 1e-9) and worst is None:
+        b, a = cb.comm_us(T or 0, costs), ca.comm_us(T or 0, costs)
+        delta = a - b + token_wise_delta_us(cb, ca, T or 0, costs)
+        out.append({"tokens": T, "comm_before_us": round(b, 3), "comm_after_us": round(a, 3),
+                    "delta_us": round(delta, 3)})
+        if delta > 1e-6 * max(b, 1.0) and worst is None:
             worst = out[-1]
     rng = f"[{lo}, {hi if hi is not None else '...'}]" if cb.symbols else "(its static size)"
     if worst is None:
@@ -124,15 +140,15 @@ def judge(before: fx.Graph, after: fx.Graph, token_range: tuple[int, int | None]
         return Verdict(True, token_range, out, costs.to_dict(), why)
     at = worst["tokens"]
     why = (f"min_tokens=auto: at {at if at is not None else 'its'} tokens the rewritten graph would take "
-           f"{worst['after_us']:.1f} us against {worst['before_us']:.1f} us without the pass (α-β model, "
-           f"{costs.platform} link costs: {_brief(costs)}), and vLLM runs this graph for tokens {rng}; "
-           "every site is left as it was. Set min_tokens to an explicit count (0 = always) to force it, or "
-           "give measured link_costs")
+           f"{worst['delta_us']:.1f} us more per step than without the pass (α-β model, {costs.platform} link "
+           f"costs: {_brief(costs)}; collectives {worst['comm_after_us']:.1f} us against "
+           f"{worst['comm_before_us']:.1f} us), and vLLM runs this graph for tokens {rng}; every site is left as "
+           "it was. Set min_tokens to an explicit count (0 = always) to force it, or give measured link_costs")
     return Verdict(False, token_range, out, costs.to_dict(), why)
 
 
 def _point_text(p: dict) -> str:
-    return f"T={p['tokens']}: {p['after_us']:.1f} vs {p['before_us']:.1f} us"
+    return f"T={p['tokens']}: {p['delta_us']:+.1f} us"
 
 
 def _brief(costs: LinkCosts) -> str:

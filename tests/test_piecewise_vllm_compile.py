@@ -42,22 +42,22 @@ def pools():
         p.close()
 
 
-def _compile(pool, mode, strategies, **cfg):
+def _compile(pool, mode, strategies, endpoints=ENDPOINTS, **cfg):
     from fxpasses.testing.piecewise import rank_compile_vllm
 
     spec = bundled_spec(num_hidden_layers=2)
     return pool.run(rank_compile_vllm, spec, {"strategies": list(strategies), **cfg}, mode, "float64", 7,
-                    ENDPOINTS)
+                    endpoints)
 
 
-def _run_all(pool, key, data):
+def _run_all(pool, key, data, reach=(1, 9)):
     """Draw token-count sets (both compile ranges always reached); assert every rank's output equals
     the eager model; return the pass calls of every rank."""
     from fxpasses.testing.piecewise import rank_compare_vllm
 
     calls = None
     for i in range(3):
-        tokens = data.draw(TOKENS, label=f"tokens[{i}]") + [1, 9]
+        tokens = data.draw(TOKENS, label=f"tokens[{i}]") + list(reach)
         per_rank = pool.run(rank_compare_vllm, key, tokens)
         for rank, out in enumerate(per_rank):
             assert [r["T"] for r in out["results"]] == tokens
@@ -157,3 +157,50 @@ def test_whole_graph_flashcomm1_spans_layers_tp4(pools, data):
         assert r["graph_mode"]["kind"] == "whole" and r["applied"]
         assert r["collectives_after"].get("all_reduce", 0) == 0 and r["collectives_after"]["reduce_scatter"] == 5, r["collectives_after"]
         assert r["bytes_per_step"]["ratio"] <= 1
+
+
+# links under which FlashComm1 pays from a few tokens: collectives cost no latency and little per
+# byte, token-wise ops stream at 1 MB/s, so the norms on T/tp rows save more than anything costs;
+# below tp tokens the padding makes the sharded rows no fewer (and the pad writes more)
+CHEAP_LINKS = {"memory_gbps": 0.001, **{k: {"latency_us": 0, "gbps": 1} for k in
+                                        ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")}}
+
+
+@settings(max_examples=examples(1))
+@given(data=st.data())
+def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
+    """min_tokens=auto in vLLM's compile ranges: the pass judges each range from its graph at both
+    ends and every padding phase. Range [1, 15] reaches T=1 (padded to 4 rows: no row saved, more
+    written) and is left as it was, with the modelled times in the report; [16, 2048] is rewritten
+    (its worst padding phase, T=17, still saves). Every rank decides alike (rank 0's folded
+    vocabulary offset cancels) and every output equals the eager model."""
+    pool = pools(4)
+    s = _compile(pool, "whole", ["flashcomm1"], [15], min_tokens="auto", link_costs=CHEAP_LINKS)
+    calls = _run_all(pool, s[0]["key"], data, reach=(1, 16))
+    _same_on_every_rank(calls)
+    by_range = {c["range"]: c["report"] for c in calls[0]}
+    assert set(by_range) == {"(1, 15)", "(16, 2048)"}
+    low, high = by_range["(1, 15)"], by_range["(16, 2048)"]
+    assert not low["applied"] and "min_tokens=auto" in low["reason"], low["reason"]
+    assert low["token_gate"]["keeps"] is False and low["token_gate"]["token_range"] == [1, 15]
+    assert low["token_gate"]["points"][0]["delta_us"] > 0   # T=1 costs
+    assert high["applied"] and high["token_gate"]["keeps"], high.get("reason")
+    assert [p["tokens"] for p in high["token_gate"]["points"]] == [16, 17, 18, 19, 2048]
+    assert all(p["delta_us"] <= 0 for p in high["token_gate"]["points"])
+    assert high["collectives_after"].get("all_reduce", 0) == 0
+
+
+@settings(max_examples=examples(1))
+@given(data=st.data())
+def test_auto_leaves_every_range_alone_on_cpu_links_tp2(pools, data):
+    """The default: with this platform's link costs (gloo reduce-scatter / all-gather against the
+    shared-memory all-reduce) FlashComm1 is modelled slower in both ranges; nothing is rewritten and
+    the report says why, naming the constants."""
+    pool = pools(2)
+    s = _compile(pool, "whole", ["flashcomm1"], min_tokens="auto", link_costs={"platform": "cpu"})
+    calls = _run_all(pool, s[0]["key"], data)
+    _same_on_every_rank(calls)
+    for c in calls[0]:
+        r = c["report"]
+        assert not r["applied"] and "min_tokens=auto" in r["reason"] and "cpu link costs" in r["reason"], r
+        assert r["collectives_after"] == r["collectives_before"]
