@@ -112,6 +112,12 @@ def _group_size(node: fx.Node, group_sizes: dict[str, int] | None, default: int 
                      "pass group_sizes={name: size} or default_group_size")
 
 
+def layer_of(path: str) -> str | None:
+    """The decoder layer index in a module path ("model.layers.3.mlp" -> "3"), None outside layers."""
+    m = _LAYER_RE.search("." + path)
+    return m.group(1) if m else None
+
+
 def _layer_and_site(node: fx.Node, last: tuple[str, str]) -> tuple[str, str] | None:
     st = gf.module_stack_last(node)
     if st is None:

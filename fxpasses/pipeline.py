@@ -64,7 +64,8 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                     patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
                     fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
                     left_out: dict[str, str] | None = None,
-                    token_range: tuple[int, int | None] | None = None) -> PassReport:
+                    token_range: tuple[int, int | None] | None = None,
+                    backed_off: dict[str, str] | None = None) -> PassReport:
     """The rewrite of `run_passes`, without the lowering.
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
@@ -76,7 +77,9 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     piece's inputs and outputs keep their original (replicated) layout either way. `token_range`:
     the token counts vLLM will run this graph at ([lo, hi], hi None when unknown); with
     `min_tokens: auto` a rewrite is kept only where `fxpasses.token_gate.judge` says it is no
-    slower over that range (None, library use: the caller chose the graph, it is rewritten)."""
+    slower over that range (None, library use: the caller chose the graph, it is rewritten).
+    `backed_off`: {site prefix: why} of sites a previous attempt found costly, left as they are
+    (`_back_off_costly_sites`)."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
@@ -91,6 +94,9 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             sites = find_sites(work, patterns, config.module_prefix)
         with report.timed("plan"):
             report.sites = plans = plan_sites(sites, config, patterns, left_out)
+            for p in plans:
+                if p.status is SiteStatus.PLANNED and p.site.prefix in (backed_off or {}):
+                    p.skip(backed_off[p.site.prefix])
         why = _nothing_owned(plans, config, sites)
         if why:
             return _kept(report, why, graph, config, tag)
@@ -107,6 +113,11 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
             if more:
                 raise WireBytesError(more)
         except WireBytesError as e:
+            retry = _back_off_costly_sites(report, plans, config, backed_off or {}, lambda b: _run_strategies(
+                graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile, fail_loudly=fail_loudly,
+                graph_mode=graph_mode, left_out=left_out, token_range=token_range, backed_off=b))
+            if retry is not None:
+                return retry
             rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
             if not rest or len(rest) == len(config.strategies):
                 return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
@@ -147,7 +158,9 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
     v0, v1, tokens = comm_volume.step_bytes_pair(before, after, sizes, ctx.tp, static)
     b0, b1 = v0["total"], v1["total"]
     report.extra["bytes_per_step"] = {"tokens": tokens, "before": b0, "after": b1,
-                                      "ratio": round(b1 / b0, 4) if b0 else None}
+                                      "ratio": round(b1 / b0, 4) if b0 else None,
+                                      "grew": {k: [v0["layers"].get(k, 0), v] for k, v in v1["layers"].items()
+                                               if v > v0["layers"].get(k, 0)}}
     if b1 <= b0:
         return None
     grew = [f"{'layer ' if k.isdigit() else ''}{k} {v0['layers'].get(k, 0):.0f} -> {v:.0f}"
@@ -160,6 +173,38 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
                        "across layers needs the whole graph: " + graph_mode.whole_graph_setting)
     return head + ("A layer left in its original layout between sharded ones costs an all-gather at each "
                    "boundary: exclude fewer sites, or none")
+
+
+#: rounds of per-site back-off before the rewrite is given up as a whole
+BACK_OFF_ROUNDS = 4
+
+
+def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: FxPassesConfig,
+                           backed_off: dict[str, str], retry) -> PassReport | None:
+    """The rewrite would send more bytes in some layers (`_more_bytes` lists them): leave those
+    layers' sites as they are (the layer-spanning strategy's first; with them their gathers go) and
+    rewrite the rest again (`retry(backed_off)`), at most BACK_OFF_ROUNDS times. None when there is
+    nothing to back off, no site would be left, or the rounds are spent (the caller refuses the whole
+    rewrite, as before). Read off shapes every rank shares: every rank backs off the same sites."""
+    grew = report.extra.get("bytes_per_step", {}).get("grew") or {}
+    if not grew or len(backed_off) and len(set(backed_off.values())) >= BACK_OFF_ROUNDS:
+        return None
+    spanning = {n for n in config.strategies if strategies.get(n).spans_layers}
+    owned = [p for p in plans if p.strategy and p.status in (SiteStatus.PLANNED, SiteStatus.REWRITTEN)]
+    in_grown = [p for p in owned if (comm_volume.layer_of(p.site.prefix) or "pre") in grew
+                or (comm_volume.layer_of(p.site.prefix) is None and "post" in grew)]
+    costly = [p for p in in_grown if p.strategy in spanning] or in_grown
+    if not costly or len(costly) == len(owned):
+        return None
+    layers = ", ".join(f"{'layer ' if k.isdigit() else ''}{k} {b0:.0f} -> {b1:.0f}" for k, (b0, b1) in grew.items())
+    why = (f"backed off (round {len(set(backed_off.values())) + 1}): with every owned site rewritten the graph "
+           f"would send more bytes per step in {layers} (at {report.extra['bytes_per_step']['tokens']} tokens); "
+           "these sites stay as they were and the others are rewritten")
+    out = retry({**backed_off, **{p.site.prefix: why for p in costly}})
+    final = {p.site.prefix: p.reason for p in out.sites if p.reason.startswith("backed off")}
+    if final:  # the sites the kept graph leaves as they were (a later round may have given up instead)
+        out.extra["backed_off"] = final
+    return out
 
 
 def _slower(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext, report: PassReport,
