@@ -11,8 +11,9 @@ is a separate concern). What they encode, per platform:
   gloo group (TCP over loopback), an order of magnitude slower per byte and per call. A rewrite that
   trades one all-reduce for a reduce-scatter + all-gather therefore never pays here by bytes.
 * `cuda` — NVLink: vLLM's custom all-reduce (one kernel) and NCCL's ring collectives.
-* `npu` — Ascend HCCS through HCCL. With these constants FlashComm1 pays on a 4k-hidden model from
-  about a thousand tokens, where vllm-ascend put its fixed `sp_min_token_num` (1000).
+* `npu` — Ascend HCCS through HCCL. With these constants FlashComm1 pays on a bfloat16 model of
+  hidden 4096 to 8192 from 800 to 1700 tokens (tp 4 to 8), the order of vllm-ascend's fixed
+  `sp_min_token_num` (1000).
 """
 from __future__ import annotations
 
