@@ -6,10 +6,12 @@ adds, activations) stream at. The config key `link_costs` overrides any of them.
 These are modelled constants, not measurements of the machine at hand (calibration at worker start
 is a separate concern). What they encode, per platform:
 
-* `cpu` — vLLM's CPU engine: the model's own all-reduce is vLLM's shared-memory kernel
-  (`_C.shm_allreduce`); the reduce-scatters, all-gathers and all-to-alls a rewrite inserts run on the
-  gloo group (TCP over loopback), an order of magnitude slower per byte and per call. A rewrite that
-  trades one all-reduce for a reduce-scatter + all-gather therefore never pays here by bytes.
+* `cpu` — vLLM's CPU engine: the model's all-reduce goes through vLLM's TP group (its shared-memory
+  kernel where the build has it); the reduce-scatters and all-gathers a rewrite inserts run on the
+  gloo group. Measured by `tools/bench_cpu_links.py` at TP=2 on a 2-core machine (median of 15):
+  about 400 us per call for all-reduce and all-gather, 700 us for reduce-scatter, and 0.8 / 0.55 /
+  0.42 GB/s of send bytes. A reduce-scatter + all-gather costs more than the all-reduce they replace
+  at every size, so FlashComm1 never pays here.
 * `cuda` — NVLink: vLLM's custom all-reduce (one kernel) and NCCL's ring collectives.
 * `npu` — Ascend HCCS through HCCL. With these constants FlashComm1 pays on a bfloat16 model of
   hidden 4096 to 8192 from 800 to 1700 tokens (tp 4 to 8), the order of vllm-ascend's fixed
@@ -58,7 +60,9 @@ def _same(latency_us: float, gbps: float, **other: Link) -> dict[str, Link]:
 
 
 PLATFORMS: dict[str, LinkCosts] = {
-    "cpu": LinkCosts("cpu", _same(60.0, 1.5, all_reduce=Link(10.0, 8.0)), memory_gbps=10.0),
+    # measured by tools/bench_cpu_links.py (TP=2 on a 2-core machine; all_to_all taken as reduce_scatter)
+    "cpu": LinkCosts("cpu", _same(700.0, 0.42, all_reduce=Link(400.0, 0.8), all_gather=Link(400.0, 0.55)),
+                     memory_gbps=10.0),
     "cuda": LinkCosts("cuda", _same(12.0, 150.0, all_reduce=Link(8.0, 150.0)), memory_gbps=2000.0),
     "npu": LinkCosts("npu", _same(25.0, 50.0), memory_gbps=1600.0),
 }
