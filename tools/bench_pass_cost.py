@@ -45,8 +45,9 @@ def run_pass(gm: fx.GraphModule, strategy: str, tp: int):
     work = fx.GraphModule(gm, copy_graph(gm.graph))
     cfg = FxPassesConfig.from_dict({"strategies": strategy})
     t = time.perf_counter()
-    # as the vLLM pass calls it: Inductor regenerates the module's code after its post-grad passes
-    rep = run_passes(work.graph, cfg, tp_context(tp), recompile=False)
+    # as the vLLM pass calls it: Inductor regenerates the module's code after its post-grad passes;
+    # one graph for every size up to 8192 tokens (min_tokens auto judges it: fxpasses.token_gate)
+    rep = run_passes(work.graph, cfg, tp_context(tp), recompile=False, token_range=(1, 8192))
     return rep, (time.perf_counter() - t) * 1e3, work
 
 
