@@ -166,7 +166,7 @@ CHEAP_LINKS = {"memory_gbps": 0.001, **{k: {"latency_us": 0, "gbps": 1} for k in
                                         ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")}}
 
 
-@settings(max_examples=examples(1))
+@settings(max_examples=examples(3))
 @given(data=st.data())
 def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
     """min_tokens=auto in vLLM's compile ranges: the pass judges each range from its graph at both
@@ -190,7 +190,7 @@ def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
     assert high["collectives_after"].get("all_reduce", 0) == 0
 
 
-@settings(max_examples=examples(1))
+@settings(max_examples=examples(3))
 @given(data=st.data())
 def test_auto_leaves_every_range_alone_on_cpu_links_tp2(pools, data):
     """The default: with this platform's link costs (gloo reduce-scatter / all-gather against the
