@@ -133,29 +133,16 @@ class Block(nn.Module):
 
 
 def rank_run(state, kernel: str, tokens: list[int]):
-    from fxpasses.config import FxPassesConfig
-    from fxpasses.context import TPContext
-    from fxpasses.pipeline import run_passes
-    from fxpasses.testing.capture import compile_with_pass, rebind_token_args
+    from helpers import rank_block_flashcomm1
 
     ensure_shm()
     how = ensure_standin_ops()
     block = Block(state["rank"], state["world"], kernel)
-    reports = []
-    compiled, cap = compile_with_pass(block, lambda gr: reports.append(
-        run_passes(gr, FxPassesConfig(strategies=("flashcomm1",), module_prefix="model.layers.0"),
-                   TPContext.from_vllm())))
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(7, block.d, generator=g, dtype=torch.float64)
-    torch._dynamo.mark_dynamic(x0, 0)
-    compiled(x0)
+    report, cap, outs = rank_block_flashcomm1(
+        block, "model.layers.0", lambda T, g: torch.randn(T, block.d, generator=g, dtype=torch.float64), tokens)
     errs = []
-    for T in tokens:
-        x = torch.randn(T, block.d, generator=g, dtype=torch.float64)
-        args = rebind_token_args(cap.first_args, x0, x)
-        ref = cap.originals[0](*list(args))[0]
-        new = cap.graphs[0](*list(args))[0]
+    for T, (ref, new) in zip(tokens, outs, strict=True):
         assert new.shape == ref.shape == (T, block.d), (new.shape, ref.shape)
         errs.append(((new - ref).abs().max() / ref.abs().max()).item())
-    return {"how": how, "report": reports[0].to_dict(), "errs": errs,
+    return {"how": how, "report": report.to_dict(), "errs": errs,
             "before": cap.originals[0].code, "after": cap.graphs[0].code}

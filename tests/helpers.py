@@ -81,3 +81,28 @@ def clean_fxpasses_env():
             yield
     finally:
         fx.parent = parent
+
+
+def rank_block_flashcomm1(block, module_prefix: str, make_input, tokens):
+    """On a TPPool rank: compile `block` with FlashComm1 through the real pipeline on the live TP
+    group (symbolic token count, traced at 7 tokens), then run its original and rewritten graphs on
+    `make_input(T, generator)` for each T. Returns (pass report, [(original, rewritten) per T])."""
+    import torch
+
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.context import TPContext
+    from fxpasses.pipeline import run_passes
+    from fxpasses.testing.capture import compile_with_pass, rebind_token_args
+
+    reports = []
+    config = FxPassesConfig(strategies=("flashcomm1",), module_prefix=module_prefix)
+    compiled, cap = compile_with_pass(block, lambda gr: reports.append(run_passes(gr, config, TPContext.from_vllm())))
+    g = torch.Generator().manual_seed(1)
+    x0 = make_input(7, g)
+    torch._dynamo.mark_dynamic(x0, 0)
+    compiled(x0)
+    outs = []
+    for T in tokens:
+        args = list(rebind_token_args(cap.first_args, x0, make_input(T, g)))
+        outs.append((cap.originals[0](*args)[0], cap.graphs[0](*args)[0]))
+    return reports[0], cap, outs

@@ -62,31 +62,16 @@ class Block(nn.Module):
 
 
 def rank_run(state, tokens):
-    from fxpasses.testing.capture import compile_with_pass
-    from fxpasses.config import FxPassesConfig
-    from fxpasses.context import TPContext
-    from fxpasses.pipeline import run_passes
+    from helpers import rank_block_flashcomm1
 
     standin = ensure_standin_op()
     tp, rank = state["world"], state["rank"]
     block = Block(rank, tp)
-    reports = []
-    compiled, cap = compile_with_pass(block, lambda g: reports.append(
-        run_passes(g, FxPassesConfig(strategies=("flashcomm1",), module_prefix="model.layers.0.self_attn"),
-                   TPContext.from_vllm())))
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(7, block.d, generator=g, dtype=torch.float64)
-    xs = x0[:, rank * (block.d // tp):(rank + 1) * (block.d // tp)].contiguous()
-    torch._dynamo.mark_dynamic(xs, 0)
-    compiled(xs)
-    from fxpasses.testing.capture import rebind_token_args
-    errs = []
-    for T in tokens:
-        xf = torch.randn(T, block.d, generator=g, dtype=torch.float64)
-        x = xf[:, rank * (block.d // tp):(rank + 1) * (block.d // tp)].contiguous()
-        args = rebind_token_args(cap.first_args, xs, x)
-        ref = cap.originals[0](*list(args))[0]
-        new = cap.graphs[0](*list(args))[0]
-        errs.append(((new - ref).abs().max() / ref.abs().max()).item())
-    r = reports[0]
-    return {"standin": standin, "report": r.to_dict(), "errs": errs}
+    own = slice(rank * (block.d // tp), (rank + 1) * (block.d // tp))   # this rank's feature shard
+
+    def make_input(T, g):
+        return torch.randn(T, block.d, generator=g, dtype=torch.float64)[:, own].contiguous()
+
+    report, _, outs = rank_block_flashcomm1(block, "model.layers.0.self_attn", make_input, tokens)
+    errs = [((new - ref).abs().max() / ref.abs().max()).item() for ref, new in outs]
+    return {"standin": standin, "report": report.to_dict(), "errs": errs}
