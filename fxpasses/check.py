@@ -456,10 +456,8 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
 
     cmp = greedy_compare.compare(base, got, lens, tol)
     res.tokens_equal, res.max_logprob_diff, res.first_divergence = (cmp.tokens_equal, cmp.max_logprob_diff,
-                                                                    cmp.first_divergence)
+                                                                    cmp.divergence_to_report)
     res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
-    if not cmp.outputs_equal:
-        res.first_divergence = cmp.unexplained[0]
     decide(res)
     return res
 

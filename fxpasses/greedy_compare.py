@@ -33,6 +33,11 @@ class Comparison:
         """Tokens identical, or diverging only at near-ties."""
         return not self.unexplained
 
+    @property
+    def divergence_to_report(self) -> str:
+        """The first divergence that is not a near-tie, else the first divergence ("" when none)."""
+        return self.unexplained[0] if self.unexplained else self.first_divergence
+
 
 def _near_tie(base_top: dict, got_top: dict, b: int, g: int) -> tuple[bool, str]:
     """(is the flip b -> g a near-tie, what the two runs' top-k say about it)."""

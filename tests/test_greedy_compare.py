@@ -49,3 +49,18 @@ def test_without_top_k_any_flip_fails_and_a_missing_output_is_never_zipped_away(
     assert not compare(_out([[1]], [[-1.0]]), _out([[2]], [[-1.0]]), [1], TOL).outputs_equal
     c = compare(_out([[1], [2]], [[-1.0], [-1.0]]), _out([[1]], [[-1.0]]), [1, 1], TOL)
     assert not c.outputs_equal and "1 outputs against 2" in c.first_divergence
+
+
+def test_the_reported_divergence_is_the_first_one_not_explained_by_a_near_tie():
+    """Prompt 0 flips at a near-tie, prompt 1 at a token outside the other run's top-k: the check
+    reports prompt 1's divergence, and prompt 0's when it is the only one."""
+    top = {"5": -0.70, "6": -0.69}
+    base = {"tokens": [[5], [1]], "logprobs": [[-0.7], [-0.1]], "prompt_logprobs": [[None], [None]],
+            "topk": [[top], [{"1": -0.1}]]}
+    got = {"tokens": [[6], [2]], "logprobs": [[-0.69], [-0.2]], "prompt_logprobs": [[None], [None]],
+           "topk": [[top], [{"2": -0.2}]]}
+    c = compare(base, got, [3, 4], 1e-3)
+    assert c.first_divergence.startswith("prompt 0") and c.divergence_to_report.startswith("prompt 1")
+    c = compare({**base, "tokens": [[5], [1]]}, {**got, "tokens": [[6], [1]], "logprobs": [[-0.69], [-0.1]]},
+                [3, 4], 1e-3)
+    assert c.outputs_equal and c.divergence_to_report.startswith("prompt 0")
