@@ -4,7 +4,10 @@
 tests). The rewrite happens on a copy of the graph (`fxpasses.graph_copy`); only a copy that
 verifies replaces the original, so a failure leaves the graph exactly as it was (and, with
 `strict`, raises: `_failed` is the whole failure policy). A rewrite that would put more bytes
-on the wire per step than the original graph is not kept either (`_more_bytes`). A graph that
+on the wire per step than the original graph is not kept as it is: the costly layers' sites are
+backed off and the rest rewritten again (`_back_off_costly_sites`), and with `min_tokens: auto` a
+rewrite the cost model finds slower over the token range vLLM runs the graph at is not kept
+(`_slower`, `fxpasses.token_gate`). A graph that
 keeps its original form after planning (nothing owned, every site skipped, the rewrite abandoned)
 still gets its site report and before-graph in the dump directory. Which strategies exist and
 what kind of graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).

@@ -13,7 +13,10 @@ What it does: it wraps `VllmConfig.__post_init__` so that, once vLLM has built i
   vllm-ascend switches `VLLM_ASCEND_ENABLE_FLASHCOMM1=1`, `VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE`,
   `VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1`, `additional_config["oproj_tensor_parallel_size"]`) and did
   not register the pass, the pass is added under the current platform's pass key (chained after
-  any pass already there).
+  any pass already there);
+* with `min_tokens: auto` (the default), the token count from which the enabled layout is
+  modelled to pay is added to `compilation_config.compile_ranges_endpoints`
+  (`add_auto_compile_range`), so that VLLM_COMPILE compiles a range below it and one from it.
 
 The key is `vllm.platforms.current_platform.pass_key` (default `"post_grad_custom_post_pass"`):
 

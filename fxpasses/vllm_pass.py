@@ -9,7 +9,9 @@ graph, through vLLM's `PostGradPassManager`). On every call it
    current, else the one of the model being compiled), then any keyword overrides given to the
    constructor;
 2. reads the live TP group (`TPContext.from_vllm()`), validates the configuration for it
-   (`ConfigError` names the fix) and applies vLLM's compile range, if vLLM gave one;
+   (`ConfigError` names the fix) and takes the token range vLLM runs the graph at: its compile
+   range, else (one graph for every size) [1, max_num_batched_tokens]; an explicit `min_tokens`
+   gates by the range's start, `auto` lets the pipeline judge the rewrite over the range;
 3. calls `fxpasses.pipeline.run_passes`, which rewrites the graph in place or leaves it untouched
    and says why (site report under `FXPASSES_DUMP_DIR/rank{r}/`).
 
