@@ -23,3 +23,8 @@ class VerificationError(FxPassesError):
 
 class WireBytesError(FxPassesError):
     """The rewritten graph would move more bytes per step than the original; the original was kept."""
+
+
+class ModelledSlowerError(WireBytesError):
+    """`min_tokens: auto`: the rewritten graph is modelled slower over the token range vLLM runs it
+    at (`fxpasses.token_gate`); the original was kept. Decided from shapes every rank shares."""

@@ -27,7 +27,7 @@ from fxpasses.lowering import lower as lowering
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
-from fxpasses.errors import FxPassesError, RewriteError, WireBytesError
+from fxpasses.errors import FxPassesError, ModelledSlowerError, RewriteError, WireBytesError
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
 from fxpasses.graph_mode import WHOLE_BY_CALLER, GraphMode
 from fxpasses.patterns_loader import PatternSet, load_patterns
@@ -111,14 +111,17 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                 return _kept(report, "every owned site was skipped", graph, config, tag)
             with report.timed("verify"):
                 ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
-                more = (_more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
-                        or _slower(graph, work, config, ctx, report, token_range))
-            if more:
-                raise WireBytesError(more)
+                more = _more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
+                if more:
+                    raise WireBytesError(more)
+                slower = _slower(graph, work, config, ctx, report, token_range)
+                if slower:
+                    raise ModelledSlowerError(slower)
         except WireBytesError as e:
-            retry = _back_off_costly_sites(report, plans, config, backed_off or {}, lambda b: _run_strategies(
-                graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile, fail_loudly=fail_loudly,
-                graph_mode=graph_mode, left_out=left_out, token_range=token_range, backed_off=b))
+            retry = None if isinstance(e, ModelledSlowerError) else _back_off_costly_sites(
+                report, plans, config, backed_off or {}, lambda b: _run_strategies(
+                    graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile, fail_loudly=fail_loudly,
+                    graph_mode=graph_mode, left_out=left_out, token_range=token_range, backed_off=b))
             if retry is not None:
                 return retry
             rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
@@ -189,8 +192,9 @@ def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: Fx
     rewrite the rest again (`retry(backed_off)`), at most BACK_OFF_ROUNDS times. None when there is
     nothing to back off, no site would be left, or the rounds are spent (the caller refuses the whole
     rewrite, as before). Read off shapes every rank shares: every rank backs off the same sites."""
-    grew = report.extra.get("bytes_per_step", {}).get("grew") or {}
-    if not grew or len(backed_off) and len(set(backed_off.values())) >= BACK_OFF_ROUNDS:
+    step = report.extra.get("bytes_per_step", {})
+    grew = step.get("grew") or {}
+    if not grew or step.get("after", 0) <= step.get("before", 0) or len(backed_off) and len(set(backed_off.values())) >= BACK_OFF_ROUNDS:
         return None
     spanning = {n for n in config.strategies if strategies.get(n).spans_layers}
     owned = [p for p in plans if p.strategy and p.status in (SiteStatus.PLANNED, SiteStatus.REWRITTEN)]

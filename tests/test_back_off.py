@@ -25,7 +25,8 @@ def _attempt(backed_off, grew):
         else:
             p.done("rewritten")
     rep = PassReport(0, 4, list(CONFIG.strategies), sites=plans)
-    rep.extra["bytes_per_step"] = {"tokens": 16384, "grew": grew}
+    rep.extra["bytes_per_step"] = {"tokens": 16384, "grew": grew, "before": 1000.0,
+                                   "after": 1000.0 + sum(b1 - b0 for b0, b1 in grew.values())}
     return rep, plans
 
 
@@ -60,4 +61,13 @@ def test_no_back_off_when_it_would_leave_nothing_or_the_rounds_are_spent():
     rep, plans = _attempt({}, {"1": [1.0, 2.0]})
     assert _back_off_costly_sites(rep, plans, CONFIG, spent, lambda b: 1 / 0) is None
     rep.extra["bytes_per_step"]["grew"] = {}
+    assert _back_off_costly_sites(rep, plans, CONFIG, {}, lambda b: 1 / 0) is None
+
+
+def test_no_back_off_when_the_graph_as_a_whole_sends_no_more():
+    """A layer may grow while the graph sends less in total (a piece's last layer gathers what the
+    others saved): that graph is kept as it is, and a refusal for modelled time (min_tokens auto)
+    never backs off sites either (the pipeline does not call back-off for it)."""
+    rep, plans = _attempt({}, {"post": [0.0, 50.0]})
+    rep.extra["bytes_per_step"]["after"] = 900.0
     assert _back_off_costly_sites(rep, plans, CONFIG, {}, lambda b: 1 / 0) is None

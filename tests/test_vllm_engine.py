@@ -131,7 +131,9 @@ RUNS = {
     "object": ("object", {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"], "strict": True,
                                                         "min_tokens": 0})}, None),
     "string": ("string", {}, {"fxpasses": {"strategies": "flashcomm1", "strict": True, "min_tokens": 0}}),
-    "plugin": ("plugin", {"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None),
+    # the vllm-ascend switch names the strategy; FXPASSES_CONFIG (higher priority) forces the rewrite
+    "plugin": ("plugin", {"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1", "FXPASSES_CONFIG": json.dumps({"min_tokens": 0})},
+               None),
 }
 
 

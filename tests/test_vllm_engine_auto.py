@@ -30,4 +30,9 @@ def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
         assert gate["keeps"] is False and gate["token_range"][0] == 1 and gate["link_costs"]["platform"] == "cpu"
         assert gate["points"][0]["tokens"] == 1 and gate["points"][0]["delta_us"] > 0
         assert "min_tokens=auto" in r["reason"] and "vLLM runs this graph for tokens [1, " in r["reason"]
-        assert all("min_tokens=auto" in s["reason"] for s in r["sites"] if s["strategy"]), r["sites"]
+        owned = [s for s in r["sites"] if s["strategy"]]
+        assert owned and not any(s["status"] == "rewritten" for s in owned), owned
+        skipped = [s for s in owned if s["status"] == "skipped"]
+        assert skipped and all("min_tokens=auto" in s["reason"] for s in skipped), skipped
+        # a time refusal is the whole graph's: no per-layer back-off (that answers bytes only)
+        assert not r.get("backed_off") and not any("backed off" in s["reason"] for s in r["sites"]), r["sites"]
