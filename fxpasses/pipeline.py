@@ -159,7 +159,7 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
     (DP attention: OTP, MLP-TP) add their communication by design and are not held to it."""
     if not config.family().bounded_by_original_bytes:
         return None
-    sizes = {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
+    sizes = _tp_group_sizes(ctx)
     static = tokens if isinstance(tokens, int) else None
     v0, v1, tokens = comm_volume.step_bytes_pair(before, after, sizes, ctx.tp, static)
     b0, b1 = v0["total"], v1["total"]
@@ -198,8 +198,9 @@ def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: Fx
         return None
     spanning = {n for n in config.strategies if strategies.get(n).spans_layers}
     owned = [p for p in plans if p.strategy and p.status in (SiteStatus.PLANNED, SiteStatus.REWRITTEN)]
-    in_grown = [p for p in owned if (comm_volume.layer_of(p.site.prefix) or "pre") in grew
-                or (comm_volume.layer_of(p.site.prefix) is None and "post" in grew)]
+    # a site outside the decoder layers (embedding, head) belongs to "pre" or "post"
+    in_grown = [p for p in owned if ({comm_volume.layer_of(p.site.prefix)} & set(grew)
+                                     or comm_volume.layer_of(p.site.prefix) is None and {"pre", "post"} & set(grew))]
     costly = [p for p in in_grown if p.strategy in spanning] or in_grown
     if not costly or len(costly) == len(owned):
         return None
@@ -214,6 +215,11 @@ def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: Fx
     return out
 
 
+def _tp_group_sizes(ctx: TPContext) -> dict[str, int]:
+    """{name: tp} of the TP group under both of its names (the model's all-reduces name either)."""
+    return {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
+
+
 def _slower(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext, report: PassReport,
             token_range: tuple[int, int | None] | None) -> str | None:
     """`min_tokens: auto`: why the rewrite may not be kept for its modelled time over the token
@@ -221,8 +227,8 @@ def _slower(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPCo
     every rank shares, so every rank decides alike."""
     if config.min_tokens != "auto" or token_range is None or not config.family().bounded_by_original_bytes:
         return None
-    sizes = {name: ctx.tp for name in (ctx.tp_group.c10d_name, ctx.tp_group.vllm_name) if name}
-    verdict = token_gate.judge(before, after, token_range, ctx.tp, sizes, link_costs.resolve(config.link_costs))
+    verdict = token_gate.judge(before, after, token_range, ctx.tp, _tp_group_sizes(ctx),
+                               link_costs.resolve(config.link_costs))
     report.extra["token_gate"] = verdict.to_dict()
     return None if verdict.keeps else verdict.why
 

@@ -35,9 +35,6 @@ from fxpasses import comm_volume
 from fxpasses import graph_forms as gf
 from fxpasses.link_costs import LinkCosts
 
-_SKIPPED = {"getitem"}
-
-
 @dataclass
 class GraphCost:
     """What a step of one graph costs, symbolic in its token symbols."""
@@ -71,7 +68,7 @@ def _has_token_dim(v: Any, symbols: set) -> bool:
 def _written(node: fx.Node, symbols: set) -> list:
     """Bytes expressions of the token-sized activations (floating point, 2-D or more) a token-wise
     op writes ([] for any other node: matmuls, views, collectives, index arithmetic)."""
-    if node.op != "call_function" or gf.op_name(node).split("::")[-1].split(".")[0] in _SKIPPED:
+    if node.op != "call_function" or gf.is_getitem(node):
         return []
     if getattr(node.target, "is_view", False) or gf.is_matmul(node) or gf.collective_kind(node):
         return []
