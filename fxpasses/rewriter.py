@@ -8,6 +8,13 @@ graph once: a node with a Shard0 input runs sharded when the
 token-wise table allows it (its other token-aligned inputs are sliced locally), otherwise it gets
 Replicate inputs (gathered once per value). Graph outputs always get Replicate.
 
+The token dimension. A value's token dim is the first dim of size T with only size-1 dims before
+it (`tokenwise.token_dim_of`): 0 in vLLM's native [T, H] graphs, 1 in its Transformers backend's
+[1, T, H] graphs. "Shard0" is sharded along that dim (the same rows in memory): padding and the
+local slice act on it, and a collective runs on the value with its leading size-1 dims squeezed
+(collectives split dim 0), which are restored after it. The rewriter records the token dim of
+every value it lays out (`token_dim`), so the verifier reads the rows where they are.
+
 Rank-local values. The output of a matmul against a weight sharded over the group (a column
 layer's feature shard, a row layer's or the vocab embedding's partial sum, a fused MoE's partial
 sum) differs across ranks in more than its rows: it must never be sliced into Shard0 rows, and
@@ -46,7 +53,7 @@ from fxpasses import layouts
 from fxpasses.comm import CommBackend
 from fxpasses.context import GroupRef
 from fxpasses.errors import RewriteError
-from fxpasses.tokenwise import is_quantize, shape_arg_fix, token_aligned_args
+from fxpasses.tokenwise import is_quantize, shape_arg_fix, token_aligned_args, token_dim_of
 
 aten = torch.ops.aten
 
@@ -54,7 +61,8 @@ aten = torch.ops.aten
 #: ops that change a tensor's dim 0 only (its rows keep their width and dtype)
 _ROWS_ONLY = frozenset({"_c10d_functional::wait_tensor", "_c10d_functional::reduce_scatter_tensor",
                         "_c10d_functional::all_gather_into_tensor", "vllm::reduce_scatter", "vllm::all_gather",
-                        "aten::constant_pad_nd", "aten::slice", "aten::narrow"})
+                        "aten::constant_pad_nd", "aten::slice", "aten::narrow", "aten::squeeze",
+                        "aten::unsqueeze"})
 
 
 def _tensor_valued(node: fx.Node) -> bool:
@@ -82,6 +90,8 @@ class LayoutRewriter:
         self.created: dict[fx.Node, None] = {}  # ordered set of the nodes the rewrite inserted
         self._padding = None                  # (rows, T_pad, pad), built once by padded_count()
         self._ndim: dict[fx.Node, int] = {}   # rank of the tensors we create (they have no fake value yet)
+        self._tdim: dict[fx.Node, int] = {}   # token dim of every value we lay out (see token_dim)
+        self._stream_dims: set[int] = set()   # token dims of the values reduce-scattered into Shard0
         self.touched: set[fx.Node] = set()    # original nodes whose inputs/args a rewrite changed
         self.notes: list[str] = []            # strategy remarks copied into the PassReport
         self.extra: dict = {}                 # strategy numbers copied into PassReport.extra
@@ -94,26 +104,44 @@ class LayoutRewriter:
         return self._state.setdefault(strategy, {})
 
     # ---- token count -------------------------------------------------------------------------
+    def token_dim(self, n) -> int | None:
+        """`n`'s token dim: recorded for the values the rewrite laid out, else read off its fake
+        value (`token_dim_of`); None when it has none."""
+        if n in self._tdim:
+            return self._tdim[n]
+        td = token_dim_of(gf.val(n), self.T)
+        if td is None and n in self.layout:  # created by us without a record: token-major
+            return 0
+        return td
+
     def is_token(self, n) -> bool:
-        if n in self.layout:  # created or re-laid-out by us: token-major by construction
-            return True
-        v = gf.val(n)
-        return isinstance(v, torch.Tensor) and v.dim() >= 1 and gf.same_size(v.shape[0], self.T)
+        return self.token_dim(n) is not None
+
+    def is_token_major(self, n) -> bool:
+        """The token dim is dim 0 (the layouts that exchange rows of a [T, H] matrix need it)."""
+        return self.token_dim(n) == 0
+
+    def _lay(self, node: fx.Node, layout, td: int | None, ndim: int | None = None) -> None:
+        self.layout[node] = layout
+        self._tdim[node] = 0 if td is None else td
+        if ndim is not None:
+            self._ndim[node] = ndim
 
     def token_layout(self) -> dict:
         """The token dimension, the token count and the rows each rank holds of a Shard0 value."""
-        return {"token_dim": 0, "token_count": str(self.T), "group_size": self.n,
-                "rows_per_rank": str((self.T + self.n - 1) // self.n)}
+        dims = sorted(self._stream_dims) or [0]  # where the reduce-scattered token stream holds its tokens
+        return {"token_dim": dims[0] if len(dims) == 1 else dims, "token_count": str(self.T),
+                "group_size": self.n, "rows_per_rank": str((self.T + self.n - 1) // self.n)}
 
     def token_dim_note(self, n: fx.Node | None = None) -> str:
-        """Where the token count sits in `n`'s shape, for skip reasons (e.g. [1, T, H] graphs)."""
+        """Where the token count sits in `n`'s shape, for skip reasons."""
         v = gf.val(n) if n is not None else None
         if not isinstance(v, torch.Tensor):
             return f"token count {self.T}"
         dims = [i for i, s in enumerate(v.shape) if gf.same_size(s, self.T)]
         where = f"dim {dims[0]}" if dims else "no dim"
-        return (f"token count {self.T} is {where} of shape {list(v.shape)}; the rewriter shards dim 0 "
-                "only (a [1, T, H] Transformers-backend layout stays unsharded)")
+        return (f"token count {self.T} is {where} of shape {list(v.shape)}; a token dim must be the first "
+                "dim of size T with only size-1 dims before it")
 
     def ndim(self, n) -> int | None:
         if n in self._ndim:
@@ -137,9 +165,10 @@ class LayoutRewriter:
         src = next((ph for ph in phs if self.is_token(ph)), None)
         if src is None:
             raise RewriteError("cannot recover the token count from the graph inputs (no input has a "
-                               "token-sized dim 0); the graph cannot be padded symbolically")
+                               "token dim); the graph cannot be padded symbolically")
         with self.graph.inserting_before(phs[-1].next):
-            self._T_node = self._new(self.graph.call_function(aten.sym_size.int, (src, 0)), "token_count")
+            self._T_node = self._new(self.graph.call_function(aten.sym_size.int, (src, self.token_dim(src))),
+                                     "token_count")
         return self._T_node
 
     def _new(self, node: fx.Node, role: str) -> fx.Node:
@@ -185,10 +214,9 @@ class LayoutRewriter:
         """Rows of a Shard0 value: ceil(T / n)."""
         return self._padding_values()[0]
 
-    def mark_shard0(self, node: fx.Node, ndim: int) -> None:
+    def mark_shard0(self, node: fx.Node, ndim: int, token_dim: int = 0) -> None:
         """Declare a value a strategy built as Shard0 over the rewriter's group, of rank `ndim`."""
-        self.layout[node] = layouts.SHARD0
-        self._ndim[node] = ndim
+        self._lay(node, layouts.SHARD0, token_dim, ndim)
 
     def mark_rank_local(self, node: fx.Node) -> None:
         """`node`'s value depends on a weight sharded over the group (see the module docstring)."""
@@ -206,21 +234,38 @@ class LayoutRewriter:
         return max(cands)
 
     def _pad(self, x: fx.Node) -> fx.Node:
+        """`x` padded with zero rows to T_pad along its token dim."""
         pad, _ = self.padded_count()
-        nd = self.ndim(x)
+        nd, td = self.ndim(x), self.token_dim(x) or 0
         return self._new(self.graph.call_function(aten.constant_pad_nd.default,
-                                                  (x, [0, 0] * (nd - 1) + [0, pad], 0.0)), "pad")
+                                                  (x, [0, 0] * (nd - 1 - td) + [0, pad], 0.0)), "pad")
+
+    def _squeeze_leading(self, x: fx.Node, td: int) -> fx.Node:
+        """`x` without the `td` size-1 dims before its token dim (a collective splits dim 0)."""
+        if not td:
+            return x
+        return self._new(self.graph.call_function(aten.squeeze.dims, (x, list(range(td)))), "token_dim_squeeze")
+
+    def _unsqueeze_leading(self, x: fx.Node, td: int) -> fx.Node:
+        """The inverse of `_squeeze_leading`: `td` size-1 dims put back in front."""
+        for _ in range(td):
+            x = self._new(self.graph.call_function(aten.unsqueeze.default, (x, 0)), "token_dim_unsqueeze")
+        return x
 
     def to_shard0_from_partial(self, partial: fx.Node) -> fx.Node:
-        """Partial -> Shard0: pad + reduce_scatter."""
+        """Partial -> Shard0: pad + reduce_scatter (along the token dim)."""
+        td = self.token_dim(partial) or 0
         with self.graph.inserting_before(self._anchor(partial).next):
             padded = self._pad(partial)
-        with self.graph.inserting_before(padded.next):
-            rs = self.comm.reduce_scatter(self.graph, padded, self.group)
-        self._record_collective(padded, rs)
-        self.layout[rs] = layouts.SHARD0
-        self._ndim[rs] = self.ndim(partial)
-        return rs
+            flat = self._squeeze_leading(padded, td)
+        with self.graph.inserting_before(flat.next):
+            rs = self.comm.reduce_scatter(self.graph, flat, self.group)
+        self._record_collective(flat, rs)
+        with self.graph.inserting_before(rs.next):
+            out = self._unsqueeze_leading(rs, td)
+        self._lay(out, layouts.SHARD0, td, self.ndim(partial))
+        self._stream_dims.add(td)
+        return out
 
     def replace_all_reduce(self, ar: gf.AllReduce, new: fx.Node) -> None:
         """Route every user of a TP all-reduce to `new`, then erase the all-reduce's nodes."""
@@ -247,13 +292,15 @@ class LayoutRewriter:
             self._gather_packed(*pair)
             return self._gathered[value]
         t = self.token_count_node()
+        td = self.token_dim(value) or 0
         with self.graph.inserting_before(max(value, t).next if isinstance(t, fx.Node) else value.next):
-            ag = self.comm.all_gather(self.graph, value, self.group)
+            flat = self._squeeze_leading(value, td)
+            ag = self.comm.all_gather(self.graph, flat, self.group)
         self._record_collective(value, ag)
         with self.graph.inserting_before(ag.next):
             out = self._new(self.graph.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
-        self.layout[out] = layouts.REPLICATE
-        self._ndim[out] = self.ndim(value)
+            out = self._unsqueeze_leading(out, td)
+        self._lay(out, layouts.REPLICATE, td, self.ndim(value))
         self._gathered[value] = out
         return out
 
@@ -282,23 +329,22 @@ class LayoutRewriter:
             out = self._new(g.call_function(aten.slice.Tensor, (ag, 0, 0, t)), "unpad")
             qg, sg = unpack_int8_scales(g, out, int(gf.val(q).shape[1]), gf.val(sc).dim(), self._new)
         for src, dst in ((q, qg), (sc, sg)):
-            self.layout[dst] = layouts.REPLICATE
-            self._ndim[dst] = gf.val(src).dim()
+            self._lay(dst, layouts.REPLICATE, 0, gf.val(src).dim())
             self._gathered[src] = dst
 
     def local_shard(self, value: fx.Node) -> fx.Node:
         """Replicate -> Shard0 without communication: pad + this rank's chunk. Once per value."""
         if value in self._local:
             return self._local[value]
+        td = self.token_dim(value) or 0
         with self.graph.inserting_before(self._anchor(value).next):
             padded = self._pad(value)
         with self.graph.inserting_before(padded.next):
             chunk = self.shard_rows()
             start = self.sym(operator.mul, chunk, self.rank)
-            out = self._new(self.graph.call_function(aten.narrow.default, (padded, 0, start, chunk)),
+            out = self._new(self.graph.call_function(aten.narrow.default, (padded, td, start, chunk)),
                             "local_shard")
-        self.layout[out] = layouts.SHARD0
-        self._ndim[out] = self.ndim(value)
+        self._lay(out, layouts.SHARD0, td, self.ndim(value))
         self._local[value] = out
         return out
 
@@ -328,12 +374,12 @@ class LayoutRewriter:
             if node.op == "output" or node in self.rank_local or node in early:
                 self._replicate_inputs(node, sharded)
                 continue
-            if gf.op_name(node) == "aten::sym_size" and node.args[1] == 0:
+            if gf.op_name(node) == "aten::sym_size" and node.args[1] == self.token_dim(node.args[0]):
                 for u in list(node.users):
                     self.touched.add(u)
                 node.replace_all_uses_with(self.token_count_node())
                 continue
-            aligned = token_aligned_args(node, self.is_token, self.ndim)
+            aligned = token_aligned_args(node, self.is_token, self.ndim, self.token_dim)
             if aligned is None or not set(sharded) <= set(aligned):
                 self._replicate_inputs(node, sharded)
                 continue
@@ -341,8 +387,9 @@ class LayoutRewriter:
                 if self.layout.get(a) is not layouts.SHARD0:
                     node.replace_input_with(a, self.local_shard(a))
                     self.touched.add(node)
-            shape_arg_fix(node, self.shard_rows)
-            self.layout[node] = layouts.SHARD0
+            td = self.token_dim(node)
+            shape_arg_fix(node, self.shard_rows, td or 0)
+            self._lay(node, layouts.SHARD0, td)
 
     # ---- where to gather (see the module docstring) --------------------------------------------
     def _replicate_early(self) -> set[fx.Node]:
@@ -354,7 +401,7 @@ class LayoutRewriter:
             if not self._original(node):
                 continue
             tensor_op = node.op == "call_function" and _tensor_valued(node)
-            aligned = token_aligned_args(node, self.is_token, self.ndim) if tensor_op else None
+            aligned = token_aligned_args(node, self.is_token, self.ndim, self.token_dim) if tensor_op else None
             into = [a for a in node.all_input_nodes if a in sharded]
             if node.op == "output" or node in self.rank_local or (tensor_op and aligned is None):
                 demands.add(node)
@@ -374,8 +421,7 @@ class LayoutRewriter:
         return gather_points.replicated_candidates(self.graph, candidates, demands, sharded, forced,
                                                    self._row_bytes)
 
-    @staticmethod
-    def _row_bytes(n: fx.Node) -> float:
+    def _row_bytes(self, n: fx.Node) -> float:
         """Bytes per token of `n`'s tensor value(s) (inf when unknown: never chosen to save bytes). A
         node the rewrite inserted has no fake value yet; one that only changes dim 0 (a collective, its
         wait, a pad or a slice of rows) has the row of the value it came from."""
@@ -390,7 +436,7 @@ class LayoutRewriter:
             if t.dim() == 0:
                 return float("inf")
             per = t.element_size()
-            for s in t.shape[1:]:
+            for s in t.shape[(token_dim_of(t, self.T) or 0) + 1:]:
                 if isinstance(s, torch.SymInt):
                     return float("inf")
                 per *= int(s)

@@ -264,7 +264,10 @@ def verify(gm: torch.nn.Module, rewriter, before_outputs: list, graph: fx.Graph 
             v = gf.val(node)
             if not isinstance(v, torch.Tensor):
                 continue
-            rows = v.shape[0]
+            td = rewriter.token_dim(node) or 0  # recorded when the value was laid out
+            if v.dim() <= td:
+                raise VerificationError(f"{node.name} should hold tokens on dim {td}, has shape {list(v.shape)}")
+            rows = v.shape[td]
             if lay is layouts.REPLICATE and not _sym_equal(rows, rewriter.T):
                 raise VerificationError(f"{node.name} should be Replicate with {rewriter.T} rows, has {rows}")
             if lay is layouts.SHARD0:

@@ -90,9 +90,10 @@ def test_overrides_name_a_site_kind(tmp_path):
         load_patterns(str(bad))
 
 
-def test_a_batch_of_one_layout_is_recognised_and_left_unsharded():
+def test_a_batch_of_one_layout_is_sharded_along_its_token_dim():
     """vLLM's Transformers backend runs [1, T, H]: dim 0 is the batch, the token count is dim 1. The
-    rewriter shards dim 0 only, so it must not pad the batch of one (rank 1 would compute padding)."""
+    rewriter pads and reduce-scatters dim 1 (never the batch of one) and the verifier finds ceil(T/tp)
+    rows there; the [T, H] view that feeds the row matmul keeps its tokens on dim 0."""
     import torch
     from torch._dispatch.python import enable_python_dispatcher
 
@@ -119,10 +120,15 @@ def test_a_batch_of_one_layout_is_recognised_and_left_unsharded():
         before = collective_counts(gm.graph)
         rep = run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",), module_prefix="model"),
                          sg.tp_context(2))
-    assert not rep.applied
+    assert rep.applied, rep.reason
     rows = [p for p in rep.sites if p.site.kind in ("row", "embedding")]
-    assert len(rows) == 2 and all("dim 1 of shape [1, s" in p.reason for p in rows), [p.reason for p in rows]
-    assert collective_counts(gm.graph) == before
+    assert len(rows) == 2 and all(p.reason == "all_reduce -> pad + reduce_scatter" for p in rows), rows
+    assert rep.extra["token_layout"]["token_dim"] == 1, rep.extra["token_layout"]
+    after = collective_counts(gm.graph)
+    assert (after["all_reduce"], after["reduce_scatter"]) == (0, before["all_reduce"]), (before, after)
+    # [1, T, H] is padded on dim 1 (pad list [H: 0, 0, T: 0, pad]), never on the batch dim
+    pads = [n.args[1] for n in gm.graph.nodes if n.target is aten.constant_pad_nd.default]
+    assert len(pads) == 2 and all(len(p) == 4 and p[:3] == [0, 0, 0] for p in pads), pads
 
 
 def test_a_layer_reached_through_the_forward_context_keeps_its_full_prefix():

@@ -95,3 +95,47 @@ def test_topk_and_sort_are_tokenwise_along_features_only():
                                        ("aten::embedding", tw.embedding)])
 def test_the_table_maps_op_names_to_rules(name, rule):
     assert tw.RULES[name] is rule
+
+
+def _aligned_b1(fn, name, *shapes):
+    """As `_aligned`, for a [1, T, ...] first input: the token dim is dim 1 (`token_dim_of`)."""
+    gm = make_fx(fn, tracing_mode="symbolic")(*[torch.randn(*s) for s in shapes])
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    T = gf.val(x).shape[1]
+
+    def tdim(n):
+        return tw.token_dim_of(gf.val(n), T)
+
+    node = next(n for n in gm.graph.nodes if gf.op_name(n) == f"aten::{name}")
+    got = tw.token_aligned_args(node, lambda n: tdim(n) is not None, tdim=tdim)
+    return None if got is None else sorted(a.name for a in got)
+
+
+def test_the_token_dim_is_the_first_size_t_dim_behind_size_one_dims():
+    T = 5  # a static count is enough for the shape rule itself
+    assert tw.token_dim_of(torch.empty(5, 3), T) == 0
+    assert tw.token_dim_of(torch.empty(1, 5, 3), T) == 1
+    assert tw.token_dim_of(torch.empty(1, 1, 5, 3), T) == 2
+    assert tw.token_dim_of(torch.empty(1, 2, 5, 3), T) is None   # heads before tokens: not a row layout
+    assert tw.token_dim_of(torch.empty(3, 5), T) is None
+    assert tw.token_dim_of([torch.empty(1, 5, 1), torch.empty(1, 5, 1)], T) == 1
+
+
+def test_rules_read_the_token_dim_of_a_batch_of_one_layout():
+    shape = (1, 7, 16)
+    assert _aligned_b1(lambda x: x * 2 + 1, "mul", shape) == ["x_1"]
+    assert _aligned_b1(lambda x: x.reshape(-1, 16), "view", shape) == ["x_1"]
+    assert _aligned_b1(lambda x: x.reshape(-1), "view", shape) is None
+    assert _aligned_b1(lambda x: x.transpose(0, 1), "transpose", shape) == ["x_1"]   # [T, 1, H]
+    assert _aligned_b1(lambda x: x.transpose(1, 2), "transpose", shape) is None      # [1, H, T]
+    assert _aligned_b1(lambda x: x.permute(1, 0, 2), "permute", shape) == ["x_1"]
+    assert _aligned_b1(lambda x: x.squeeze(0), "squeeze", shape) == ["x_1"]
+    assert _aligned_b1(lambda x: x.unsqueeze(0), "unsqueeze", shape) == ["x_1"]      # [1, 1, T, H]
+    assert _aligned_b1(lambda x: x.sum(2), "sum", shape) == ["x_1"]
+    assert _aligned_b1(lambda x: x.sum(1), "sum", shape) is None                     # over tokens
+    assert _aligned_b1(lambda x: torch.cat([x, x], 2), "cat", shape) == ["x_1", "x_1"]
+    assert _aligned_b1(lambda x: torch.cat([x, x], 1), "cat", shape) is None
+    # F.linear on [1, T, H] traces as view [T, H] -> mm -> view [1, T, O]: tokens on dim 0 of the mm
+    assert _aligned_b1(lambda x, w: torch.nn.functional.linear(x, w), "mm", shape, (8, 16)) == ["view"]
+    assert _aligned_b1(lambda x, w: torch.nn.functional.linear(x, w), "_unsafe_view", shape, (8, 16)) == ["mm"]
+    assert _aligned_b1(lambda x: x[:, 1:], "slice", shape) is None                   # slices tokens

@@ -6,8 +6,9 @@ downloaded), run without and with the pass in their own processes by `fxpasses.c
                reduce-scatter, its input is gathered once (router and experts share it)
   deepseek_v2  MLA + grouped top-k MoE with a shared expert summed in before one all-reduce
   cohere       parallel residual: one all-reduce of attention + MLP per layer
-  gpt_neox     vLLM's Transformers backend: [1, T, H] activations; the rewriter shards dim 0 only,
-               so it must leave this graph alone (never pad the batch of one)
+  gpt_neox     vLLM's Transformers backend (HF modules): [1, T, H] activations, tokens on dim 1,
+  olmo2        parallel residual (gpt_neox) or sequential (olmo2); sharded along dim 1, never the
+               batch of one
 
 Greedy tokens must be identical and chosen-token/prompt logprobs within the check's tolerance; the
 pass may not send more bytes per step (measured on the graphs around the pass); every all-reduce
@@ -64,11 +65,14 @@ def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path
         assert res.collectives_after["all_gather"] == 2 * layers + 1, (res.collectives_after, layers)
 
 
-def test_a_transformers_backend_model_is_left_unsharded(tmp_path, engine_log):
-    res = engine_log(check.run_check(None, TP, "flashcomm1", arch="gpt_neox", workdir=tmp_path,
-                                     progress=lambda line: None))
+@pytest.mark.parametrize("arch", ["gpt_neox", "olmo2"])
+def test_a_transformers_backend_model_is_sharded_along_its_token_dim(arch, tmp_path, engine_log):
+    res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None))
     _common(res)
-    assert res.exit_code == check.EXIT_NOTHING_REWRITTEN, res.message
-    assert res.collectives_after == res.collectives_before
-    rows = [s for s in res.sites if s["kind"] in ("row", "embedding")]
-    assert rows and all("dim 1 of shape [1, " in s["reason"] for s in rows), [s["reason"] for s in rows]
+    assert res.exit_code == check.EXIT_OK, res.message
+    assert res.collectives_after.get("all_reduce", 0) == 0, res.collectives_after
+    assert res.collectives_after["reduce_scatter"] == res.collectives_before["all_reduce"]
+    reports = _site_reports(res)
+    assert reports and all(r["applied"] for r in reports), [r["reason"] for r in reports]
+    for r in reports:
+        assert r["token_layout"]["token_dim"] == 1 and r["token_layout"]["group_size"] == TP, r["token_layout"]

@@ -102,7 +102,7 @@ def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = 
         return f"{op} has an output offset; {strategy}'s quantised form takes none"
     x = op_forms.arg(mm, form.x)
     xv, wv = gf.val(x), gf.val(w)
-    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token_major(x)):
         return "the quantised input is not an int8 [tokens, features] tensor"
     if not (isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8
             and all(isinstance(d, int) for d in wv.shape)):
@@ -114,7 +114,7 @@ def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = 
     if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
         return f"the dequant scale {form.channel_args[0]!r} is not a per-output-channel [{wv.shape[1]}] parameter"
     pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
-    if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token(pts) and packable(x, pts)):
+    if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token_major(pts) and packable(x, pts)):
         return "the per-token scale is not a float32 [tokens] tensor"
     b = site.bias
     if b is not None:

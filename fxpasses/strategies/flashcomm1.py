@@ -48,7 +48,7 @@ class FlashComm1(Strategy):
             if not ar.runs_on(ctx.tp_group):
                 return f"its all-reduce runs on group {ar.group_name!r}, not the TP group"
             if not rw.is_token(ar.input):
-                return f"the all-reduced tensor's dim 0 is not the token dimension ({rw.token_dim_note(ar.input)})"
+                return f"the all-reduced tensor has no token dimension ({rw.token_dim_note(ar.input)})"
             return None
         if site.kind == "column":
             if site.matmul is None:

@@ -171,7 +171,7 @@ def _quant_precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str |
     if form.offset and op_forms.arg(mm, form.offset) is not None:
         return f"{gf.op_name(mm)} has an output offset; FlashComm2's quantised form takes none"
     xv, wv, sv = gf.val(x), gf.val(w), gf.val(scale) if isinstance(scale, fx.Node) else None
-    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token(x)):
+    if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token_major(x)):
         return "the quantised o_proj input is not an int8 [tokens, features] tensor"
     if not (_param(w) and isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8):
         return "the o_proj weight is not an int8 [D/tp, H] parameter"
@@ -182,7 +182,7 @@ def _quant_precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str |
         return "the dequant scale is not a per-output-channel [H] parameter"
     if pts is not None:
         pv = gf.val(pts)
-        if not (isinstance(pv, torch.Tensor) and pv.dim() == 1 and pv.dtype == torch.float32 and rw.is_token(pts)):
+        if not (isinstance(pv, torch.Tensor) and pv.dim() == 1 and pv.dtype == torch.float32 and rw.is_token_major(pts)):
             return "the per-token scale is not a float32 [tokens] tensor"
     out = gf.val(mm)
     if not (isinstance(out, torch.Tensor) and out.dtype.is_floating_point):
@@ -219,8 +219,9 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
                 "a platform linear form reading the [out, in] weight, are)")
     if ar.input is not mm:
         return "the all-reduced tensor is not the o_proj matmul output"
-    if not rw.is_token(ar.input) or not rw.is_token(site.input):
-        return "the matmul's dim 0 is not the token dimension"
+    if not rw.is_token_major(ar.input) or not rw.is_token_major(site.input):
+        return ("the matmul's input or output does not hold its tokens on dim 0 (FlashComm2 exchanges rows of "
+                "a [T, H] matrix; a [1, T, H] Transformers-backend graph gets FlashComm1 only)")
     if site.weight.op not in ("placeholder", "get_attr"):
         return "the weight is computed in the graph (not a parameter); it cannot be gathered once"
     rhs = _weight_t(mm)

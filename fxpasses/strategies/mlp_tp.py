@@ -129,7 +129,7 @@ def _check_pair(cp: SitePlan, rp: SitePlan, rw: LayoutRewriter, ctx: TPContext, 
     if quant[0] != quant[1]:
         return "one of gate_up_proj / down_proj is quantised and the other is not", None
     xv = gf.val(cs.input)
-    if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not rw.is_token(cs.input):
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not rw.is_token_major(cs.input):
         return "the gate_up_proj input is not a [tokens, features] tensor", None
     gdims, ddims = dc.out_in(cs), dc.out_in(rs)
     if gdims is None or ddims is None:

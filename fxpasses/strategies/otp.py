@@ -60,7 +60,7 @@ def _precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext, k: int) -> str
     if why:
         return why
     x = gf.val(site.input)
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not rw.is_token(site.input):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not rw.is_token_major(site.input):
         return "the o_proj input is not a [tokens, features] tensor"
     if dc.quantized_in_out(site.matmul) is not None:
         why = dc.quant_site_refusal(site, rw, "OTP")

@@ -16,7 +16,9 @@ attention is shaped like DeepSeek's MLA: a `MergedColumnParallelLinear(disable_t
 down-projection, latent RMSNorms, q_b/kv_b ColumnParallelLinear up-projections, a
 `reshape(T, 1, -1)` of the rope key and causal SDPA. With `parallel_residual` (Cohere) attention
 and MLP read the same normed input, neither reduces, and one all-reduce of their sum ends the
-layer. Weights are random (seeded, identical on every rank
+layer. With `batch_of_one` every activation carries a leading batch dim of one ([1, T] ids,
+[1, T, H] hidden states, as vLLM's Transformers backend runs Hugging Face modules): the token dim
+is dim 1. Weights are random (seeded, identical on every rank
 before sharding), nothing is downloaded. Must be built after vLLM's model-parallel groups exist.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ class DecoderSpec:
     qk_rope_head_dim: int = 0
     parallel_residual: bool = False
     splitting_attention: bool = False    # attention as one custom op vLLM can split the graph at
+    batch_of_one: bool = False           # [1, T, H] activations (vLLM's Transformers-backend layout)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "DecoderSpec":
@@ -132,6 +135,8 @@ class DecoderSpec:
                           ("vocab_size", self.vocab_size)):
             if val % tp:
                 raise ConfigError(f"{name}={val} is not divisible by tp={tp}; choose a tp that divides it")
+        if self.batch_of_one and (self.kv_lora_rank or self.num_experts):
+            raise ConfigError("batch_of_one builds dense attention and MLPs only; leave out kv_lora_rank / num_experts")
         if self.num_key_value_heads % tp and tp % self.num_key_value_heads:
             raise ConfigError(f"num_key_value_heads={self.num_key_value_heads} and tp={tp}: one must divide the other")
 
@@ -164,14 +169,14 @@ class Attention(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t = q.shape[0]
+        t = q.shape[-2] if q.dim() == 3 else q.shape[0]  # [1, T, q] with batch_of_one
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        out = attend(q, k, v, self.splitting_attention).reshape(t, self.q_size)
+        out = attend(q, k, v, self.splitting_attention).reshape(*hidden.shape[:-1], self.q_size)
         out, _ = self.o_proj(out)
         return out
 
@@ -340,6 +345,8 @@ class TinyDecoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.spec.batch_of_one:
+            input_ids = input_ids.unsqueeze(0)
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
