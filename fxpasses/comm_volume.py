@@ -260,14 +260,15 @@ def padded(T: int, n: int) -> int:
     return T + (-T) % n
 
 
-def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
-                         k: int = 1, attn_in: int | None = None) -> dict[str, int]:
-    """Per-rank bytes sent per decoder layer by the *layout* each strategy produces.
+def analytic_layer_collectives(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
+                               k: int = 1, attn_in: int | None = None) -> list[tuple[str, int]]:
+    """(kind, per-rank send bytes) of every collective one decoder layer runs in the *layout* each
+    strategy produces (the one table the byte totals and the time model read).
 
     attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K;
     attn_in = the width all-gathered before attention (default H: the normed hidden state feeding
     qkv_proj; MLA gathers its latents instead, q_lora + kv_lora + rope, computed on the shards).
-    vanilla:     2 all_reduce [T, H]                       2 x 2(tp-1)/tp T H b
+    vanilla:     2 all_reduce [T, H]                       each 2(tp-1)/tp T H b
     flashcomm1:  rs(o) + ag(gate_up in) + rs(down), each (tp-1)/tp T_pad H b, + ag(attention in),
                  (tp-1)/tp T_pad attn_in b
     flashcomm2:  o_proj: all_to_all over ODP (n = tp/k) of [T_pad, D/tp] (the row bias travels with
@@ -279,24 +280,25 @@ def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_ou
     Tp = padded(T, tp)
     n = tp // k
     ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
-    ar = 2 * (tp - 1) * T * H * b // tp
-    fc1_rs = ring(Tp * H * b, tp)
-    attn_ag = ring(Tp * (attn_in or H) * b, tp)
-    fc2_o = ring(Tp * (D // tp) * b, n) + (ring((Tp // n) * H * b, k) if k > 1 else 0)
-    if strategy == "vanilla":
-        return {"all_reduce": 2 * ar, "total": 2 * ar}
-    if strategy == "flashcomm1":
-        return {"reduce_scatter": 2 * fc1_rs, "all_gather": fc1_rs + attn_ag, "total": 3 * fc1_rs + attn_ag}
-    if strategy == "flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "all_gather": fc1_rs, "all_reduce": ar}
-        if k > 1:
-            d["reduce_scatter"] = ring((Tp // n) * H * b, k)
-        d["total"] = sum(d.values())
-        return d
-    if strategy == "flashcomm1+flashcomm2":
-        d = {"all_to_all": ring(Tp * (D // tp) * b, n), "reduce_scatter": fc1_rs + (ring((Tp // n) * H * b, k)
-                                                                                    if k > 1 else 0),
-             "all_gather": fc1_rs + attn_ag}
-        d["total"] = fc2_o + 2 * fc1_rs + attn_ag
-        return d
-    raise ValueError(f"no analytic model for strategy {strategy!r}")
+    ar = ("all_reduce", 2 * (tp - 1) * T * H * b // tp)
+    rs, ag = ("reduce_scatter", ring(Tp * H * b, tp)), ("all_gather", ring(Tp * H * b, tp))
+    attn_ag = ("all_gather", ring(Tp * (attn_in or H) * b, tp))
+    fc2_o = [("all_to_all", ring(Tp * (D // tp) * b, n))] + (
+        [("reduce_scatter", ring((Tp // n) * H * b, k))] if k > 1 else [])
+    layers = {"vanilla": [ar, ar], "flashcomm1": [attn_ag, rs, ag, rs], "flashcomm2": [*fc2_o, ag, ar],
+              "flashcomm1+flashcomm2": [attn_ag, *fc2_o, ag, rs]}
+    if strategy not in layers:
+        raise ValueError(f"no analytic model for strategy {strategy!r}")
+    return layers[strategy]
+
+
+def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
+                         k: int = 1, attn_in: int | None = None) -> dict[str, int]:
+    """Per-rank bytes sent per decoder layer, by collective kind and in total
+    (`analytic_layer_collectives` summed)."""
+    out: dict[str, int] = {}
+    for kind, nb in analytic_layer_collectives(strategy, T=T, tp=tp, hidden=hidden, attn_out=attn_out,
+                                               dtype_bytes=dtype_bytes, k=k, attn_in=attn_in):
+        out[kind] = out.get(kind, 0) + nb
+    out["total"] = sum(out.values())
+    return out

@@ -155,25 +155,13 @@ def _brief(costs: LinkCosts) -> str:
 
 # ---- before any graph exists: the decoder model of the advisor -----------------------------------
 
-def _layer_collectives(strategy: str, T: int, tp: int, H: int, D: int, b: int, k: int) -> list[tuple[str, int]]:
-    """(kind, send bytes) per decoder layer of each layout, as `comm_volume.analytic_layer_bytes`."""
-    Tp = comm_volume.padded(T, tp)
-    ring = lambda size, g: (g - 1) * size // g  # noqa: E731
-    ar = ("all_reduce", 2 * (tp - 1) * T * H * b // tp)
-    rs, ag = ("reduce_scatter", ring(Tp * H * b, tp)), ("all_gather", ring(Tp * H * b, tp))
-    n = tp // k
-    a2a = [("all_to_all", ring(Tp * (D // tp) * b, n))] + (
-        [("reduce_scatter", ring((Tp // n) * H * b, k))] if k > 1 else [])
-    return {"vanilla": [ar, ar], "flashcomm1": [rs, ag, rs, ag], "flashcomm2": [*a2a, ag, ar],
-            "flashcomm1+flashcomm2": [*a2a, ag, rs, ag]}[strategy]
-
-
 def layer_time_us(strategy: str, T: int, *, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
                   costs: LinkCosts, k: int = 1) -> float:
     """Modelled µs of one decoder layer's communication and residual-stream ops at T tokens: two
     add+norms writing two [T, H] tensors each, on T/tp rows where FlashComm1 shards the stream."""
     comm = sum(costs.link(kind).time_us(nb)
-               for kind, nb in _layer_collectives(strategy, T, tp, hidden, attn_out, dtype_bytes, k))
+               for kind, nb in comm_volume.analytic_layer_collectives(strategy, T=T, tp=tp, hidden=hidden,
+                                                                      attn_out=attn_out, dtype_bytes=dtype_bytes, k=k))
     rows = comm_volume.padded(T, tp) // tp if "flashcomm1" in strategy else T
     return comm + 2 * (2 * 2 * rows * hidden * dtype_bytes) / (costs.memory_gbps * 1e3)
 
