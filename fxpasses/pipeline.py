@@ -17,6 +17,7 @@ kernels where the platform has them (`fxpasses.lowering`, the `lowering` key).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 import logging
 
 import torch
@@ -68,7 +69,7 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                     fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
                     left_out: dict[str, str] | None = None,
                     token_range: tuple[int, int | None] | None = None,
-                    backed_off: dict[str, str] | None = None) -> PassReport:
+                    backed_off: "BackOff | None" = None) -> PassReport:
     """The rewrite of `run_passes`, without the lowering.
 
     `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
@@ -81,8 +82,7 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
     the token counts vLLM will run this graph at ([lo, hi], hi None when unknown); with
     `min_tokens: auto` a rewrite is kept only where `fxpasses.token_gate.judge` says it is no
     slower over that range (None, library use: the caller chose the graph, it is rewritten).
-    `backed_off`: {site prefix: why} of sites a previous attempt found costly, left as they are
-    (`_back_off_costly_sites`)."""
+    `backed_off`: the sites previous attempts found costly, left as they are (`BackOff`)."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
@@ -98,8 +98,8 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
         with report.timed("plan"):
             report.sites = plans = plan_sites(sites, config, patterns, left_out)
             for p in plans:
-                if p.status is SiteStatus.PLANNED and p.site.prefix in (backed_off or {}):
-                    p.skip(backed_off[p.site.prefix])
+                if backed_off and p.status is SiteStatus.PLANNED and p.site.prefix in backed_off.sites:
+                    p.skip(backed_off.sites[p.site.prefix])
         why = _nothing_owned(plans, config, sites)
         if why:
             return _kept(report, why, graph, config, tag)
@@ -119,7 +119,7 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
                     raise ModelledSlowerError(slower)
         except WireBytesError as e:
             retry = None if isinstance(e, ModelledSlowerError) else _back_off_costly_sites(
-                report, plans, config, backed_off or {}, lambda b: _run_strategies(
+                report, plans, config, backed_off or BackOff(), lambda b: _run_strategies(
                     graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile, fail_loudly=fail_loudly,
                     graph_mode=graph_mode, left_out=left_out, token_range=token_range, backed_off=b))
             if retry is not None:
@@ -185,8 +185,16 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
 BACK_OFF_ROUNDS = 4
 
 
+@dataclass(frozen=True)
+class BackOff:
+    """The sites earlier attempts left as they were ({prefix: why}) and how many rounds made them."""
+
+    sites: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+
+
 def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: FxPassesConfig,
-                           backed_off: dict[str, str], retry) -> PassReport | None:
+                           backed_off: BackOff, retry) -> PassReport | None:
     """The rewrite would send more bytes in some layers (`_more_bytes` lists them): leave those
     layers' sites as they are (the layer-spanning strategy's first; with them their gathers go) and
     rewrite the rest again (`retry(backed_off)`), at most BACK_OFF_ROUNDS times. None when there is
@@ -194,7 +202,7 @@ def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: Fx
     rewrite, as before). Read off shapes every rank shares: every rank backs off the same sites."""
     step = report.extra.get("bytes_per_step", {})
     grew = step.get("grew") or {}
-    if not grew or step.get("after", 0) <= step.get("before", 0) or len(backed_off) and len(set(backed_off.values())) >= BACK_OFF_ROUNDS:
+    if not grew or step.get("after", 0) <= step.get("before", 0) or backed_off.rounds >= BACK_OFF_ROUNDS:
         return None
     spanning = {n for n in config.strategies if strategies.get(n).spans_layers}
     owned = [p for p in plans if p.strategy and p.status in (SiteStatus.PLANNED, SiteStatus.REWRITTEN)]
@@ -205,10 +213,10 @@ def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: Fx
     if not costly or len(costly) == len(owned):
         return None
     layers = ", ".join(f"{'layer ' if k.isdigit() else ''}{k} {b0:.0f} -> {b1:.0f}" for k, (b0, b1) in grew.items())
-    why = (f"backed off (round {len(set(backed_off.values())) + 1}): with every owned site rewritten the graph "
+    why = (f"backed off (round {backed_off.rounds + 1}): with every owned site rewritten the graph "
            f"would send more bytes per step in {layers} (at {report.extra['bytes_per_step']['tokens']} tokens); "
            "these sites stay as they were and the others are rewritten")
-    out = retry({**backed_off, **{p.site.prefix: why for p in costly}})
+    out = retry(BackOff({**backed_off.sites, **{p.site.prefix: why for p in costly}}, backed_off.rounds + 1))
     final = {p.site.prefix: p.reason for p in out.sites if p.reason.startswith("backed off")}
     if final:  # the sites the kept graph leaves as they were (a later round may have given up instead)
         out.extra["backed_off"] = final

@@ -4,7 +4,7 @@ were and the rest is rewritten again; every round is named in the sites' reasons
 given up as a whole only when nothing would be left or the rounds are spent."""
 from fxpasses.config import FxPassesConfig
 from fxpasses.patterns_loader import load_patterns
-from fxpasses.pipeline import BACK_OFF_ROUNDS, _back_off_costly_sites
+from fxpasses.pipeline import BACK_OFF_ROUNDS, BackOff, _back_off_costly_sites
 from fxpasses.plan import SiteStatus, plan_sites
 from fxpasses.report import PassReport
 from fxpasses.sites import Site
@@ -35,10 +35,11 @@ def test_a_costly_layer_backs_off_its_flashcomm1_sites_first():
     calls = []
 
     def retry(backed):
-        calls.append(dict(backed))
-        return _attempt(backed, {})[0]
+        assert backed.rounds == 1
+        calls.append(dict(backed.sites))
+        return _attempt(backed.sites, {})[0]
 
-    out = _back_off_costly_sites(rep, plans, CONFIG, {}, retry)
+    out = _back_off_costly_sites(rep, plans, CONFIG, BackOff(), retry)
     assert len(calls) == 1
     # layer 1's FlashComm1 sites (the layer-spanning strategy), not its FlashComm2 o_proj
     assert sorted(calls[0]) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_up_proj",
@@ -56,12 +57,15 @@ def test_no_back_off_when_it_would_leave_nothing_or_the_rounds_are_spent():
     rep, plans = _attempt({}, everywhere)
     flashcomm1_only = FxPassesConfig(strategies=("flashcomm1",))
     plans1 = plan_sites(SITES, flashcomm1_only, load_patterns())
-    assert _back_off_costly_sites(rep, plans1, flashcomm1_only, {}, lambda b: 1 / 0) is None
-    spent = {f"x{i}": f"backed off (round {i + 1})" for i in range(BACK_OFF_ROUNDS)}
+    assert _back_off_costly_sites(rep, plans1, flashcomm1_only, BackOff(), lambda b: 1 / 0) is None
+    # the same reason may stand for several rounds: rounds are counted, not read off the reasons
+    spent = BackOff({f"x{i}": "backed off" for i in range(2)}, rounds=BACK_OFF_ROUNDS)
     rep, plans = _attempt({}, {"1": [1.0, 2.0]})
     assert _back_off_costly_sites(rep, plans, CONFIG, spent, lambda b: 1 / 0) is None
+    assert _back_off_costly_sites(rep, plans, CONFIG, BackOff(spent.sites, BACK_OFF_ROUNDS - 1),
+                                  lambda b: _attempt(b.sites, {})[0]) is not None
     rep.extra["bytes_per_step"]["grew"] = {}
-    assert _back_off_costly_sites(rep, plans, CONFIG, {}, lambda b: 1 / 0) is None
+    assert _back_off_costly_sites(rep, plans, CONFIG, BackOff(), lambda b: 1 / 0) is None
 
 
 def test_no_back_off_when_the_graph_as_a_whole_sends_no_more():
@@ -70,4 +74,4 @@ def test_no_back_off_when_the_graph_as_a_whole_sends_no_more():
     never backs off sites either (the pipeline does not call back-off for it)."""
     rep, plans = _attempt({}, {"post": [0.0, 50.0]})
     rep.extra["bytes_per_step"]["after"] = 900.0
-    assert _back_off_costly_sites(rep, plans, CONFIG, {}, lambda b: 1 / 0) is None
+    assert _back_off_costly_sites(rep, plans, CONFIG, BackOff(), lambda b: 1 / 0) is None
