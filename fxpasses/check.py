@@ -71,6 +71,7 @@ class CheckResult:
     one_time_bytes_after: int = 0        # e.g. FlashComm2's one-time o_proj weight gather
     int8_bytes_after: dict = field(default_factory=dict)  # {T: of bytes_after, those sent as int8}
     bytes_source: str = ""               # "graph" (comm_volume) or why only counts are shown
+    bench: dict = field(default_factory=dict)            # --bench: fxpasses.engine_bench.summarise
     compile_s: dict = field(default_factory=dict)        # {"baseline": s, "pass": s} (vLLM's log)
     compile_what: str = ""               # which log line compile_s comes from
     engine_start_s: dict = field(default_factory=dict)   # {"baseline": s, "pass": s}
@@ -91,10 +92,15 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
+SIZE_KEYS = ("hidden_size", "num_hidden_layers")  # named in a sized tiny checkpoint's folder
+
+
 def resolve_model(model: str | None, arch: str | None, workdir: Path,
-                  progress: Callable[[str], None] = _progress, quant: str = "none") -> Path:
+                  progress: Callable[[str], None] = _progress, quant: str = "none",
+                  shape: dict | None = None) -> Path:
     """The checkpoint directory: `model` checked, or a tiny random one made for `arch` (`quant`:
-    W8A8 in compressed-tensors' int8 format, `fxpasses.tiny_checkpoints.QUANTS`)."""
+    W8A8 in compressed-tensors' int8 format, `fxpasses.tiny_checkpoints.QUANTS`; `shape`: config
+    overrides of its size)."""
     from fxpasses import tiny_checkpoints as tc
 
     if quant != "none":
@@ -104,6 +110,8 @@ def resolve_model(model: str | None, arch: str | None, workdir: Path,
         if quant not in tc.QUANTS or arch not in tc.QUANT_ARCHS:
             raise ConfigError(f"--quant {quant} --arch {arch}: use --quant one of {', '.join(tc.QUANTS)} with "
                               f"--arch one of {', '.join(sorted(tc.QUANT_ARCHS))}")
+    if shape and arch is None:
+        raise ConfigError("--hidden / --layers size a tiny --arch checkpoint; a --model checkpoint has its own size")
     if (model is None) == (arch is None):
         raise ConfigError("give exactly one of --model DIR (a Hugging Face checkpoint directory) or --arch NAME "
                           f"(a tiny random checkpoint; known: {', '.join(tc.known_archs())})")
@@ -111,10 +119,11 @@ def resolve_model(model: str | None, arch: str | None, workdir: Path,
         if arch not in tc.CONFIG_CLASSES:
             raise ConfigError(f"unknown --arch {arch!r}; known architectures: {', '.join(tc.known_archs())} "
                               "(or pass --model DIR for your own checkpoint)")
-        out = workdir / (f"tiny_{arch}" + ("" if quant == "none" else f"_{quant}"))
+        out = workdir / (f"tiny_{arch}" + ("" if quant == "none" else f"_{quant}")
+                         + "".join(f"_{k}{v}" for k, v in sorted((shape or {}).items()) if k in SIZE_KEYS))
         what = arch if quant == "none" else f"{arch} {quant} (compressed-tensors int8)"
         progress(f"[0/2] making a tiny random {what} checkpoint in {out} (nothing downloaded)")
-        return tc.make_tiny_model(out, arch, dtype="float32", quant=quant)
+        return tc.make_tiny_model(out, arch, dtype="float32", quant=quant, **(shape or {}))
     p = Path(model).expanduser().resolve()
     if not p.is_dir():
         raise ConfigError(f"--model {model}: no such directory; point --model at a Hugging Face checkpoint "
@@ -259,9 +268,14 @@ def run_engine(spec: dict) -> dict:
         return [{str(t): v.logprob for t, v in lp.items()} for lp in o.outputs[0].logprobs]
 
     outs = list(batch) + list(solo)
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "topk": [top(o) for o in outs],
-            "logprobs": [chosen(o) for o in outs], "prompt_logprobs": [prompt_lp(o) for o in outs],
-            "engine_start_s": round(t_start, 2), "generate_s": round(t_gen, 2)}
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "topk": [top(o) for o in outs],
+              "logprobs": [chosen(o) for o in outs], "prompt_logprobs": [prompt_lp(o) for o in outs],
+              "engine_start_s": round(t_start, 2), "generate_s": round(t_gen, 2)}
+    if spec.get("bench"):
+        from fxpasses import engine_bench
+        result["bench"] = engine_bench.run_workloads(llm, spec["bench"],
+                                                     lambda n, seed: prompt_ids(n, seed, spec["vocab"]))
+    return result
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -386,7 +400,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
               config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
               timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
               compilation: dict | None = None, env: dict[str, str] | None = None,
-              quant: str = "none") -> CheckResult:
+              quant: str = "none", bench: int = 0, shape: dict | None = None) -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
@@ -394,13 +408,21 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `dtype` "auto": float32 where vLLM's
     CPU kernels on this CPU accept it, else bfloat16 (`fxpasses.cpu_kernels.engine_dtype`). `compilation`: vLLM
     compilation_config keys for both engines; `env`: further environment variables for both.
-    Never raises for engine
+    `bench` N > 0: both engines also run `fxpasses.engine_bench`'s workloads, for N rounds of
+    alternating engines (the check's own two engines are round 1). `shape` (with `arch`): the tiny
+    checkpoint's size, e.g. `tiny_checkpoints.scaled_shape(1024, 4)`. Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
     if dtype not in TOLERANCE and dtype != "auto":
         raise ConfigError(f"--dtype {dtype!r}: use auto or one of {sorted(TOLERANCE)}")
     if not tokens or min(tokens) < 1:
         raise ConfigError(f"--tokens must be prompt lengths >= 1, got {list(tokens)}")
+    if bench < 0:
+        raise ConfigError(f"--bench {bench}: give the number of rounds (>= 1), or leave it out")
+    if bench:
+        from fxpasses import engine_bench
+        max_model_len = max(max_model_len, engine_bench.max_model_len())
+        kv_cache_mb = max(kv_cache_mb, 256)
     if max(tokens) + max_tokens > max_model_len:
         raise ConfigError(f"--tokens {max(tokens)} + {max_tokens} generated tokens exceed max_model_len "
                           f"{max_model_len}; use shorter prompts")
@@ -409,7 +431,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     # count (min_tokens 0) unless the caller asks for another gate ("auto": a default deployment's)
     cfg = pass_config(strategies, tp, dump_dir=str(run_pass / "dump"), **{"min_tokens": 0, **(config or {})})
     workdir.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant)
+    model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant, shape)
     hf = json.loads((model / "config.json").read_text())
     if dtype == "auto":
         dtype, why = cpu_kernels.engine_dtype(model)
@@ -419,7 +441,9 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
             "kv_cache_mb": kv_cache_mb, "max_tokens": max_tokens, "compilation": compilation or {},
             "batch": [prompt_ids(n, n, vocab) for n in tokens],
-            "solo": [prompt_ids(n, 100 + n, vocab) for n in SOLO_LENS]}
+            "solo": [prompt_ids(n, 100 + n, vocab) for n in SOLO_LENS], "vocab": vocab}
+    if bench:
+        spec["bench"] = engine_bench.spec()
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
     res = CheckResult(EXIT_BAD_INPUT, str(model), tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir),
                       dtype=dtype, cpu=cpu_kernels.capabilities().family)
@@ -454,12 +478,37 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         return res
     progress(f"      done in {wall_p:.0f} s (engine start {got['engine_start_s']:.1f} s)")
 
+    if bench:
+        res.bench = _bench_rounds(bench, base, got, spec, spec_p, cfg, tp, env, run_base, run_pass, timeout_s,
+                                  progress)
     cmp = greedy_compare.compare(base, got, lens, tol)
     res.tokens_equal, res.max_logprob_diff, res.first_divergence = (cmp.tokens_equal, cmp.max_logprob_diff,
                                                                     cmp.divergence_to_report)
     res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
     decide(res)
     return res
+
+
+def _bench_rounds(n: int, base: dict, got: dict, spec: dict, spec_p: dict, cfg: FxPassesConfig, tp: int,
+                  env: dict | None, run_base: Path, run_pass: Path, timeout_s: float, progress) -> dict:
+    """`fxpasses.engine_bench.summarise` over n rounds: round 1 is the check's own two engines, each
+    further round starts a baseline engine and then a pass engine (fresh caches, same specs)."""
+    from fxpasses import engine_bench
+
+    rounds = [{"baseline": base.get("bench"), "pass": got.get("bench")}]
+    for r in range(2, n + 1):
+        row = {}
+        for side, sp, run_dir, fx in (("baseline", spec, run_base, None), ("pass", spec_p, run_pass, cfg)):
+            d = run_dir / f"bench{r}"
+            progress(f"      bench round {r}/{n}: {side} engine ...")
+            out, _, _ = _launch(f"{side} (bench round {r})", {**sp, "measure": None},
+                                {**_engine_env(d, tp, fx), **(env or {})}, d, timeout_s)
+            row[side] = out and out.get("bench")
+        rounds.append(row)
+    summary = engine_bench.summarise(rounds, spec["bench"]["workloads"])
+    for line in engine_bench.format_rows(summary):
+        progress("    " + line.strip())
+    return summary
 
 
 def decide(res: CheckResult) -> CheckResult:
@@ -552,6 +601,10 @@ def format_report(res: CheckResult) -> str:
         parts = ", ".join(f"{k} {v:.0f} ms" for k, v in res.pass_ms.items() if k != "total")
         out.append(f"pass time (rank 0): {res.pass_ms.get('total', 0):.0f} ms wall"
                    + (f" (steps: {parts})" if parts else ""))
+    if res.bench:
+        from fxpasses import engine_bench
+        out.append("throughput (tokens/s), without -> with the pass:")
+        out.extend(engine_bench.format_rows(res.bench))
     if res.logs:
         out.append("logs: " + ", ".join(f"{k} {v}" for k, v in res.logs.items()))
     out.append(f"{res.message}  [exit {res.exit_code}]")
@@ -566,9 +619,15 @@ def main(args) -> int:
     if args.patterns:
         extra["patterns"] = args.patterns
     extra["min_tokens"] = args.min_tokens
+    from fxpasses.tiny_checkpoints import scaled_shape
+    try:
+        shape = scaled_shape(args.hidden, args.layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     res = run_check(args.model, args.tp, args.strategy, args.tokens, arch=args.arch, workdir=args.out,
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
-                    bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant)
+                    bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant,
+                    bench=args.bench, shape=shape)
     print(format_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))

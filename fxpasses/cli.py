@@ -155,6 +155,12 @@ def _add_check_parser(sub) -> None:
     c.add_argument("--min-tokens", type=_min_tokens, default=0,
                    help="config key min_tokens of the pass run: 0 (default) forces the rewrite at every token "
                         "count, so the check compares it; auto: the decision a default deployment takes")
+    c.add_argument("--bench", type=int, default=0, metavar="N",
+                   help="also measure throughput: a prefill-heavy and a decode-heavy workload in both engines, N "
+                        "rounds of alternating engines (best of N), tokens/s and the ratio with/without the pass")
+    c.add_argument("--hidden", type=int, default=None, help="with --arch: the tiny checkpoint's hidden size "
+                                                            "(multiple of 64; heads of 64, intermediate 2.75x)")
+    c.add_argument("--layers", type=int, default=None, help="with --arch: the tiny checkpoint's decoder layers")
     c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
     c.add_argument("--json", default=None, help="also write the result as JSON to this file")
 

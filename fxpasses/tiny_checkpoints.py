@@ -98,6 +98,24 @@ QUANT_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 STATIC_INPUT_SCALE = 0.03
 
 
+def scaled_shape(hidden: int | None = None, layers: int | None = None) -> dict[str, Any]:
+    """Config overrides for a tiny checkpoint of hidden size `hidden` (Llama-like proportions: heads of
+    64, a quarter as many kv heads, at least 2, intermediate 2.75 x hidden rounded up to 64) and
+    `layers` decoder layers. {} when neither is given."""
+    shape: dict[str, Any] = {}
+    if hidden is not None:
+        if hidden < 128 or hidden % 64:
+            raise ValueError(f"--hidden {hidden}: give a multiple of 64, at least 128")
+        heads = hidden // 64
+        shape.update(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=max(2, heads // 4),
+                     head_dim=64, intermediate_size=-(-hidden * 11 // 4 // 64) * 64)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers {layers}: give at least 1")
+        shape["num_hidden_layers"] = layers
+    return shape
+
+
 def known_archs() -> list[str]:
     return sorted(CONFIG_CLASSES)
 
@@ -106,8 +124,9 @@ def config_kwargs(model_type: str, **shape: Any) -> dict[str, Any]:
     """The config keyword arguments `make_tiny_model` uses for `model_type` (shape overrides last)."""
     if model_type not in CONFIG_CLASSES:
         raise ValueError(f"model_type must be one of {known_archs()}, got {model_type!r}")
-    base = {k: v for k, v in DEFAULT_SHAPE.items() if k not in _DROP.get(model_type, ())}
-    return {**base, **FAMILY_SHAPE.get(model_type, {}), **shape}
+    drop = _DROP.get(model_type, ())
+    base = {k: v for k, v in DEFAULT_SHAPE.items() if k not in drop}
+    return {**base, **FAMILY_SHAPE.get(model_type, {}), **{k: v for k, v in shape.items() if k not in drop}}
 
 
 def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str = "float32", seed: int = 0,

@@ -4,7 +4,8 @@ CPU build compiles one graph for every token count, so the pass judges it over
 shared-memory all-reduce against gloo reduce-scatters and all-gathers) FlashComm1 is modelled
 slower there, so the engine runs the graph vLLM traced, and the site report says why, with the
 modelled times. (Measured with the rewrite forced, `min_tokens: 0`: prefill 0.70x and decode 0.52x
-the engine without the pass.)"""
+the engine without the pass.) The same two engines also run `fxpasses check --bench`'s workloads
+(one round): the report states each side's tokens/s and their ratio for prefill and decode."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ TP = 2
 
 def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
     res = engine_log(check.run_check(None, TP, "flashcomm1", arch="llama", workdir=tmp_path,
-                                     config={"min_tokens": "auto"}, progress=lambda line: None))
+                                     config={"min_tokens": "auto"}, progress=lambda line: None, bench=1))
     assert res.exit_code == check.EXIT_NOTHING_REWRITTEN, res.message
     assert res.tokens_equal or res.outputs_equal, res.message
     assert res.collectives_after == res.collectives_before and res.collectives_before.get("all_reduce"), \
@@ -36,3 +37,13 @@ def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
         assert skipped and all("min_tokens=auto" in s["reason"] for s in skipped), skipped
         # a time refusal is the whole graph's: no per-layer back-off (that answers bytes only)
         assert not r.get("backed_off") and not any("backed off" in s["reason"] for s in r["sites"]), r["sites"]
+    # the bench ran in both engines: every workload timed REPEATS times per side, ratio = pass / baseline
+    from fxpasses import engine_bench
+
+    assert set(res.bench) == set(engine_bench.WORKLOADS), res.bench
+    for kind, row in res.bench.items():
+        w = engine_bench.WORKLOADS[kind]
+        b, p = row["baseline"], row["pass"]
+        assert b and p and row["rounds"] == 1, row
+        assert abs(b["tok_s"] - w.tokens(kind) / b["best_s"]) <= 0.1 and abs(p["tok_s"] - w.tokens(kind) / p["best_s"]) <= 0.1
+        assert row["ratio"] == round(p["tok_s"] / b["tok_s"], 3), row
