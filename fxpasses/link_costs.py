@@ -3,8 +3,10 @@ kind the fixed cost of one collective (launch + synchronisation, µs) and the ba
 move at (GB/s per rank, each direction), and the memory bandwidth token-wise ops (norms, residual
 adds, activations) stream at. The config key `link_costs` overrides any of them.
 
-These are modelled constants, not measurements of the machine at hand (calibration at worker start
-is a separate concern). What they encode, per platform:
+`PLATFORMS` holds fixed constants per platform. In a vLLM worker, `fxpasses.link_calibration`
+measures the live TP group at worker start and hands its constants to `set_calibrated`; `resolve`
+then starts from those (same platform), unless the config says `"calibrate": false`. What the fixed
+constants encode, per platform:
 
 * `cpu` — vLLM's CPU engine: the model's all-reduce goes through vLLM's TP group (its shared-memory
   kernel where the build has it); the reduce-scatters and all-gathers a rewrite inserts run on the
@@ -25,6 +27,7 @@ from typing import Any, Mapping
 from fxpasses.errors import ConfigError
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
+_CALIBRATED: "LinkCosts | None" = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,10 @@ def validate(spec: Mapping[str, Any]) -> None:
         raise ConfigError(f"link_costs must be a mapping, got {spec!r}; write e.g. "
                           '{"platform": "cuda", "all_gather": {"latency_us": 10, "gbps": 100}}')
     for k, v in spec.items():
-        if k == "platform":
+        if k == "calibrate":
+            if not isinstance(v, bool):
+                raise ConfigError(f"link_costs.calibrate must be true or false, got {v!r}")
+        elif k == "platform":
             if v not in PLATFORMS:
                 raise ConfigError(f"link_costs.platform must be one of {sorted(PLATFORMS)}, got {v!r}")
         elif k == "memory_gbps":
@@ -103,16 +109,31 @@ def validate(spec: Mapping[str, Any]) -> None:
                     raise ConfigError(f"link_costs.{k}.{name} must be a {'positive' if name == 'gbps' else 'non-negative'}"
                                       f" number, got {x!r}")
         else:
-            raise ConfigError(f"unknown link_costs key {k!r}; valid: platform, memory_gbps, {', '.join(KINDS)}")
+            raise ConfigError(f"unknown link_costs key {k!r}; valid: platform, calibrate, memory_gbps, "
+                              f"{', '.join(KINDS)}")
+
+
+def set_calibrated(costs: "LinkCosts | None") -> None:
+    """The constants measured on this process's live group (`fxpasses.link_calibration`); None drops them."""
+    global _CALIBRATED
+    _CALIBRATED = costs
+
+
+def calibrated() -> "LinkCosts | None":
+    return _CALIBRATED
 
 
 def resolve(spec: Mapping[str, Any] | None = None, platform: str | None = None) -> LinkCosts:
-    """The platform's constants (`spec["platform"]`, else `platform`, else `current_platform()`)
-    with the entries of `spec` over them."""
+    """The platform's constants (`spec["platform"]`, else `platform`, else `current_platform()`):
+    the ones calibrated in this process for that platform where there are any and `spec` does not say
+    `"calibrate": false`, else the fixed ones; the entries of `spec` over them."""
     spec = dict(spec or {})
     validate(spec)
+    use_measured = spec.pop("calibrate", True)
     name = spec.pop("platform", None) or platform or current_platform()
     costs = PLATFORMS[name]
+    if use_measured and _CALIBRATED is not None and _CALIBRATED.platform == name:
+        costs = _CALIBRATED
     if not spec:
         return costs
     links = dict(costs.links)
@@ -120,7 +141,8 @@ def resolve(spec: Mapping[str, Any] | None = None, platform: str | None = None) 
         if k in spec:
             links[k] = replace(links[k], **{n: float(x) for n, x in spec[k].items()})
     return LinkCosts(name, links, float(spec.get("memory_gbps", costs.memory_gbps)),
-                     source="platform defaults + config link_costs")
+                     source=f"{costs.source} + config link_costs")
 
 
-__all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "current_platform", "resolve", "validate"]
+__all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "calibrated", "current_platform", "resolve",
+           "set_calibrated", "validate"]

@@ -35,7 +35,9 @@ It also wraps vLLM's `initialize_model_parallel`, so that in every worker, right
 created its own groups (worker start, before any graph is compiled or loaded from a cache), the
 process groups the configured strategies need beyond TP are created
 (`fxpasses.topology.prepare_process_groups`): no group is ever created inside a compilation, and a
-compiled graph from an earlier run finds the groups it names. Importing fxpasses (which the entry
+compiled graph from an earlier run finds the groups it names. Under `min_tokens: auto` the same hook
+then measures the TP group's link costs (`fxpasses.link_calibration`, one agreeing all-reduce at the
+end), unless the config fixes them. Importing fxpasses (which the entry
 point does) registers the custom ops rewritten graphs call (`fxpasses.runtime_ops`).
 
 `FXPASSES_PLUGIN=0` turns the plugin off entirely.
@@ -262,7 +264,28 @@ def prepare_groups_at_worker_start(vllm_config=None, env: Mapping[str, str] | No
             log.info("fxpasses: process groups for %s prepared at worker start (rank %d/%d)",
                      "+".join(cfg.strategies), ctx.global_rank, ctx.world)
             done.append(cfg)
+    if any(_calibrates(cfg) for cfg in done):
+        calibrate_links_at_worker_start()
     return done
+
+
+def _calibrates(cfg) -> bool:
+    """`min_tokens: auto` weighs time with link costs, and the config does not fix them."""
+    return (cfg.min_tokens == "auto" and cfg.family().bounded_by_original_bytes
+            and (cfg.link_costs or {}).get("calibrate", True))
+
+
+def calibrate_links_at_worker_start() -> None:
+    """Measure the TP group's α-β constants now, on every rank (`fxpasses.link_calibration`), so the
+    `auto` decisions of every later compilation use this machine's numbers."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    from fxpasses import link_calibration, link_costs
+
+    group = get_tp_group()
+    if group.world_size < 2:
+        return
+    link_calibration.calibrate(group, link_costs.current_platform())
 
 
 def _wrap_model_parallel_init() -> None:

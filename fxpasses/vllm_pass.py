@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from vllm.compilation.passes.inductor_pass import InductorPass
 
+from fxpasses import link_costs
 from fxpasses.config import FxPassesConfig, load_config
 from fxpasses.graph_mode import graph_mode_of
 
@@ -227,6 +228,8 @@ class FxPassesInductorPass(InductorPass):
             # rewritten graphs embed rank-dependent values (pad slices, group names)
             "tp": live,
         }
+        if cfg.min_tokens == "auto":  # the constants that decide, calibrated at worker start or fixed
+            state["link_costs"] = link_costs.resolve(cfg.link_costs).to_dict()
         return InductorPass.hash_dict(state)
 
     def is_applicable_for_range(self, compile_range) -> bool:

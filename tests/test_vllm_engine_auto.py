@@ -1,8 +1,8 @@
 """`min_tokens: auto`, the default, in the real vLLM CPU engine at TP=2 (tiny random Llama): the
 CPU build compiles one graph for every token count, so the pass judges it over
 [1, max_num_batched_tokens], decode included. With this platform's link costs (vLLM's
-shared-memory all-reduce against gloo reduce-scatters and all-gathers) FlashComm1 is modelled
-slower there, so the engine runs the graph vLLM traced, and the site report says why, with the
+shared-memory all-reduce against gloo reduce-scatters and all-gathers, measured on the live group at
+worker start) FlashComm1 is modelled slower there, so the engine runs the graph vLLM traced, and the site report says why, with the
 modelled times. (Measured with the rewrite forced, `min_tokens: 0`: prefill 0.70x and decode 0.52x
 the engine without the pass.) The same two engines also run `fxpasses check --bench`'s workloads
 (one round): the report states each side's tokens/s and their ratio for prefill and decode."""
@@ -29,6 +29,8 @@ def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
     for r in judged:
         gate = r["token_gate"]
         assert gate["keeps"] is False and gate["token_range"][0] == 1 and gate["link_costs"]["platform"] == "cpu"
+        # measured on the live TP group at worker start (fxpasses.link_calibration), not the fixed row
+        assert gate["link_costs"]["source"].startswith("calibrated at worker start"), gate["link_costs"]
         assert gate["points"][0]["tokens"] == 1 and gate["points"][0]["delta_us"] > 0
         assert "min_tokens=auto" in r["reason"] and "vLLM runs this graph for tokens [1, " in r["reason"]
         owned = [s for s in r["sites"] if s["strategy"]]
