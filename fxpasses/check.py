@@ -436,6 +436,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     if dtype == "auto":
         dtype, why = cpu_kernels.engine_dtype(model)
         progress(f"      dtype {dtype}: {why} ({cpu_kernels.describe()})")
+    check_fits(model, hf, dtype, tp, kv_cache_mb)
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
     lens = list(tokens) + list(SOLO_LENS)
     spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
@@ -487,6 +488,31 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
     decide(res)
     return res
+
+
+#: resident memory of one vLLM CPU process before weights and KV cache (front end, engine core, workers)
+PROCESS_OVERHEAD_BYTES = 1 << 30
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def check_fits(model: Path, hf: dict, dtype: str, tp: int, kv_cache_mb: int,
+               available_bytes: int | None = None) -> None:
+    """ConfigError before any engine starts when one engine would not fit in this machine's memory:
+    the checkpoint's weights in the engine's dtype (its *.safetensors at their stored dtype, scaled),
+    `tp` workers' KV caches and about PROCESS_OVERHEAD_BYTES per process (tp workers + 2). The two
+    engines run one after the other, so one engine must fit."""
+    stored = _DTYPE_BYTES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), 4)
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * _DTYPE_BYTES.get(dtype, 4) / stored
+    need = weights + tp * (kv_cache_mb << 20) + (tp + 2) * PROCESS_OVERHEAD_BYTES
+    if available_bytes is None:
+        import psutil
+        available_bytes = psutil.virtual_memory().available
+    if need > available_bytes:
+        gib = 1 << 30
+        raise ConfigError(f"one engine needs about {need / gib:.1f} GiB ({weights / gib:.1f} GiB of {dtype} weights, "
+                          f"{tp} x {kv_cache_mb} MiB KV cache, {tp + 2} processes), but this machine has "
+                          f"{available_bytes / gib:.1f} GiB available; check a smaller model (--hidden / --layers with "
+                          "--arch), a smaller --tp, or run on a machine with more memory")
 
 
 def _bench_rounds(n: int, base: dict, got: dict, spec: dict, spec_p: dict, cfg: FxPassesConfig, tp: int,

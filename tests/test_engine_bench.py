@@ -54,3 +54,22 @@ def test_bad_bench_and_size_arguments_are_refused_before_any_engine(tmp_path):
         check.run_check(str(tmp_path), 2, workdir=tmp_path / "o", shape={"hidden_size": 256},
                         progress=lambda line: None)
     assert not (tmp_path / "baseline").exists()
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_any_engine(tmp_path):
+    import json
+
+    model = tmp_path / "huge"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16",
+                                                   "vocab_size": 256}))
+    with open(model / "model.safetensors", "wb") as f:
+        f.truncate(300 << 30)  # a sparse 300 GiB file: its size, not its blocks
+    with pytest.raises(ConfigError, match=r"needs about \d+\.\d GiB .* this machine has .* GiB available"):
+        check.run_check(str(model), 2, workdir=tmp_path / "o", dtype="float32", progress=lambda line: None)
+    assert not (tmp_path / "o" / "baseline").exists()
+    hf = {"torch_dtype": "bfloat16"}
+    # 300 GiB of bf16 weights become 600 GiB in float32; in bf16 they fit a 400 GiB machine
+    check.check_fits(model, hf, "bfloat16", 2, 64, available_bytes=400 << 30)
+    with pytest.raises(ConfigError, match="600.0 GiB of float32 weights"):
+        check.check_fits(model, hf, "float32", 2, 64, available_bytes=400 << 30)
