@@ -645,6 +645,7 @@ def main(args) -> int:
     if args.patterns:
         extra["patterns"] = args.patterns
     extra["min_tokens"] = args.min_tokens
+    from fxpasses import cpu_plain_weights
     from fxpasses.tiny_checkpoints import scaled_shape
     try:
         shape = scaled_shape(args.hidden, args.layers)
@@ -653,7 +654,8 @@ def main(args) -> int:
     res = run_check(args.model, args.tp, args.strategy, args.tokens, arch=args.arch, workdir=args.out,
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
                     bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant,
-                    bench=args.bench, shape=shape)
+                    bench=args.bench, shape=shape,
+                    env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None)
     print(format_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))

@@ -161,6 +161,9 @@ def _add_check_parser(sub) -> None:
     c.add_argument("--hidden", type=int, default=None, help="with --arch: the tiny checkpoint's hidden size "
                                                             "(multiple of 64; heads of 64, intermediate 2.75x)")
     c.add_argument("--layers", type=int, default=None, help="with --arch: the tiny checkpoint's decoder layers")
+    c.add_argument("--cpu-plain-weights", action="store_true",
+                   help="both engines keep plain linear weights (vLLM's CPU fallback without oneDNN), so the graph "
+                        "looks like the CUDA/NPU one and FlashComm2 can gather the o_proj weight")
     c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
     c.add_argument("--json", default=None, help="also write the result as JSON to this file")
 

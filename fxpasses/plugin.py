@@ -40,6 +40,9 @@ then measures the TP group's link costs (`fxpasses.link_calibration`, one agreei
 end), unless the config fixes them. Importing fxpasses (which the entry
 point does) registers the custom ops rewritten graphs call (`fxpasses.runtime_ops`).
 
+`FXPASSES_CPU_PLAIN_WEIGHTS=1` (opt-in, `fxpasses.cpu_plain_weights`) makes vLLM's CPU engine keep
+its unquantized linear weights plain, so its graphs look like the CUDA / NPU ones.
+
 `FXPASSES_PLUGIN=0` turns the plugin off entirely.
 """
 from __future__ import annotations
@@ -358,6 +361,9 @@ def register() -> None:
 
     fxpasses.vllm_pass_instance = vllm_pass_instance  # the string route's target (see vllm_pass)
     bridge_logging()
+    from fxpasses import cpu_plain_weights
+    if cpu_plain_weights.requested():  # opt-in: CPU graphs with visible weights, as on CUDA / NPU
+        cpu_plain_weights.install()
 
     original = VllmConfig.__post_init__
     if getattr(original, "_fxpasses_wrapped", False):
