@@ -47,5 +47,6 @@ def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
         w = engine_bench.WORKLOADS[kind]
         b, p = row["baseline"], row["pass"]
         assert b and p and row["rounds"] == 1, row
-        assert abs(b["tok_s"] - w.tokens(kind) / b["best_s"]) <= 0.1 and abs(p["tok_s"] - w.tokens(kind) / p["best_s"]) <= 0.1
+        for side in (b, p):  # tokens/s of the reported best time (rounded to 0.1 token/s)
+            assert abs(side["tok_s"] - w.tokens(kind) / side["best_s"]) <= 0.05 + 1e-9, (kind, side)
         assert row["ratio"] == round(p["tok_s"] / b["tok_s"], 3), row
