@@ -85,7 +85,9 @@ def _ops(group, elems: int) -> dict[str, Callable[[], object]]:
 
 
 def measure(group, repeats: int = REPEATS) -> dict[str, Link]:
-    """This rank's fit per collective kind on `group` (not yet agreed with the other ranks)."""
+    """This rank's fit per collective kind on `group` (not yet agreed with the other ranks). Eager
+    collectives: only `calibrate` calls this, from the plugin's worker-start hook (every rank, right
+    after vLLM creates its groups, before any graph is compiled or loaded), never from a pass."""
     import torch.distributed as dist
 
     n = group.world_size

@@ -45,8 +45,9 @@ def _common(res):
     assert all(s["reason"] for s in left), left
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "cohere"])
-def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path, engine_log):
+def _rewritten_everywhere(arch, tmp_path, engine_log, token_dim):
+    """FlashComm1 on a tiny `arch` checkpoint: equal, every all-reduce a reduce-scatter, every graph
+    applied with the stream sharded along `token_dim` over TP ranks."""
     res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None))
     _common(res)
     assert res.exit_code == check.EXIT_OK, res.message
@@ -56,7 +57,13 @@ def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path
     assert reports and all(r["applied"] for r in reports), [r["reason"] for r in reports]
     for r in reports:
         lay = r["token_layout"]
-        assert lay["token_dim"] == 0 and lay["group_size"] == TP, lay
+        assert lay["token_dim"] == token_dim and lay["group_size"] == TP, lay
+    return res
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "cohere"])
+def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path, engine_log):
+    res = _rewritten_everywhere(arch, tmp_path, engine_log, token_dim=0)
     kinds = {(s["kind"], s["status"]) for s in res.sites}
     assert ("reduce", "rewritten") in kinds, kinds  # the MoE block's / the parallel layer's all-reduce
     if arch in ("qwen3_moe", "deepseek_v2"):
@@ -67,12 +74,4 @@ def test_flashcomm1_rewrites_moe_mla_and_parallel_residual_models(arch, tmp_path
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "olmo2"])
 def test_a_transformers_backend_model_is_sharded_along_its_token_dim(arch, tmp_path, engine_log):
-    res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path, progress=lambda line: None))
-    _common(res)
-    assert res.exit_code == check.EXIT_OK, res.message
-    assert res.collectives_after.get("all_reduce", 0) == 0, res.collectives_after
-    assert res.collectives_after["reduce_scatter"] == res.collectives_before["all_reduce"]
-    reports = _site_reports(res)
-    assert reports and all(r["applied"] for r in reports), [r["reason"] for r in reports]
-    for r in reports:
-        assert r["token_layout"]["token_dim"] == 1 and r["token_layout"]["group_size"] == TP, r["token_layout"]
+    _rewritten_everywhere(arch, tmp_path, engine_log, token_dim=1)
