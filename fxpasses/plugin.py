@@ -329,10 +329,11 @@ def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
     mode = graph_mode_of(vllm_config, key)
     spanning = [n for n in cfg.strategies if strategy_registry.get(n).spans_layers]
     if mode.is_piece and spanning:
-        log.warning("fxpasses: %s; %s keeps token tensors replicated at every piece boundary and is applied "
-                    "only to pieces where that moves no more bytes than the all-reduces it replaces. For "
-                    "sequence parallelism across layers set %s", mode.why, "+".join(spanning),
-                    mode.whole_graph_setting)
+        log.info("fxpasses: %s; %s shards the token tensors crossing the piece boundaries where it applies at "
+                 "every token count (min_tokens 0, or auto where it is modelled no slower from 1 token: "
+                 "fxpasses.piece_boundaries); otherwise they stay replicated and each piece is kept only where "
+                 "that moves no more bytes than its all-reduces (the whole graph: %s)", mode.why,
+                 "+".join(spanning), mode.whole_graph_setting)
 
 
 def _warn_if_npugraph_ex(vllm_config) -> None:
@@ -361,7 +362,8 @@ def register() -> None:
 
     fxpasses.vllm_pass_instance = vllm_pass_instance  # the string route's target (see vllm_pass)
     bridge_logging()
-    from fxpasses import cpu_plain_weights
+    from fxpasses import cpu_plain_weights, piece_boundaries
+    piece_boundaries.install()  # FlashComm1 across vLLM's piece boundaries (a no-op unless it applies)
     if cpu_plain_weights.requested():  # opt-in: CPU graphs with visible weights, as on CUDA / NPU
         cpu_plain_weights.install()
 

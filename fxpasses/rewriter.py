@@ -98,6 +98,7 @@ class LayoutRewriter:
         self._state: dict[str, dict] = {}     # per-strategy scratch space (state())
         self.rank_local: set[fx.Node] = set()  # values that differ across the group beyond their rows
         self.early: set[fx.Node] = set()      # token-wise nodes run on all tokens after a gather upstream
+        self.boundary_out: set[fx.Node] = set()  # Shard0 values that leave the graph sharded (piece boundary)
 
     def state(self, strategy: str) -> dict:
         """A dict private to one strategy for the length of this rewrite (e.g. values it built once)."""
@@ -348,6 +349,53 @@ class LayoutRewriter:
         self._local[value] = out
         return out
 
+    # ---- piece boundaries (fxpasses.piece_boundaries) -------------------------------------------
+    def adopt_boundary_gathers(self) -> int:
+        """A piece whose token-sharded input arrives as `all_gather(x)[:T]` over this group, x with
+        ceil(T/n) rows (the boundary contract of `fxpasses.piece_boundaries`): x is that value's Shard0
+        form, so the slice's users read x and propagation gathers it where a consumer demands all rows.
+        Returns how many gathers were taken."""
+        if self.n < 2:
+            return 0
+        rows = (self.T + self.n - 1) // self.n
+        taken = 0
+        for node in list(self.graph.nodes):
+            if gf.collective_kind(node) != "all_gather" or node in self.created:
+                continue
+            if gf.collective_world_size(node) != self.n or gf.collective_group(node) not in (
+                    self.group.c10d_name, self.group.vllm_name):
+                continue
+            x = gf.collective_input(node)
+            xv = gf.val(x)
+            if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or not gf.same_size(xv.shape[0], rows):
+                continue
+            result = node
+            if len(node.users) == 1 and gf.op_name(next(iter(node.users))) == "_c10d_functional::wait_tensor":
+                result = next(iter(node.users))
+            if len(result.users) != 1:
+                continue  # the gathered buffer is also read (or written back into) whole
+            s = next(iter(result.users))
+            end = s.args[3] if len(s.args) > 3 else None
+            if not (gf.op_name(s) == "aten::slice" and s.args[1:3] == (0, 0) and end is not None
+                    and gf.same_size(gf.val(end) if isinstance(end, fx.Node) else end, self.T)
+                    and (len(s.args) < 5 or s.args[4] == 1)):
+                continue
+            value = s  # the seam copies the rows where a later piece writes to them in place
+            if len(s.users) == 1 and gf.op_name(next(iter(s.users))) == "aten::clone":
+                value = next(iter(s.users))
+            self.touched.update(value.users)
+            value.replace_all_uses_with(x)
+            self._lay(x, layouts.SHARD0, 0, xv.dim())
+            self._stream_dims.add(0)
+            taken += 1
+        return taken
+
+    def _boundary_shard_of_shard0(self, node: fx.Node) -> bool:
+        """`fxpasses::boundary_shard(v)` of a Shard0 `v` that only leaves the graph: the same rows."""
+        return (gf.op_name(node) == "fxpasses::boundary_shard" and self.layout.get(node.args[0]) is layouts.SHARD0
+                and self.token_dim(node.args[0]) == 0 and node.args[2] == self.n
+                and all(u.op == "output" for u in node.users))
+
     # ---- propagation -------------------------------------------------------------------------
     def _original(self, node: fx.Node) -> bool:
         return node not in self.created and not node.meta.get("fxpasses", {}).get("role")
@@ -371,7 +419,19 @@ class LayoutRewriter:
                 if any(a in early for a in node.all_input_nodes):  # behind a node re-run on all tokens
                     self.touched.add(node)  # (a getitem of an early split): its value is re-made too
                 continue
-            if node.op == "output" or node in self.rank_local or node in early:
+            if self._boundary_shard_of_shard0(node):
+                out = next(iter(node.users))
+                if node.args[0] not in out.all_input_nodes:  # the value leaves only as this shard
+                    self.touched.add(out)
+                    node.replace_all_uses_with(node.args[0])
+                    self.boundary_out.add(node.args[0])
+                    continue
+            if node.op == "output":
+                sharded = [a for a in sharded if a not in self.boundary_out]
+                if sharded:
+                    self._replicate_inputs(node, sharded)
+                continue
+            if node in self.rank_local or node in early:
                 self._replicate_inputs(node, sharded)
                 continue
             if gf.op_name(node) == "aten::sym_size" and node.args[1] == self.token_dim(node.args[0]):
@@ -403,6 +463,8 @@ class LayoutRewriter:
             tensor_op = node.op == "call_function" and _tensor_valued(node)
             aligned = token_aligned_args(node, self.is_token, self.ndim, self.token_dim) if tensor_op else None
             into = [a for a in node.all_input_nodes if a in sharded]
+            if gf.op_name(node) == "fxpasses::boundary_shard" and into:
+                continue                 # takes its input sharded (see propagate)
             if node.op == "output" or node in self.rank_local or (tensor_op and aligned is None):
                 demands.add(node)
             elif into and tensor_op and set(into) <= set(aligned):

@@ -23,6 +23,8 @@ through the plugin entry point).
   promoted to at least float32.
 * the lowering's ops (`fxpasses::mm_all_reduce`, `mm_reduce_scatter`, `all_gather_mm`, `rank0_bias`),
   defined in `fxpasses.lowering.ops` and registered from here.
+* `fxpasses::boundary_shard(x, rank, group_size)`: this rank's rows of a token tensor crossing a piece
+  boundary of vLLM's FX split (`fxpasses.piece_boundaries`), padded to a multiple of the group size.
 * `fxpasses::check_group_tokens(x, group_name, group_size, where)`: OTP / MLP-TP debug check that
   every rank of a group runs the same token count (raises the same clear error on every rank).
 """
@@ -32,6 +34,7 @@ import threading
 
 import torch
 
+from fxpasses.piece_boundaries import boundary_shard as _boundary_shard  # noqa: F401  (fxpasses::boundary_shard)
 from fxpasses.lowering import ops as _lowering_ops  # noqa: F401  (fused reference ops, fxpasses::rank0_bias)
 
 _LOCK = threading.Lock()

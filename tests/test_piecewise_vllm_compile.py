@@ -1,10 +1,12 @@
 """The pass inside vLLM's own VLLM_COMPILE path (VllmBackend, split_graph, PiecewiseBackend per piece
 and compile range, PostGradPassManager), as CUDA runs it, on real gloo ranks with vLLM's layers.
 
-Semantics per graph mode (README "Deployment"): in FX-split pieces FlashComm2 works per piece and
-FlashComm1 is kept only where it moves no more bytes (a token tensor crossing a piece boundary
-stays replicated), with the whole-graph setting in its reason; in whole-graph mode FlashComm1 is
-sequence parallel across layers. Every (piece, range) decides identically on every rank.
+Semantics per graph mode (README "Deployment"): in FX-split pieces FlashComm2 works per piece;
+FlashComm1 forced at every token count shards the residual across the piece boundaries
+(`fxpasses.piece_boundaries`) and the pieces together equal the whole-graph rewrite; with a gate
+that leaves some range alone the boundaries stay replicated and a piece is kept only where it moves
+no more bytes. In whole-graph mode FlashComm1 is sequence parallel across layers. Every (piece,
+range) decides identically on every rank.
 
 Reference: the eager model on the same weights. vLLM's RMSNorm computes in float32 even for a
 float64 model, so compiled and eager differ by ~1e-6 relative whatever the pass does; the bound
@@ -84,27 +86,90 @@ def _bytes_never_grow(calls):
             assert b["after"] <= b["before"], c
 
 
+def _per_range(calls, key):
+    """{range: summed report[key] over the pieces} (collective counts or bytes)."""
+    out: dict = {}
+    for c in calls:
+        v = c["report"][key]
+        if isinstance(v, dict):
+            acc = out.setdefault(c["range"], {})
+            for k, x in v.items():
+                acc[k] = acc.get(k, 0) + x
+        else:
+            out[c["range"]] = out.get(c["range"], 0) + v
+    return out
+
+
+def _after_bytes(calls):
+    return {r: v for r, v in _per_range([{"range": c["range"], "report": {"b": c["report"]["bytes_per_step"]["after"]}}
+                                         for c in calls], "b").items()}
+
+
+def _assert_like_the_whole_graph(pool, pieces, strategies, **cfg):
+    """Every piece rewritten; in every compile range the pieces together run the collectives of the
+    whole-graph rewrite (none left as an all-reduce) and send exactly its bytes per step."""
+    from fxpasses.testing.piecewise import rank_compare_vllm
+
+    whole = _compile(pool, "whole", strategies, **cfg)
+    whole_calls = pool.run(rank_compare_vllm, whole[0]["key"], [1, 9])[0]["calls"]  # both ranges compiled
+    assert {c["range"] for c in whole_calls} == RANGES
+    assert all(c["report"]["applied"] for c in pieces), [c["report"]["reason"] for c in pieces]
+    assert _per_range(pieces, "collectives_after") == _per_range(whole_calls, "collectives_after")
+    assert all(v.get("all_reduce", 0) == 0 for v in _per_range(pieces, "collectives_after").values())
+    assert _after_bytes(pieces) == _after_bytes(whole_calls)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 @settings(max_examples=examples(2))
 @given(data=st.data())
-def test_piecewise_flashcomm1_keeps_boundaries_replicated_tp2(pools, data):
-    pool = pools(2)
+def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
+    """FlashComm1 forced at every token count (min_tokens 0): the residual crosses both attention
+    boundaries as this rank's ceil(T/tp) rows (`fxpasses.piece_boundaries`, decided once before vLLM's
+    split); each later piece takes its boundary gather back (its first norm runs on the shards) and
+    the first two hand their residual over sharded. Both compile ranges, T=1 included, equal the eager
+    model on every rank; the three pieces together send exactly the whole-graph rewrite's bytes and run
+    its collectives (5 reduce-scatters, 5 all-gathers for 2 layers)."""
+    pool = pools(tp)
     s = _compile(pool, "piecewise", ["flashcomm1"])
     assert s[0]["pieces"] == 3   # embedding..qkv of layer 0, o_proj..qkv of layer 1, o_proj..norm
+    assert s[0]["boundaries"] == {"shard": True, "boundaries": 2,
+                                  "reason": "min_tokens=0: FlashComm1 applies at every token count"}
     calls = _run_all(pool, s[0]["key"], data)
     _same_on_every_rank(calls)
     mine = calls[0]
     assert len(mine) == 3 * len(RANGES) and {c["range"] for c in mine} == RANGES  # once per piece and range
     assert all(c["report"]["graph_mode"]["kind"] == "piece" for c in mine)
+    # pieces 2 and 3 start from a sharded residual: their boundary all-gather was taken back
+    for r in RANGES:
+        assert [c["report"].get("boundary_gathers_taken", 0) for c in mine if c["range"] == r] == [0, 1, 1], \
+            [c["report"].get("notes") for c in mine]
     _bytes_never_grow(mine)
-    # every piece ends in replicated tensors (its boundary); the gathers are placed by the minimum cut
-    # (fxpasses.gather_points): the middle piece (o_proj, MLP, next layer's norm) gathers its residual
-    # and the norm's input once, before the norm, and the norm runs on all tokens, so each piece moves
-    # reduce-scatter + all-gather: exactly the all-reduce's bytes (the node-by-node choice gathered the
-    # residual and the norm's output separately, 1.25x, and the piece was refused)
-    assert all(c["report"]["applied"] for c in mine), [c["report"]["reason"] for c in mine]
-    assert all(c["report"]["bytes_per_step"]["ratio"] == 1 for c in mine)
-    for c in mine:
+    _assert_like_the_whole_graph(pool, mine, ["flashcomm1"])
+
+
+@settings(max_examples=examples(2))
+@given(data=st.data())
+def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(pools, data):
+    """An explicit min_tokens above 1 leaves the ranges below it in the original layout, and a piece's
+    boundary shapes are the same in every range: the boundaries stay replicated, the range below is
+    left alone, and in the range above every piece ends in replicated tensors, its gathers placed by
+    the minimum cut (`fxpasses.gather_points`): the middle piece gathers its residual and the norm's
+    input once, before the norm, so each piece moves reduce-scatter + all-gather: exactly the
+    all-reduce's bytes."""
+    pool = pools(2)
+    s = _compile(pool, "piecewise", ["flashcomm1"], min_tokens=9)
+    assert s[0]["boundaries"]["shard"] is False and "min_tokens=9" in s[0]["boundaries"]["reason"]
+    calls = _run_all(pool, s[0]["key"], data)
+    _same_on_every_rank(calls)
+    mine = calls[0]
+    low = [c for c in mine if c["range"] == "(1, 8)"]
+    high = [c for c in mine if c["range"] == "(9, 2048)"]
+    assert len(high) == 3 and not low  # vLLM does not hand the pass a range below min_tokens
+    assert all(c["report"]["applied"] for c in high), [c["report"]["reason"] for c in high]
+    assert all(c["report"]["bytes_per_step"]["ratio"] == 1 for c in high)
+    for c in high:
         assert c["report"]["collectives_after"].get("all_reduce", 0) == 0, c["report"]["collectives_after"]
+        assert "boundary_gathers_taken" not in c["report"]
 
 
 @settings(max_examples=examples(2))
@@ -126,20 +191,21 @@ def test_piecewise_flashcomm2_per_piece_tp4(pools, data):
 
 @settings(max_examples=examples(2))
 @given(data=st.data())
-def test_piecewise_flashcomm1_flashcomm2_leaves_out_flashcomm1_tp4(pools, data):
-    """FC1+FC2 in pieces: where FlashComm1's boundary gathers would cost bytes it is left out (with
-    its reason) and FlashComm2 is still applied."""
+def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries_tp4(pools, data):
+    """FC1+FC2 in pieces at TP=4: the boundaries carry the sharded residual, FlashComm2's all-to-all
+    replaces each o_proj's reduction and nothing is left out; the pieces together equal the
+    whole-graph FC1+FC2 rewrite in collectives and bytes."""
     pool = pools(4)
     s = _compile(pool, "piecewise", ["flashcomm1", "flashcomm2"])
+    assert s[0]["boundaries"]["shard"] is True and s[0]["boundaries"]["boundaries"] == 2
     calls = _run_all(pool, s[0]["key"], data)
     _same_on_every_rank(calls)
     mine = calls[0]
     _bytes_never_grow(mine)
-    left_out = [c for c in mine if "flashcomm1" in c["report"].get("left_out", {})]
-    assert len(left_out) == len(RANGES)       # the middle piece, as FlashComm1 alone
-    for c in left_out:
-        assert c["report"]["applied"] and c["report"]["collectives_after"].get("all_to_all", 0) == 1
-        assert PIECE_SETTING in c["report"]["left_out"]["flashcomm1"]
+    assert not any("left_out" in c["report"] for c in mine)
+    for r in RANGES:
+        assert [c["report"]["collectives_after"].get("all_to_all", 0) for c in mine if c["range"] == r] == [0, 1, 1]
+    _assert_like_the_whole_graph(pool, mine, ["flashcomm1", "flashcomm2"])
 
 
 @settings(max_examples=examples(2))

@@ -20,7 +20,9 @@ embedding's, and the reduce sites (`fxpasses.sites`): the all-reduce that ends a
 MoE experts and every other consumer of a rank-local value demand Replicate, so propagation
 all-gathers + unpads their input, once per value; token-wise work whose every consumer demands
 Replicate anyway (an MoE router next to its experts) runs on that gathered input instead of being
-gathered itself (`LayoutRewriter.propagate`). Graph outputs: all_gather + unpad.
+gathered itself (`LayoutRewriter.propagate`). Graph outputs: all_gather + unpad, except a piece's
+token-sharded boundary (`fxpasses.piece_boundaries`): its input all-gather is taken back and its
+output shard is the Shard0 value itself.
 """
 from __future__ import annotations
 
@@ -78,6 +80,12 @@ class FlashComm1(Strategy):
             else:
                 rw.replace_all_reduce(site.all_reduce, rw.to_shard0_from_partial(site.all_reduce.input))
                 plan.done("all_reduce -> pad + reduce_scatter")
+        if any(p.strategy == self.name and p.status is SiteStatus.REWRITTEN for p in plans):
+            taken = rw.adopt_boundary_gathers()
+            if taken:
+                rw.notes.append(f"{taken} token-sharded piece input(s) kept sharded (their boundary all-gather "
+                                "moved to where all rows are needed)")
+                rw.extra["boundary_gathers_taken"] = taken
 
 
     def after_propagation(self, rw: LayoutRewriter, plans: list[SitePlan], ctx: TPContext) -> None:

@@ -71,6 +71,7 @@ def _environ(env: dict[str, str]):
 
 def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, env) -> dict[str, Any]:
 
+    from fxpasses import piece_boundaries
     from fxpasses.ascend_pass import FxPassesAscendPass
     from fxpasses.testing.piecewise import RecordingPass
     from fxpasses.context import TPContext
@@ -87,6 +88,9 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
     ds, model = build_model(spec, dtype, seed, graph_mode)
     vc = ascend_vllm_config(graph_mode)
     pass_ = FxPassesAscendPass(vc, inner=RecordingPass(**config))
+    # where vllm-ascend's platform finds it (the plugin puts it there); the piece-boundary seam reads it
+    vc.compilation_config.inductor_compile_config["graph_fusion_manager"] = pass_
+    piece_boundaries.install()
     prepare_process_groups(pass_.resolve_config(), TPContext.from_vllm())  # at start-up, not in the compile
     manager = GraphFusionPassManagerStandin()
     manager.configure(vc)
@@ -99,7 +103,9 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
                              options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
     entry = {"model": model, "compiled": compiled, "manager": manager, "backend": backend, "spec": ds, "vc": vc}
     _run(entry, first_tokens, seed)  # compiles
+    d = piece_boundaries.LAST_DECISION
     entry["summary"] = {"key": key, "pieces": list(backend.pieces), "calls": list(manager.calls),
+                        "boundaries": d.to_dict() if d is not None else None,
                         "reports": [c["report"] for c in pass_.inner.calls]}
     cache[key] = entry
     return entry["summary"]

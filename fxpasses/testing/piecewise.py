@@ -82,6 +82,7 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     (`min_tokens: 0`) unless `config` names another `min_tokens`: these compiles check the rewrite."""
     from vllm.compilation.backends import VllmBackend
 
+    from fxpasses import piece_boundaries
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
     from fxpasses.topology import prepare_process_groups
@@ -96,6 +97,7 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     torch._inductor.config.fx_graph_cache = False
     ds = DecoderSpec(**{**spec, "splitting_attention": True})
     prepare_process_groups(FxPassesConfig.from_dict(config), TPContext.from_vllm())  # at start-up
+    piece_boundaries.install()  # as the plugin does in every vLLM process
     model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)
     pass_ = RecordingPass(**config)
     vc = vllm_compile_config(pass_, graph_mode, endpoints)
@@ -110,8 +112,9 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     cache[key] = entry
     _run(entry, first_tokens, seed)
     pieces = [it for it in backend.piecewise_graphs if not it.is_splitting_graph]
-    entry["summary"] = {"key": key, "pieces": len(pieces),
-                        "calls": list(pass_.calls)}
+    d = piece_boundaries.LAST_DECISION
+    entry["summary"] = {"key": key, "pieces": len(pieces), "calls": list(pass_.calls),
+                        "boundaries": d.to_dict() if d is not None else None}
     return entry["summary"]
 
 

@@ -1,0 +1,453 @@
+"""FlashComm1 across the pieces of vLLM's FX split: token-sharded piece boundaries, decided once per model.
+
+In VLLM_COMPILE mode (CUDA's default, vllm-ascend's PIECEWISE) vLLM splits the Dynamo graph at its
+`splitting_ops` (`vllm.compilation.backends.split_graph`) and compiles every piece for the example
+values of the graph *before* the split; the post-grad pass then sees one piece at a time. A pass on
+one piece cannot change what the next is compiled for, so without help every token tensor crossing a
+boundary stays replicated (the residual is gathered before each piece ends and the first norm of the
+next piece runs on all T rows).
+
+The boundary contract, taken here, before the split, identically on every rank:
+
+* a boundary value `v` (a floating tensor whose dim 0 is the model's token count T, made by a
+  non-splitting piece and read only by later non-splitting pieces: the residual stream) leaves its
+  piece as `fxpasses::boundary_shard(v, rank, n)`: this rank's ceil(T/n) rows of `v` padded to a
+  multiple of n with zero rows, no communication;
+* every later piece that reads it starts with `vllm.all_gather` of that shard, sliced to T rows.
+
+Each piece is exact as it stands (the contract alone costs one all-gather per boundary). The
+post-grad FlashComm1 rewrite of each piece then takes the gathered slice as the Shard0 value it came
+from (`LayoutRewriter.adopt_boundary_gathers`) and a shard of a value it already holds sharded as
+that value, so the residual stays sharded across every boundary, every norm runs on T/n rows, every
+all-gather sits next to the matmul it feeds, and the model moves exactly the whole-graph FlashComm1
+bytes. The fake example values of the new nodes are propagated, so vLLM compiles the later pieces for
+`((T + n - 1) // n, H)` inputs; a CUDA graph captured per size sees static boundary shapes.
+
+Decision (`boundary_decision`): FlashComm1 is enabled, the TP group has 2 ranks or more, and
+FlashComm1 applies at every token count, because a piece's boundary shapes are the same in every
+compile range: `min_tokens` 0 or 1, or `auto` when the analytic model (`token_gate.analytic_min_tokens`
+with the platform's link costs) finds FlashComm1 no slower from 1 token to max_num_batched_tokens.
+Otherwise the boundaries stay replicated and each piece decides per range as before; the reason is
+logged and kept in `LAST_DECISION`.
+
+The seam (`install`): vLLM has no hook before `split_graph`, so this module wraps
+`vllm.compilation.backends.split_graph`, after checking that the installed vLLM calls it from
+`VllmBackend.__call__` with the signature this code was written against; where it does not, the seam
+is not installed and a warning says that pieces keep replicated boundaries. The minimal upstream hook
+that would replace it: a `pre_split_graph_pass` in `CompilationConfig` that `VllmBackend.__call__`
+runs on the Dynamo graph right before `split_graph`, with its uuid in the compile cache key.
+
+A compiled piece loaded from vLLM's cache names `fxpasses::boundary_shard`; importing `fxpasses`
+registers it (`fxpasses.runtime_ops`), and the plugin loads `fxpasses` in every vLLM process.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("fxpasses")
+
+SHARD_OP = "fxpasses::boundary_shard"
+
+
+class BoundaryError(RuntimeError):
+    """The boundary contract could not be applied to a graph it was decided for."""
+
+
+@torch.library.custom_op("fxpasses::boundary_shard", mutates_args=())
+def boundary_shard(x: torch.Tensor, rank: int, group_size: int) -> torch.Tensor:
+    """Rows [rank * R, (rank + 1) * R) of `x` padded with zero rows to n * R, R = ceil(T / n)."""
+    t = x.shape[0]
+    rows = (t + group_size - 1) // group_size
+    pad = rows * group_size - t
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))], 0)
+    return x.narrow(0, rank * rows, rows).clone()
+
+
+@boundary_shard.register_fake
+def _(x: torch.Tensor, rank: int, group_size: int) -> torch.Tensor:
+    rows = (x.shape[0] + group_size - 1) // group_size
+    return x.new_empty((rows,) + tuple(x.shape[1:]))
+
+
+@dataclass(frozen=True)
+class Decision:
+    shard: bool
+    reason: str
+    boundaries: int = 0          # boundary values sharded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "reason": self.reason, "boundaries": self.boundaries}
+
+
+#: the decision of the latest split in this process (for logs, the report and tests)
+LAST_DECISION: Decision | None = None
+
+
+def boundary_decision(cfg, tp: int, *, max_tokens: int | None, hidden: int | None,
+                      dtype_bytes: int | None) -> Decision:
+    """Whether this model's piece boundaries carry token-sharded values (see the module docstring).
+    Read off the configuration and the model's shapes: every rank decides alike."""
+    if "flashcomm1" not in cfg.strategies:
+        return Decision(False, "FlashComm1 is not enabled")
+    if tp < 2:
+        return Decision(False, f"tensor parallel size {tp}: nothing to shard")
+    mt = cfg.min_tokens
+    if mt != "auto":
+        if int(mt or 0) <= 1:
+            return Decision(True, f"min_tokens={mt or 0}: FlashComm1 applies at every token count")
+        return Decision(False, f"min_tokens={mt}: the compile ranges below {mt} tokens keep the original "
+                               "layout, and a piece's boundary shapes are the same in every range")
+    if not (max_tokens and hidden and dtype_bytes):
+        return Decision(False, "min_tokens=auto: the model's hidden size, dtype or max_num_batched_tokens is "
+                               "unknown before the split")
+    from fxpasses import link_costs, token_gate
+
+    costs = link_costs.resolve(cfg.link_costs)
+    n = token_gate.analytic_min_tokens("flashcomm1", max_tokens=max_tokens, tp=tp, hidden=hidden,
+                                       attn_out=hidden, dtype_bytes=dtype_bytes, costs=costs)
+    if n == 1:
+        return Decision(True, f"min_tokens=auto: FlashComm1 is modelled no slower from 1 to {max_tokens} tokens "
+                              f"on {costs.platform}")
+    return Decision(False, f"min_tokens=auto: a piece's boundary shapes are the same in every compile range, "
+                           f"and FlashComm1 is modelled slower at decode sizes on {costs.platform} "
+                           f"({'from ' + str(n) + ' tokens only' if n else 'at every size'}); boundaries stay "
+                           "replicated and each piece is decided per range")
+
+
+# ---- the boundary contract on the Dynamo graph ----------------------------------------------------
+def _val(n: Any):
+    return n.meta.get("example_value") if isinstance(n, fx.Node) else None
+
+
+def token_count_of(graph: fx.Graph):
+    """The model's token count as vLLM reads it: the first symbolic-int input, else dim 0 of the first
+    tensor input."""
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in phs:
+        v = _val(ph)
+        if isinstance(v, torch.SymInt):
+            return v
+    for ph in phs:
+        v = _val(ph)
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    return None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        ea = a.node.expr if isinstance(a, torch.SymInt) else a
+        eb = b.node.expr if isinstance(b, torch.SymInt) else b
+        return bool(ea == eb)
+    return a == b
+
+
+def _piece_ids(graph: fx.Graph, is_split) -> dict[fx.Node, tuple[int, bool]]:
+    """{node: (piece, is a splitting piece)} in the order `split_graph` numbers them (consecutive
+    splitting ops form one piece; a getitem goes with the node it reads)."""
+    out: dict[fx.Node, tuple[int, bool]] = {}
+    piece, prev_split = 0, False
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0] in out:
+            out[node] = out[node.args[0]]
+            continue
+        split = bool(is_split(node))
+        if split != prev_split:
+            piece += 1
+        prev_split = split
+        out[node] = (piece, split)
+    return out
+
+
+def _storage(v):
+    try:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        return StorageWeakRef(v.untyped_storage())
+    except Exception:  # no storage to compare (e.g. a sparse fake): treat as its own
+        return None
+
+
+def _written_args(node: fx.Node) -> list:
+    """The arguments `node` writes to (in-place methods and operators, ops whose schema writes an
+    argument, `out=`)."""
+    t = node.target
+    if node.op == "call_method":
+        return [node.args[0]] if isinstance(t, str) and t.endswith("_") and not t.startswith("__") else []
+    if node.op != "call_function":
+        return []
+    if t is operator.setitem or getattr(t, "__name__", "").startswith("i") and getattr(t, "__module__", "") in (
+            "_operator", "operator"):
+        return [node.args[0]] if node.args else []
+    written = [node.kwargs["out"]] if "out" in node.kwargs else []
+    name = getattr(t, "__name__", "")
+    if name.endswith("_") and not name.startswith("__") and node.args:
+        written.append(node.args[0])
+    schemas = []
+    if isinstance(t, torch._ops.OpOverload):
+        schemas = [t._schema]
+    elif isinstance(t, torch._ops.OpOverloadPacket):
+        schemas = [getattr(t, o)._schema for o in t.overloads()]
+    for sc in schemas:
+        for i, a in enumerate(sc.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                if i < len(node.args):
+                    written.append(node.args[i])
+                elif a.name in node.kwargs:
+                    written.append(node.kwargs[a.name])
+    return written
+
+
+def _writes(graph: fx.Graph) -> dict:
+    """{storage: [nodes writing to it in place]}."""
+    out: dict = {}
+    for node in graph.nodes:
+        for a in _written_args(node):
+            for x in (a if isinstance(a, (list, tuple)) else [a]):
+                ev = _val(x)
+                st = _storage(ev) if isinstance(ev, torch.Tensor) else None
+                if st is not None:
+                    out.setdefault(st, []).append(node)
+    return out
+
+
+def boundary_values(graph: fx.Graph, is_split, T) -> list[tuple[fx.Node, dict[int, list[fx.Node]]]]:
+    """[(v, {later piece: [its users of v]})] for every token-major floating value made by a
+    non-splitting piece and read only by later non-splitting pieces. Each later piece reads its own
+    gather of the shard taken where `v` is made, so an in-place write to `v`'s memory is allowed
+    only where no other piece could see it: not in `v`'s own piece after `v`, not in a later piece
+    when two later pieces read `v`, and no other value sharing `v`'s memory crosses a boundary."""
+    pieces = _piece_ids(graph, is_split)
+    writes = _writes(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    by_storage: dict = {}
+    for n in graph.nodes:
+        ev = _val(n)
+        st = _storage(ev) if isinstance(ev, torch.Tensor) else None
+        if st is not None:
+            by_storage.setdefault(st, []).append(n)
+    found = []
+    for v in graph.nodes:
+        if v not in pieces or pieces[v][1]:
+            continue
+        ev = _val(v)
+        if not isinstance(ev, torch.Tensor) or ev.dim() < 2 or not ev.is_floating_point() \
+                or not _same(ev.shape[0], T):
+            continue
+        st = _storage(ev)
+        if st is None:
+            continue
+        later: dict[int, list[fx.Node]] = {}
+        ok = True
+        for u in v.users:
+            if u.op == "output":
+                ok = False  # leaves the model: the caller gets every row
+                break
+            pu = pieces.get(u)
+            if pu is None or pu[1]:
+                ok = False  # read by a splitting op (attention needs every token)
+                break
+            if pu[0] != pieces[v][0]:
+                later.setdefault(pu[0], []).append(u)
+        if not ok or not later:
+            continue
+        home = pieces[v][0]
+        writers = [w for w in writes.get(st, []) if order[w] > order[v]]
+        if any(pieces.get(w, (home,))[0] == home for w in writers):
+            continue  # written after the shard is taken, in its own piece
+        if writers and len(later) > 1:
+            continue  # a write in one later piece that another would not see
+        if any(a is not v and any(pieces.get(u, (home,))[0] != pieces.get(a, (home,))[0] for u in a.users)
+               for a in by_storage.get(st, [])):
+            continue  # another view of the same memory crosses a boundary
+        found.append((v, later))
+    return found
+
+
+def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_name: str) -> int:
+    """Apply the boundary contract to the Dynamo graph (in place); returns the number of values sharded."""
+    g = graph.graph
+    T = token_count_of(g)
+    if T is None:
+        return 0
+    values = boundary_values(g, is_split, T)
+    writes = _writes(g)
+    rewritten = {v for v, _ in values if _storage(_val(v)) in writes}
+    for v, later in values:
+        ev = _val(v)
+        mode = ev.fake_mode
+        with g.inserting_after(v):
+            tn = g.call_function(torch.ops.aten.sym_size.int, (v, 0)) if isinstance(ev.shape[0], torch.SymInt) \
+                else int(ev.shape[0])
+        after = tn if isinstance(tn, fx.Node) else v
+        with g.inserting_after(after):
+            sh = g.call_function(torch.ops.fxpasses.boundary_shard.default, (v, rank, tp))
+        if isinstance(tn, fx.Node):
+            tn.meta["example_value"] = ev.shape[0]
+        with mode:
+            sh_ev = torch.ops.fxpasses.boundary_shard.default(ev, rank, tp)
+            ag_ev = torch.ops.vllm.all_gather.default(sh_ev, 0, tp, group_name)
+        sh.meta["example_value"] = sh_ev
+        for _, users in sorted(later.items()):
+            first = min(users, key=lambda u: _order(g, u))
+            with g.inserting_before(first):
+                ag = g.call_function(torch.ops.vllm.all_gather.default, (sh, 0, tp, group_name))
+                full = g.call_function(torch.ops.aten.slice.Tensor, (ag, 0, 0, tn))
+                if v in rewritten:  # written in place there: its own rows, not a view of the buffer
+                    ag.meta["example_value"], full.meta["example_value"] = ag_ev, ev
+                    full = g.call_function(torch.ops.aten.clone.default, (full,))
+            ag.meta["example_value"] = ag_ev
+            full.meta["example_value"] = ev
+            for u in users:
+                u.replace_input_with(v, full)
+    if values:
+        graph.recompile()
+    return len(values)
+
+
+def _order(g: fx.Graph, node: fx.Node) -> int:
+    cache = getattr(g, "_fxpasses_order", None)
+    if cache is None or node not in cache:
+        cache = {n: i for i, n in enumerate(g.nodes)}
+        g._fxpasses_order = cache  # type: ignore[attr-defined]
+    return cache[node]
+
+
+# ---- the seam in vLLM's backend --------------------------------------------------------------------
+_ORIGINAL = None
+
+
+def _fxpasses_pass(backend) -> Any:
+    """The fxpasses pass this compilation runs: among the post-grad / platform passes of the backend's
+    compilation config (else the current vLLM config's), looking inside chains (`passes`) and the
+    vllm-ascend route's wrapper (`inner`); None when there is none."""
+    from fxpasses.vllm_pass import FxPassesInductorPass, find_vllm_config
+
+    cc = getattr(backend, "compilation_config", None)
+    if cc is None:
+        cc = getattr(find_vllm_config(), "compilation_config", None)
+    icc = getattr(cc, "inductor_compile_config", None) or {}
+    todo = list(icc.values()) if isinstance(icc, dict) else []
+    while todo:
+        p = todo.pop(0)
+        if isinstance(p, FxPassesInductorPass):
+            return p
+        todo.extend(getattr(p, "passes", None) or [])
+        if getattr(p, "inner", None) is not None:
+            todo.append(p.inner)
+    return None
+
+
+def _model_facts(graph: fx.GraphModule, T) -> tuple[int | None, int | None]:
+    """(hidden, dtype bytes) of the residual stream: the widest floating [T, H] activation."""
+    best = None
+    for n in graph.graph.nodes:
+        ev = _val(n)
+        if isinstance(ev, torch.Tensor) and ev.dim() == 2 and ev.is_floating_point() and _same(ev.shape[0], T) \
+                and isinstance(ev.shape[1], int):
+            if best is None or ev.shape[1] > best[0]:
+                best = (int(ev.shape[1]), ev.element_size())
+    return best or (None, None)
+
+
+def _decide_and_shard(backend, graph: fx.GraphModule, splitting_ops: list[str]) -> Decision:
+    from vllm.compilation.backends import should_split
+
+    from fxpasses.context import TPContext
+    from fxpasses.logs import bridge_logging
+    from fxpasses.vllm_pass import find_vllm_config
+
+    bridge_logging()
+    pass_ = _fxpasses_pass(backend)
+    if pass_ is None or not splitting_ops:
+        return Decision(False, "no fxpasses pass or no splitting ops")
+    cfg = pass_.resolve_config()
+    ctx = TPContext.from_vllm()
+    T = token_count_of(graph.graph)
+    hidden, dtype_bytes = _model_facts(graph, T) if T is not None else (None, None)
+    vc = getattr(backend, "vllm_config", None) or find_vllm_config()
+    max_tokens = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
+    d = boundary_decision(cfg, ctx.tp, max_tokens=max_tokens, hidden=hidden, dtype_bytes=dtype_bytes)
+    if not d.shard:
+        return d
+    if ctx.tp_group is None or not ctx.tp_group.vllm_name:
+        return Decision(False, "the TP group has no vLLM name for vllm.all_gather")
+    try:
+        count = shard_boundaries(graph, lambda n: should_split(n, splitting_ops), ctx.tp, ctx.rank,
+                                 ctx.tp_group.vllm_name)
+    except Exception as e:  # the graph may be half rewritten: never compile that
+        raise BoundaryError(f"fxpasses: sharding the piece boundaries failed on TP rank {ctx.rank} "
+                            f"({type(e).__name__}: {e}); set min_tokens to auto or >= 2 in the fxpasses config "
+                            "to keep them replicated") from e
+    return Decision(bool(count), d.reason if count else "no token tensor crosses a piece boundary", count)
+
+
+def split_graph_with_boundaries(graph, splitting_ops, *args, **kwargs):
+    """`split_graph`, after the boundary contract was applied to the graph where it is decided."""
+    global LAST_DECISION
+    import sys
+
+    backend = sys._getframe(1).f_locals.get("self")
+    try:
+        d = _decide_and_shard(backend, graph, list(splitting_ops or []))
+    except BoundaryError:
+        raise
+    except Exception as e:  # deciding failed before the graph was touched: today's per-piece behaviour
+        d = Decision(False, f"the boundary decision failed ({type(e).__name__}: {e})")
+        log.warning("fxpasses: %s; piece boundaries stay replicated", d.reason)
+    LAST_DECISION = d
+    if d.shard:
+        log.info("fxpasses: %d token tensors cross vLLM's piece boundaries sharded over the TP group (%s)",
+                 d.boundaries, d.reason)
+    else:
+        log.info("fxpasses: piece boundaries stay replicated: %s", d.reason)
+    return _ORIGINAL(graph, splitting_ops, *args, **kwargs)
+
+
+def seam_problem() -> str | None:
+    """Why the installed vLLM does not offer the seam this module wraps, or None."""
+    try:
+        from vllm.compilation import backends
+    except Exception as e:  # no vLLM
+        return f"vllm.compilation.backends cannot be imported ({type(e).__name__})"
+    fn = getattr(backends, "split_graph", None)
+    if fn is None:
+        return "vllm.compilation.backends.split_graph is missing"
+    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
+    if params[:2] != ["graph", "splitting_ops"]:
+        return f"vllm.compilation.backends.split_graph takes {params}, not (graph, splitting_ops)"
+    try:
+        src = inspect.getsource(backends.VllmBackend.__call__)
+    except (OSError, TypeError):
+        return "the source of VllmBackend.__call__ is not readable"
+    if "split_graph(" not in src:
+        return "VllmBackend.__call__ no longer calls split_graph"
+    return None
+
+
+def install() -> bool:
+    """Wrap vLLM's `split_graph` (once per process); False, with a warning, where the seam is missing."""
+    global _ORIGINAL
+    problem = seam_problem()
+    if problem:
+        log.warning("fxpasses: %s; FlashComm1 keeps replicated piece boundaries in VLLM_COMPILE mode", problem)
+        return False
+    from vllm.compilation import backends
+
+    if getattr(backends.split_graph, "_fxpasses_seam", False):
+        return True
+    _ORIGINAL = backends.split_graph
+    split_graph_with_boundaries._fxpasses_seam = True  # type: ignore[attr-defined]
+    split_graph_with_boundaries.__wrapped__ = _ORIGINAL  # type: ignore[attr-defined]
+    backends.split_graph = split_graph_with_boundaries
+    return True
