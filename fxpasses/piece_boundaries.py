@@ -323,6 +323,20 @@ def _order(g: fx.Graph, node: fx.Node) -> int:
     return cache[node]
 
 
+def carries_contract(graph: fx.Graph) -> bool:
+    """Does this (post-grad) piece hand a sharded boundary value over, or gather one it received?"""
+    from fxpasses import graph_forms as gf
+
+    for n in graph.nodes:
+        if gf.op_name(n) == SHARD_OP:
+            return True
+        if gf.collective_kind(n) == "all_gather":
+            x = gf.collective_input(n)
+            if isinstance(x, fx.Node) and x.op == "placeholder":
+                return True
+    return False
+
+
 # ---- the seam in vLLM's backend --------------------------------------------------------------------
 _ORIGINAL = None
 

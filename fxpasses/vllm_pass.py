@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 from vllm.compilation.passes.inductor_pass import InductorPass
 
-from fxpasses import link_costs
+from fxpasses import link_costs, piece_boundaries
 from fxpasses.config import FxPassesConfig, load_config
 from fxpasses.graph_mode import graph_mode_of
 
@@ -283,7 +283,11 @@ class FxPassesInductorPass(InductorPass):
         mode = graph_mode_of(find_vllm_config(), getattr(self, "platform_pass_key", None))
         report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode,
                             token_range=self.token_range(cfg, rng))
-        if mode.is_piece and not report.applied and "bytes per step" in report.reason:
+        if mode.is_piece and not report.applied and piece_boundaries.carries_contract(graph):
+            self._once("contract", logging.WARNING, "fxpasses: a piece whose boundaries carry token-sharded "
+                       "values (fxpasses.piece_boundaries) was not rewritten (%s): it stays exact, with one "
+                       "all-gather per sharded input on top of its all-reduces", report.reason)
+        elif mode.is_piece and not report.applied and "bytes per step" in report.reason:
             self._once("piece", logging.WARNING, "fxpasses: %s; %s is kept in its original layout in such "
                        "pieces. For the whole graph set %s", mode.why, "+".join(cfg.strategies),
                        mode.whole_graph_setting)

@@ -277,26 +277,23 @@ def test_standin_piecewise_flashcomm2_rewritten_per_piece_and_equal(pool):
 FC1 = {"strategies": ["flashcomm1"]}
 
 
-def test_standin_piecewise_flashcomm1_kept_where_it_costs_bytes_and_equal(pool):
-    """FlashComm1 per piece: a tensor crossing a piece boundary stays replicated, so a piece is
-    rewritten only where that moves no more bytes than its all-reduces, and kept otherwise with
-    vllm-ascend's whole-graph setting in its reason. With the gathers placed by the minimum cut
-    (`fxpasses.gather_points`) the embedding piece and the middle piece (which gathers its residual
-    once before the next norm, run on all tokens) move no more bytes and are rewritten; the last
-    piece, which here also writes its residual input back in place (the graph runs without Inductor),
-    may be kept. Every piece decides the same on both ranks, and the model stays exact."""
+def test_standin_piecewise_flashcomm1_shards_the_piece_boundaries_and_equal(pool):
+    """FlashComm1 in vllm-ascend's PIECEWISE route (vLLM's `split_graph`, so the same seam:
+    `fxpasses.piece_boundaries`): the residual crosses both attention boundaries as this rank's rows,
+    written in place by the next piece's add + norm (vllm-ascend runs the graph without Inductor, so
+    the seam gives that piece its own copy of the gathered rows), and each later piece takes its
+    boundary gather back. Every piece is rewritten, none keeps an all-reduce, the pieces send no more
+    bytes than handed over, every piece decides the same on both ranks, and the model stays exact."""
     summaries = _compile(pool, FC1, "piecewise")
     for s in summaries:
         _once_per_piece(s)
+        assert s["boundaries"]["shard"] is True and s["boundaries"]["boundaries"] == 2, s["boundaries"]
         assert [r["graph_mode"]["kind"] for r in s["reports"]] == ["piece"] * 3
+        assert all(r["applied"] for r in s["reports"]), [r["reason"] for r in s["reports"]]
         for c, r in zip(s["calls"], s["reports"]):
-            if r["applied"]:
-                assert c["after"]["all_reduce"] == 0 and c["after"]["reduce_scatter"] == c["before"]["all_reduce"], c
-                assert r["bytes_per_step"]["ratio"] <= 1
-            else:
-                assert c["after"] == c["before"], c
-                assert "bytes per step" in r["reason"] and "enable_npugraph_ex" in r["reason"], r["reason"]
-        assert [r["applied"] for r in s["reports"][:2]] == [True, True]
+            assert c["after"]["all_reduce"] == 0 and c["after"]["reduce_scatter"] == c["before"]["all_reduce"], c
+            assert r["bytes_per_step"]["ratio"] <= 1
+        assert [r.get("boundary_gathers_taken", 0) for r in s["reports"]] == [0, 1, 1]
     assert [r["fingerprint_digest"] for r in summaries[0]["reports"]] == \
         [r["fingerprint_digest"] for r in summaries[1]["reports"]]
     _assert_equal(pool, summaries)

@@ -44,12 +44,12 @@ def pools():
         p.close()
 
 
-def _compile(pool, mode, strategies, endpoints=ENDPOINTS, **cfg):
+def _compile(pool, mode, strategies, endpoints=ENDPOINTS, mutant=None, rewrite_pieces=True, **cfg):
     from fxpasses.testing.piecewise import rank_compile_vllm
 
     spec = bundled_spec(num_hidden_layers=2)
     return pool.run(rank_compile_vllm, spec, {"strategies": list(strategies), **cfg}, mode, "float64", 7,
-                    endpoints)
+                    endpoints, mutant=mutant, rewrite_pieces=rewrite_pieces)
 
 
 def _run_all(pool, key, data, reach=(1, 9)):
@@ -105,18 +105,25 @@ def _after_bytes(calls):
                                          for c in calls], "b").items()}
 
 
-def _assert_like_the_whole_graph(pool, pieces, strategies, **cfg):
+def _whole_graph_calls(pool, strategies, **cfg):
+    """The whole-graph rewrite of the same model, compiled for one range (its bytes per step and
+    collectives do not depend on the range). Compiled *before* the pieces it is compared with: a
+    compile resets Dynamo, and the model compiled last is the one a test may run again."""
+    whole = _compile(pool, "whole", strategies, endpoints=None, **cfg)
+    (call,) = whole[0]["calls"]
+    assert call["report"]["applied"] and call["report"]["graph_mode"]["kind"] == "whole"
+    return call["report"]
+
+
+def _assert_like_the_whole_graph(pieces, whole):
     """Every piece rewritten; in every compile range the pieces together run the collectives of the
     whole-graph rewrite (none left as an all-reduce) and send exactly its bytes per step."""
-    from fxpasses.testing.piecewise import rank_compare_vllm
-
-    whole = _compile(pool, "whole", strategies, **cfg)
-    whole_calls = pool.run(rank_compare_vllm, whole[0]["key"], [1, 9])[0]["calls"]  # both ranges compiled
-    assert {c["range"] for c in whole_calls} == RANGES
     assert all(c["report"]["applied"] for c in pieces), [c["report"]["reason"] for c in pieces]
-    assert _per_range(pieces, "collectives_after") == _per_range(whole_calls, "collectives_after")
-    assert all(v.get("all_reduce", 0) == 0 for v in _per_range(pieces, "collectives_after").values())
-    assert _after_bytes(pieces) == _after_bytes(whole_calls)
+    for r, counts in _per_range(pieces, "collectives_after").items():
+        assert counts == whole["collectives_after"], (r, counts, whole["collectives_after"])
+        assert counts.get("all_reduce", 0) == 0
+    assert set(_after_bytes(pieces).values()) == {whole["bytes_per_step"]["after"]}, \
+        (_after_bytes(pieces), whole["bytes_per_step"])
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -130,6 +137,7 @@ def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
     model on every rank; the three pieces together send exactly the whole-graph rewrite's bytes and run
     its collectives (5 reduce-scatters, 5 all-gathers for 2 layers)."""
     pool = pools(tp)
+    whole = _whole_graph_calls(pool, ["flashcomm1"])
     s = _compile(pool, "piecewise", ["flashcomm1"])
     assert s[0]["pieces"] == 3   # embedding..qkv of layer 0, o_proj..qkv of layer 1, o_proj..norm
     assert s[0]["boundaries"] == {"shard": True, "boundaries": 2,
@@ -144,7 +152,28 @@ def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
         assert [c["report"].get("boundary_gathers_taken", 0) for c in mine if c["range"] == r] == [0, 1, 1], \
             [c["report"].get("notes") for c in mine]
     _bytes_never_grow(mine)
-    _assert_like_the_whole_graph(pool, mine, ["flashcomm1"])
+    _assert_like_the_whole_graph(mine, whole)
+
+
+@pytest.mark.parametrize("mutant", [None, "boundary_rows_of_the_next_rank"])
+def test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught_tp4(pools, mutant):
+    """The boundary contract without the pieces' rewrite (the post-grad pass left out: every piece
+    keeps its boundary shard and all-gather, as where a piece's rewrite is refused) still
+    computes the eager model at every token count, T=1 included; with the shard offset off by one
+    shard (`MUTANTS["boundary_rows_of_the_next_rank"]`: every rank hands the next rank's rows over)
+    the comparison fails at every token count."""
+    from fxpasses.testing.piecewise import rank_compare_vllm
+
+    pool = pools(4)
+    s = _compile(pool, "piecewise", ["flashcomm1"], mutant=mutant, rewrite_pieces=False)
+    assert s[0]["boundaries"]["shard"] is True
+    tokens = [1, 5, 9, 23]
+    for rank, out in enumerate(pool.run(rank_compare_vllm, s[0]["key"], tokens)):
+        assert [r["T"] for r in out["results"]] == tokens
+        if mutant is None:
+            assert all(r["shape_ok"] and r["rel"] <= REL for r in out["results"]), (rank, out["results"])
+        else:
+            assert all(r["rel"] > 1e-2 for r in out["results"]), (rank, out["results"])
 
 
 @settings(max_examples=examples(2))
@@ -196,6 +225,7 @@ def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries_tp4(pools, 
     replaces each o_proj's reduction and nothing is left out; the pieces together equal the
     whole-graph FC1+FC2 rewrite in collectives and bytes."""
     pool = pools(4)
+    whole = _whole_graph_calls(pool, ["flashcomm1", "flashcomm2"])
     s = _compile(pool, "piecewise", ["flashcomm1", "flashcomm2"])
     assert s[0]["boundaries"]["shard"] is True and s[0]["boundaries"]["boundaries"] == 2
     calls = _run_all(pool, s[0]["key"], data)
@@ -205,7 +235,7 @@ def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries_tp4(pools, 
     assert not any("left_out" in c["report"] for c in mine)
     for r in RANGES:
         assert [c["report"]["collectives_after"].get("all_to_all", 0) for c in mine if c["range"] == r] == [0, 1, 1]
-    _assert_like_the_whole_graph(pool, mine, ["flashcomm1", "flashcomm2"])
+    _assert_like_the_whole_graph(mine, whole)
 
 
 @settings(max_examples=examples(2))

@@ -32,13 +32,14 @@ GRAPH_MODES = ("piecewise", "whole")
 class RecordingPass(FxPassesInductorPass):
     """The real vLLM pass, remembering (compile range, report) of every call."""
 
-    def __init__(self, **overrides: Any):
+    def __init__(self, rewrite_pieces: bool = True, **overrides: Any):
         super().__init__(**overrides)
         self.calls: list[dict] = []
+        self.rewrite_pieces = rewrite_pieces  # False: only the piece-boundary seam acts (a refused piece)
 
     def __call__(self, graph) -> None:
         rng = compile_range_of_current_pass()
-        report = self.apply(graph)
+        report = self.apply(graph) if self.rewrite_pieces else None
         self.calls.append({"range": str(rng), "report": report.to_dict() if report is not None else None})
 
 
@@ -73,11 +74,35 @@ def _cpu_adjustments():
         FixFunctionalizationPass.__call__ = original
 
 
+@contextlib.contextmanager
+def _boundary_rows_of_the_next_rank():
+    """Mutant: every rank hands the next rank's rows of a boundary value over (the shard offset off
+    by one shard)."""
+    from fxpasses import piece_boundaries
+
+    original = piece_boundaries.shard_boundaries
+
+    def mutated(graph, is_split, tp, rank, group_name):
+        return original(graph, is_split, tp, (rank + 1) % tp, group_name)
+
+    piece_boundaries.shard_boundaries = mutated
+    try:
+        yield
+    finally:
+        piece_boundaries.shard_boundaries = original
+
+
+#: named mutants of the piece-boundary rewrite, patched from outside the library for one compile
+MUTANTS = {"boundary_rows_of_the_next_rank": _boundary_rows_of_the_next_rank}
+
+
 def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "piecewise",
                       dtype: str = "float64", first_tokens: int = 7, endpoints: list[int] | None = None,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, mutant: str | None = None, rewrite_pieces: bool = True) -> dict[str, Any]:
     """Compile the tiny decoder through vLLM's backend on this rank; returns the pass calls (compile
-    range and site report per call) and the number of pieces. Compile ranges are compiled lazily,
+    range and site report per call), the number of pieces and the piece-boundary decision. `mutant`
+    names an entry of `MUTANTS` applied while compiling; `rewrite_pieces=False` leaves every piece as
+    the piece-boundary seam made it (the state of a piece whose rewrite was refused). Compile ranges are compiled lazily,
     on the first call of a size inside them. The rewrite is forced at every token count
     (`min_tokens: 0`) unless `config` names another `min_tokens`: these compiles check the rewrite."""
     from vllm.compilation.backends import VllmBackend
@@ -88,7 +113,7 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     from fxpasses.topology import prepare_process_groups
 
     config = {"min_tokens": 0, **config}
-    key = f"vllm-{graph_mode}-{sorted(spec.items())}-{sorted(config.items())}-{dtype}-{endpoints}"
+    key = f"vllm-{graph_mode}-{sorted(spec.items())}-{sorted(config.items())}-{dtype}-{endpoints}-{mutant}-{rewrite_pieces}"
     cache = state.setdefault("vllm_compiled", {})
     if key in cache:
         return cache[key]["summary"]
@@ -99,7 +124,7 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     prepare_process_groups(FxPassesConfig.from_dict(config), TPContext.from_vllm())  # at start-up
     piece_boundaries.install()  # as the plugin does in every vLLM process
     model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)
-    pass_ = RecordingPass(**config)
+    pass_ = RecordingPass(rewrite_pieces, **config)
     vc = vllm_compile_config(pass_, graph_mode, endpoints)
     torch._dynamo.reset()
     backend = VllmBackend(vc)
@@ -110,7 +135,8 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     entry = {"model": model, "compiled": compiled, "pass": pass_, "vc": vc, "backend": backend, "spec": ds,
              "key": key}
     cache[key] = entry
-    _run(entry, first_tokens, seed)
+    with MUTANTS[mutant]() if mutant else contextlib.nullcontext():
+        _run(entry, first_tokens, seed)  # compiles
     pieces = [it for it in backend.piecewise_graphs if not it.is_splitting_graph]
     d = piece_boundaries.LAST_DECISION
     entry["summary"] = {"key": key, "pieces": len(pieces), "calls": list(pass_.calls),
