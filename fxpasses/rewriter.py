@@ -385,6 +385,9 @@ class LayoutRewriter:
                 value = next(iter(s.users))
             self.touched.update(value.users)
             value.replace_all_uses_with(x)
+            for dead in dict.fromkeys((value, s, result, node)):  # a wait is impure: erased by hand
+                if not dead.users:
+                    self.graph.erase_node(dead)
             self._lay(x, layouts.SHARD0, 0, xv.dim())
             self._stream_dims.add(0)
             taken += 1

@@ -6,16 +6,19 @@ The CPU platform turns VLLM_COMPILE into one-graph compilation; the test-only pl
 `fxpasses.testing.cpu_vllm_compile` (the entry point of tests/vllm_test_plugin, installed by
 tools/setup.sh; inert unless FXPASSES_TESTING_VLLM_COMPILE=1)
 keeps the requested mode in every vLLM process, for the baseline and the pass engine alike.
-FlashComm1 per piece: every tensor crossing a piece boundary stays replicated, each piece is kept
-only at no more bytes than its all-reduces, greedy tokens identical and logprobs within the check's
-tolerance, every piece decided identically on both ranks, the start-up warning names the setting
-that gives the whole graph.
+FlashComm1 forced at every token count (min_tokens 0): the residual crosses both attention
+boundaries token-sharded (`fxpasses.piece_boundaries`, the seam the plugin installs in every vLLM
+process), every piece is rewritten and the later two take their boundary all-gather back; greedy
+tokens identical and logprobs within the check's tolerance, every piece decided identically on both
+ranks, and the bytes per step at T=256 and T=4096 exactly those of the whole-graph FlashComm1 layout
+(`comm_volume.analytic_layer_collectives`: the embedding's reduce-scatter, per layer the attention
+input's all-gather, two reduce-scatters and the MLP input's all-gather, the output's all-gather).
 """
 from __future__ import annotations
 
 import json
 
-from fxpasses import check
+from fxpasses import check, comm_volume
 
 TP = 2
 PIECEWISE = {"mode": 3, "cudagraph_mode": "NONE", "compile_sizes": [],
@@ -28,28 +31,33 @@ def _reports(res, rank):
     return [json.loads(f.read_text()) for f in sorted(d.glob("graph*.site_report.json"))]
 
 
-def test_engine_piecewise_flashcomm1_per_piece(tmp_path, engine_log):
+def test_engine_piecewise_flashcomm1_shards_the_piece_boundaries(tmp_path, engine_log):
     res = engine_log(check.run_check(None, TP, "flashcomm1", arch="llama", workdir=tmp_path,
-                                     progress=lambda line: None, compilation=PIECEWISE,
+                                     progress=lambda line: None, compilation=PIECEWISE, bytes_at=(256, 4096),
                                      env={"FXPASSES_TESTING_VLLM_COMPILE": "1"}))
     assert res.exit_code == check.EXIT_OK, res.message
     assert res.tokens_equal and res.max_logprob_diff <= res.tolerance, res.message
     assert res.dtype == "float32"  # a dense llama runs in float32 on every CPU (fxpasses.cpu_kernels)
-    for T, b in res.bytes_after.items():
-        assert b <= res.bytes_before[T], (T, res.bytes_before, res.bytes_after)
     per_rank = [_reports(res, r) for r in range(TP)]
     # the tiny Llama's 2 layers split at 2 attentions: 3 pieces, one compile range each
     assert [len(r) for r in per_rank] == [3, 3]
     for reports in per_rank:
         for r in reports:
             assert r["graph_mode"]["kind"] == "piece", r["graph_mode"]
-            assert "use_inductor_graph_partition" in r["graph_mode"]["whole_graph_setting"]
-            b = r.get("bytes_per_step")
-            assert b is None or b["after"] <= b["before"], b
+            assert r["applied"] and r["collectives_after"].get("all_reduce", 0) == 0, (r["reason"], r["collectives_after"])
+            assert r["bytes_per_step"]["after"] <= r["bytes_per_step"]["before"]
+        assert [r.get("boundary_gathers_taken", 0) for r in reports] == [0, 1, 1]
     decisions = [[(r["applied"], r["collectives_after"], r["fingerprint_digest"]) for r in reports]
                  for reports in per_rank]
     assert decisions[0] == decisions[1]
+    hf = json.loads((tmp_path / "tiny_llama" / "config.json").read_text())
+    H, L, b = hf["hidden_size"], hf["num_hidden_layers"], 4
+    for T in (256, 4096):
+        kw = dict(T=T, tp=TP, hidden=H, attn_out=hf["num_attention_heads"] * hf["head_dim"], dtype_bytes=b)
+        ring = (TP - 1) * comm_volume.padded(T, TP) * H * b // TP
+        whole = ring + L * comm_volume.analytic_layer_bytes("flashcomm1", **kw)["total"] + ring
+        assert res.bytes_after[T] == whole, (T, res.bytes_after, whole)
     log = (check.Path(res.workdir) / "pass" / "engine.log").read_text(errors="replace")
-    assert "piece boundary" in log and "use_inductor_graph_partition" in log
+    assert "cross vLLM's piece boundaries sharded" in log
     base_log = (check.Path(res.workdir) / "baseline" / "engine.log").read_text(errors="replace")
     assert "'mode': <CompilationMode.VLLM_COMPILE: 3>" in base_log.split("Initializing a V1 LLM engine")[1][:4000]
