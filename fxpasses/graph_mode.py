@@ -28,11 +28,14 @@ WHOLE_GRAPH_SETTINGS = {
 @dataclass(frozen=True)
 class GraphMode:
     """`kind`: "whole" or "piece"; `why`: the configuration that makes it so; `whole_graph_setting`:
-    for a piece, the line that gives the whole graph instead."""
+    for a piece, the line that gives the whole graph instead; `boundaries`: for a piece, whether its
+    boundary token tensors are sharded or replicated, and why."""
 
     kind: str
     why: str
     whole_graph_setting: str = ""
+    # for a piece: how its token tensors cross the boundaries (`fxpasses.piece_boundaries`)
+    boundaries: str = ""
 
     @property
     def is_piece(self) -> bool:

@@ -321,19 +321,26 @@ def _warn_if_not_compiled(vllm_config) -> None:
 
 
 def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
-    """A layer-spanning strategy (FlashComm1) under vLLM's FX split: say at start-up that it can only
-    be kept per piece, and which setting hands the pass the whole graph."""
+    """A layer-spanning strategy (FlashComm1) under vLLM's FX split: say at start-up whether the piece
+    boundaries will carry sharded token tensors (it applies at every token count) or stay replicated
+    (then it is kept only per piece; the warning names the settings that span the layers)."""
     from fxpasses.graph_mode import graph_mode_of
     from fxpasses.strategies import base as strategy_registry
 
     mode = graph_mode_of(vllm_config, key)
     spanning = [n for n in cfg.strategies if strategy_registry.get(n).spans_layers]
-    if mode.is_piece and spanning:
-        log.info("fxpasses: %s; %s shards the token tensors crossing the piece boundaries where it applies at "
-                 "every token count (min_tokens 0, or auto where it is modelled no slower from 1 token: "
-                 "fxpasses.piece_boundaries); otherwise they stay replicated and each piece is kept only where "
-                 "that moves no more bytes than its all-reduces (the whole graph: %s)", mode.why,
-                 "+".join(spanning), mode.whole_graph_setting)
+    if not (mode.is_piece and spanning):
+        return
+    if cfg.min_tokens != "auto" and int(cfg.min_tokens or 0) <= 1:
+        log.info("fxpasses: %s; %s applies at every token count (min_tokens=%s), so the token tensors crossing "
+                 "each piece boundary are sharded over the TP group (fxpasses.piece_boundaries)", mode.why,
+                 "+".join(spanning), cfg.min_tokens or 0)
+        return
+    log.warning("fxpasses: %s; with min_tokens=%s %s keeps token tensors replicated at every piece boundary "
+                "(sharded boundaries would force it on decode sizes too: fxpasses.piece_boundaries) and is "
+                "applied only to pieces where that moves no more bytes than the all-reduces it replaces. For "
+                "sequence parallelism across layers set min_tokens to 0, or %s", mode.why, cfg.min_tokens,
+                "+".join(spanning), mode.whole_graph_setting)
 
 
 def _warn_if_npugraph_ex(vllm_config) -> None:

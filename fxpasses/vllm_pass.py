@@ -27,6 +27,7 @@ Three ways to register (README "Using it with vLLM"):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -281,6 +282,9 @@ class FxPassesInductorPass(InductorPass):
         # Inductor recompiles after post-grad passes; a rank whose rewrite fails must not run its
         # original graph beside peers that run theirs rewritten: it raises
         mode = graph_mode_of(find_vllm_config(), getattr(self, "platform_pass_key", None))
+        d = piece_boundaries.LAST_DECISION
+        if mode.is_piece and d is not None:
+            mode = dataclasses.replace(mode, boundaries=("sharded" if d.shard else "replicated") + f": {d.reason}")
         report = run_passes(graph, cfg, ctx, recompile=False, fail_loudly=True, graph_mode=mode,
                             token_range=self.token_range(cfg, rng))
         if mode.is_piece and not report.applied and piece_boundaries.carries_contract(graph):

@@ -147,6 +147,7 @@ def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
     mine = calls[0]
     assert len(mine) == 3 * len(RANGES) and {c["range"] for c in mine} == RANGES  # once per piece and range
     assert all(c["report"]["graph_mode"]["kind"] == "piece" for c in mine)
+    assert all(c["report"]["graph_mode"]["boundaries"].startswith("sharded: min_tokens=0") for c in mine)
     # pieces 2 and 3 start from a sharded residual: their boundary all-gather was taken back
     for r in RANGES:
         assert [c["report"].get("boundary_gathers_taken", 0) for c in mine if c["range"] == r] == [0, 1, 1], \
@@ -194,6 +195,7 @@ def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(po
     low = [c for c in mine if c["range"] == "(1, 8)"]
     high = [c for c in mine if c["range"] == "(9, 2048)"]
     assert len(high) == 3 and not low  # vLLM does not hand the pass a range below min_tokens
+    assert all(c["report"]["graph_mode"]["boundaries"].startswith("replicated: min_tokens=9") for c in high)
     assert all(c["report"]["applied"] for c in high), [c["report"]["reason"] for c in high]
     assert all(c["report"]["bytes_per_step"]["ratio"] == 1 for c in high)
     for c in high:
@@ -218,13 +220,14 @@ def test_piecewise_flashcomm2_per_piece_tp4(pools, data):
         assert c["report"]["bytes_per_step"]["ratio"] < 1
 
 
+@pytest.mark.parametrize("tp", [2, 4])
 @settings(max_examples=examples(2))
 @given(data=st.data())
-def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries_tp4(pools, data):
-    """FC1+FC2 in pieces at TP=4: the boundaries carry the sharded residual, FlashComm2's all-to-all
+def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries(pools, data, tp):
+    """FC1+FC2 in pieces: the boundaries carry the sharded residual, FlashComm2's all-to-all
     replaces each o_proj's reduction and nothing is left out; the pieces together equal the
     whole-graph FC1+FC2 rewrite in collectives and bytes."""
-    pool = pools(4)
+    pool = pools(tp)
     whole = _whole_graph_calls(pool, ["flashcomm1", "flashcomm2"])
     s = _compile(pool, "piecewise", ["flashcomm1", "flashcomm2"])
     assert s[0]["boundaries"]["shard"] is True and s[0]["boundaries"]["boundaries"] == 2

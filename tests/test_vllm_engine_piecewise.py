@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fxpasses import check, comm_volume
 
 TP = 2
@@ -31,27 +33,31 @@ def _reports(res, rank):
     return [json.loads(f.read_text()) for f in sorted(d.glob("graph*.site_report.json"))]
 
 
-def test_engine_piecewise_flashcomm1_shards_the_piece_boundaries(tmp_path, engine_log):
-    res = engine_log(check.run_check(None, TP, "flashcomm1", arch="llama", workdir=tmp_path,
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_engine_piecewise_flashcomm1_shards_the_piece_boundaries(tmp_path, engine_log, arch):
+    res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path,
                                      progress=lambda line: None, compilation=PIECEWISE, bytes_at=(256, 4096),
                                      env={"FXPASSES_TESTING_VLLM_COMPILE": "1"}))
     assert res.exit_code == check.EXIT_OK, res.message
-    assert res.tokens_equal and res.max_logprob_diff <= res.tolerance, res.message
-    assert res.dtype == "float32"  # a dense llama runs in float32 on every CPU (fxpasses.cpu_kernels)
+    assert res.max_logprob_diff <= res.tolerance, res.message
+    assert res.tokens_equal or res.dtype != "float32", res.message  # bfloat16 may break a near-tie
+    if arch == "llama":
+        assert res.dtype == "float32"  # a dense llama runs in float32 on every CPU (fxpasses.cpu_kernels)
     per_rank = [_reports(res, r) for r in range(TP)]
     # the tiny Llama's 2 layers split at 2 attentions: 3 pieces, one compile range each
     assert [len(r) for r in per_rank] == [3, 3]
     for reports in per_rank:
         for r in reports:
             assert r["graph_mode"]["kind"] == "piece", r["graph_mode"]
+            assert r["graph_mode"]["boundaries"].startswith("sharded: min_tokens=0"), r["graph_mode"]
             assert r["applied"] and r["collectives_after"].get("all_reduce", 0) == 0, (r["reason"], r["collectives_after"])
             assert r["bytes_per_step"]["after"] <= r["bytes_per_step"]["before"]
         assert [r.get("boundary_gathers_taken", 0) for r in reports] == [0, 1, 1]
     decisions = [[(r["applied"], r["collectives_after"], r["fingerprint_digest"]) for r in reports]
                  for reports in per_rank]
     assert decisions[0] == decisions[1]
-    hf = json.loads((tmp_path / "tiny_llama" / "config.json").read_text())
-    H, L, b = hf["hidden_size"], hf["num_hidden_layers"], 4
+    hf = json.loads((tmp_path / f"tiny_{arch}" / "config.json").read_text())
+    H, L, b = hf["hidden_size"], hf["num_hidden_layers"], 4 if res.dtype == "float32" else 2
     for T in (256, 4096):
         kw = dict(T=T, tp=TP, hidden=H, attn_out=hf["num_attention_heads"] * hf["head_dim"], dtype_bytes=b)
         ring = (TP - 1) * comm_volume.padded(T, TP) * H * b // TP
