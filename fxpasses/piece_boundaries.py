@@ -283,6 +283,7 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
     values = boundary_values(g, is_split, T)
     writes = _writes(g)
     rewritten = {v for v, _ in values if _storage(_val(v)) in writes}
+    order = {n: i for i, n in enumerate(g.nodes)}  # of the original nodes (their order never changes)
     for v, later in values:
         ev = _val(v)
         mode = ev.fake_mode
@@ -299,7 +300,7 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
             ag_ev = torch.ops.vllm.all_gather.default(sh_ev, 0, tp, group_name)
         sh.meta["example_value"] = sh_ev
         for _, users in sorted(later.items()):
-            first = min(users, key=lambda u: _order(g, u))
+            first = min(users, key=order.__getitem__)
             with g.inserting_before(first):
                 ag = g.call_function(torch.ops.vllm.all_gather.default, (sh, 0, tp, group_name))
                 full = g.call_function(torch.ops.aten.slice.Tensor, (ag, 0, 0, tn))
@@ -313,14 +314,6 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
     if values:
         graph.recompile()
     return len(values)
-
-
-def _order(g: fx.Graph, node: fx.Node) -> int:
-    cache = getattr(g, "_fxpasses_order", None)
-    if cache is None or node not in cache:
-        cache = {n: i for i, n in enumerate(g.nodes)}
-        g._fxpasses_order = cache  # type: ignore[attr-defined]
-    return cache[node]
 
 
 def carries_contract(graph: fx.Graph) -> bool:
