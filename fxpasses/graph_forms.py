@@ -92,6 +92,31 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def wait_after(node: fx.Node) -> fx.Node | None:
+    """The `wait_tensor` that is a functional collective's only user, or None."""
+    w = _single_user(node)
+    return w if w is not None and op_name(w) == "_c10d_functional::wait_tensor" else None
+
+
+def all_gather_rows(node: fx.Node) -> tuple[fx.Node, str, int | None] | None:
+    """(result node, group, size) of an all_gather along dim 0 (its wait in the functional form), or
+    None for any other node."""
+    name = op_name(node)
+    if name == "vllm::all_gather":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return (node, collective_group(node), collective_world_size(node)) if dim == 0 else None
+    if name == "_c10d_functional::all_gather_into_tensor":
+        w = wait_after(node)
+        return (w, collective_group(node), collective_world_size(node)) if w is not None else None
+    return None
+
+
+def is_unpad(node: fx.Node, src: fx.Node) -> bool:
+    """`node` is `src[:end]` along dim 0 (the slice that drops an all-gather's padding rows)."""
+    return (op_name(node) == "aten::slice" and node.args[0] is src and len(node.args) >= 4
+            and node.args[1] == 0 and node.args[2] in (0, None) and (len(node.args) < 5 or node.args[4] == 1))
+
+
 def match_all_reduce(node: fx.Node) -> AllReduce | None:
     """Recognise `node` as the head of a TP all-reduce (sum) in any of the supported forms."""
     name = op_name(node)

@@ -46,7 +46,7 @@ import inspect
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -91,6 +91,11 @@ class Decision:
 LAST_DECISION: Decision | None = None
 
 
+def forced_everywhere(cfg) -> bool:
+    """An explicit `min_tokens` that lets the rewrite apply at every token count (0 or 1)."""
+    return cfg.min_tokens != "auto" and int(cfg.min_tokens or 0) <= 1
+
+
 def boundary_decision(cfg, tp: int, *, max_tokens: int | None, hidden: int | None,
                       dtype_bytes: int | None) -> Decision:
     """Whether this model's piece boundaries carry token-sharded values (see the module docstring).
@@ -101,7 +106,7 @@ def boundary_decision(cfg, tp: int, *, max_tokens: int | None, hidden: int | Non
         return Decision(False, f"tensor parallel size {tp}: nothing to shard")
     mt = cfg.min_tokens
     if mt != "auto":
-        if int(mt or 0) <= 1:
+        if forced_everywhere(cfg):
             return Decision(True, f"min_tokens={mt or 0}: FlashComm1 applies at every token count")
         return Decision(False, f"min_tokens={mt}: the compile ranges below {mt} tokens keep the original "
                                "layout, and a piece's boundary shapes are the same in every range")
@@ -221,9 +226,15 @@ def _writes(graph: fx.Graph) -> dict:
     return out
 
 
-def boundary_values(graph: fx.Graph, is_split, T) -> list[tuple[fx.Node, dict[int, list[fx.Node]]]]:
-    """[(v, {later piece: [its users of v]})] for every token-major floating value made by a
-    non-splitting piece and read only by later non-splitting pieces. Each later piece reads its own
+class Boundary(NamedTuple):
+    value: fx.Node                      # made by a non-splitting piece
+    later: dict[int, list[fx.Node]]     # {later piece: its users of the value}
+    written: bool                       # the one later piece that reads it writes to it in place
+
+
+def boundary_values(graph: fx.Graph, is_split, T) -> list[Boundary]:
+    """Every token-major floating value made by a non-splitting piece and read only by later
+    non-splitting pieces. Each later piece reads its own
     gather of the shard taken where `v` is made, so an in-place write to `v`'s memory is allowed
     only where no other piece could see it: not in `v`'s own piece after `v`, not in a later piece
     when two later pieces read `v`, and no other value sharing `v`'s memory crosses a boundary."""
@@ -270,7 +281,7 @@ def boundary_values(graph: fx.Graph, is_split, T) -> list[tuple[fx.Node, dict[in
         if any(a is not v and any(pieces.get(u, (home,))[0] != pieces.get(a, (home,))[0] for u in a.users)
                for a in by_storage.get(st, [])):
             continue  # another view of the same memory crosses a boundary
-        found.append((v, later))
+        found.append(Boundary(v, later, bool(writers)))
     return found
 
 
@@ -281,10 +292,8 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
     if T is None:
         return 0
     values = boundary_values(g, is_split, T)
-    writes = _writes(g)
-    rewritten = {v for v, _ in values if _storage(_val(v)) in writes}
     order = {n: i for i, n in enumerate(g.nodes)}  # of the original nodes (their order never changes)
-    for v, later in values:
+    for v, later, written in values:
         ev = _val(v)
         mode = ev.fake_mode
         with g.inserting_after(v):
@@ -304,7 +313,7 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
             with g.inserting_before(first):
                 ag = g.call_function(torch.ops.vllm.all_gather.default, (sh, 0, tp, group_name))
                 full = g.call_function(torch.ops.aten.slice.Tensor, (ag, 0, 0, tn))
-                if v in rewritten:  # written in place there: its own rows, not a view of the buffer
+                if written:  # written in place there: its own rows, not a view of the buffer
                     ag.meta["example_value"], full.meta["example_value"] = ag_ev, ev
                     full = g.call_function(torch.ops.aten.clone.default, (full,))
             ag.meta["example_value"] = ag_ev

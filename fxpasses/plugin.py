@@ -324,6 +324,7 @@ def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
     """A layer-spanning strategy (FlashComm1) under vLLM's FX split: say at start-up whether the piece
     boundaries will carry sharded token tensors (it applies at every token count) or stay replicated
     (then it is kept only per piece; the warning names the settings that span the layers)."""
+    from fxpasses import piece_boundaries
     from fxpasses.graph_mode import graph_mode_of
     from fxpasses.strategies import base as strategy_registry
 
@@ -331,7 +332,7 @@ def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
     spanning = [n for n in cfg.strategies if strategy_registry.get(n).spans_layers]
     if not (mode.is_piece and spanning):
         return
-    if cfg.min_tokens != "auto" and int(cfg.min_tokens or 0) <= 1:
+    if piece_boundaries.forced_everywhere(cfg):
         log.info("fxpasses: %s; %s applies at every token count (min_tokens=%s), so the token tensors crossing "
                  "each piece boundary are sharded over the TP group (fxpasses.piece_boundaries)", mode.why,
                  "+".join(spanning), cfg.min_tokens or 0)

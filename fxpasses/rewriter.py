@@ -53,6 +53,7 @@ from fxpasses import layouts
 from fxpasses.comm import CommBackend
 from fxpasses.context import GroupRef
 from fxpasses.errors import RewriteError
+from fxpasses.piece_boundaries import SHARD_OP
 from fxpasses.tokenwise import is_quantize, shape_arg_fix, token_aligned_args, token_dim_of
 
 aten = torch.ops.aten
@@ -360,25 +361,22 @@ class LayoutRewriter:
         rows = (self.T + self.n - 1) // self.n
         taken = 0
         for node in list(self.graph.nodes):
-            if gf.collective_kind(node) != "all_gather" or node in self.created:
+            head = gf.all_gather_rows(node) if node not in self.created else None
+            if head is None:
                 continue
-            if gf.collective_world_size(node) != self.n or gf.collective_group(node) not in (
-                    self.group.c10d_name, self.group.vllm_name):
+            result, group, size = head
+            if size != self.n or group not in (self.group.c10d_name, self.group.vllm_name):
                 continue
             x = gf.collective_input(node)
             xv = gf.val(x)
             if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or not gf.same_size(xv.shape[0], rows):
                 continue
-            result = node
-            if len(node.users) == 1 and gf.op_name(next(iter(node.users))) == "_c10d_functional::wait_tensor":
-                result = next(iter(node.users))
             if len(result.users) != 1:
                 continue  # the gathered buffer is also read (or written back into) whole
             s = next(iter(result.users))
             end = s.args[3] if len(s.args) > 3 else None
-            if not (gf.op_name(s) == "aten::slice" and s.args[1:3] == (0, 0) and end is not None
-                    and gf.same_size(gf.val(end) if isinstance(end, fx.Node) else end, self.T)
-                    and (len(s.args) < 5 or s.args[4] == 1)):
+            if not (gf.is_unpad(s, result) and end is not None
+                    and gf.same_size(gf.val(end) if isinstance(end, fx.Node) else end, self.T)):
                 continue
             value = s  # the seam copies the rows where a later piece writes to them in place
             if len(s.users) == 1 and gf.op_name(next(iter(s.users))) == "aten::clone":
@@ -395,7 +393,7 @@ class LayoutRewriter:
 
     def _boundary_shard_of_shard0(self, node: fx.Node) -> bool:
         """`fxpasses::boundary_shard(v)` of a Shard0 `v` that only leaves the graph: the same rows."""
-        return (gf.op_name(node) == "fxpasses::boundary_shard" and self.layout.get(node.args[0]) is layouts.SHARD0
+        return (gf.op_name(node) == SHARD_OP and self.layout.get(node.args[0]) is layouts.SHARD0
                 and self.token_dim(node.args[0]) == 0 and node.args[2] == self.n
                 and all(u.op == "output" for u in node.users))
 
@@ -466,7 +464,7 @@ class LayoutRewriter:
             tensor_op = node.op == "call_function" and _tensor_valued(node)
             aligned = token_aligned_args(node, self.is_token, self.ndim, self.token_dim) if tensor_op else None
             into = [a for a in node.all_input_nodes if a in sharded]
-            if gf.op_name(node) == "fxpasses::boundary_shard" and into:
+            if gf.op_name(node) == SHARD_OP and into:
                 continue                 # takes its input sharded (see propagate)
             if node.op == "output" or node in self.rank_local or (tensor_op and aligned is None):
                 demands.add(node)

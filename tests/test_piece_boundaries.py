@@ -97,7 +97,7 @@ def test_boundary_values_are_the_residual_only():
 
     gm = _traced(model, torch.randn(6, 4), torch.randn(4, 4))
     T = pb.token_count_of(gm.graph)
-    found = {v.name: sorted(later) for v, later in pb.boundary_values(gm.graph, _split_at_sigmoid, T)}
+    found = {b.value.name: sorted(b.later) for b in pb.boundary_values(gm.graph, _split_at_sigmoid, T)}
     assert set(found) == {"r", "y"}, found
     assert found["r"] == [2] and found["y"] == [4]
 
@@ -121,7 +121,7 @@ def _written_in_one_later_piece_read_in_another(x, w):
 def test_a_value_written_where_another_piece_could_see_it_stays_replicated(model):
     gm = _traced(model, torch.randn(6, 4), torch.randn(4, 4))
     T = pb.token_count_of(gm.graph)
-    assert [v.name for v, _ in pb.boundary_values(gm.graph, _split_at_sigmoid, T)] == [], gm.graph
+    assert [b.value.name for b in pb.boundary_values(gm.graph, _split_at_sigmoid, T)] == [], gm.graph
 
 
 def test_a_value_written_only_in_the_one_piece_that_reads_it_crosses():
@@ -135,7 +135,8 @@ def test_a_value_written_only_in_the_one_piece_that_reads_it_crosses():
 
     gm = _traced(model, torch.randn(6, 4), torch.randn(4, 4))
     T = pb.token_count_of(gm.graph)
-    assert [v.name for v, _ in pb.boundary_values(gm.graph, _split_at_sigmoid, T)] == ["r"]
+    (b,) = pb.boundary_values(gm.graph, _split_at_sigmoid, T)
+    assert b.value.name == "r" and b.written
 
 
 def test_written_args_reads_schemas_methods_and_operators():

@@ -90,16 +90,6 @@ class Pair:
         return COLLECTIVE_OF[self.kind]
 
 
-def _single_user(n: fx.Node) -> fx.Node | None:
-    us = list(n.users)
-    return us[0] if len(us) == 1 else None
-
-
-def _wait_after(n: fx.Node) -> fx.Node | None:
-    w = _single_user(n)
-    return w if w is not None and gf.op_name(w) == "_c10d_functional::wait_tensor" else None
-
-
 def _is_row_pad(n: fx.Node) -> bool:
     """constant_pad_nd(x, [0, 0, ..., 0, pad], 0): zero rows appended along dim 0 only."""
     if gf.op_name(n) != "aten::constant_pad_nd" or len(n.args) < 2:
@@ -117,25 +107,9 @@ def _rs_head(n: fx.Node):
     if name == "_c10d_functional::reduce_scatter_tensor":
         if str(n.args[1]).lower() != "sum":
             return None
-        w = _wait_after(n)
+        w = gf.wait_after(n)
         return (w, gf.collective_group(n), gf.collective_world_size(n)) if w is not None else None
     return None
-
-
-def _ag_head(n: fx.Node):
-    name = gf.op_name(n)
-    if name == "vllm::all_gather":
-        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-        return (n, gf.collective_group(n), gf.collective_world_size(n)) if dim == 0 else None
-    if name == "_c10d_functional::all_gather_into_tensor":
-        w = _wait_after(n)
-        return (w, gf.collective_group(n), gf.collective_world_size(n)) if w is not None else None
-    return None
-
-
-def _is_unpad(n: fx.Node, src: fx.Node) -> bool:
-    return (gf.op_name(n) == "aten::slice" and n.args[0] is src and len(n.args) >= 4
-            and n.args[1] == 0 and n.args[2] in (0, None) and (len(n.args) < 5 or n.args[4] == 1))
 
 
 def find_pairs(graph: fx.Graph) -> list[Pair]:
@@ -161,10 +135,10 @@ def find_pairs(graph: fx.Graph) -> list[Pair]:
                 pairs.append(Pair("mm_reduce_scatter", src, operands(src), n, result, group, size, pad=pad,
                                   erase=[src] + ([pad] if pad else []) + ([n, result] if result is not n else [n])))
             continue
-        ag = _ag_head(n)
+        ag = gf.all_gather_rows(n)
         if ag is not None:
             result, group, size = ag
-            unpads = [u for u in result.users if _is_unpad(u, result)]
+            unpads = [u for u in result.users if gf.is_unpad(u, result)]
             val = unpads[0] if len(unpads) == 1 else result
             for u in val.users:
                 if u.op == "call_function" and gf.is_matmul(u):
