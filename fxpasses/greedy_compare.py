@@ -56,6 +56,12 @@ def compare(base: dict, got: dict, lens: list[int], tol: float) -> Comparison:
         res.unexplained.append(f"{len(got['tokens'])} outputs against {len(base['tokens'])}")
         res.first_divergence = res.unexplained[0]
         return res
+    shapes = [[len(x) for x in run["prompt_logprobs"]] for run in (base, got)]
+    if shapes[0] != shapes[1]:  # checked before zip, which would hide a missing prompt logprob
+        res.tokens_equal = False
+        res.unexplained.append(f"prompt logprobs of lengths {shapes[1]} against {shapes[0]}")
+        res.first_divergence = res.unexplained[0]
+        return res
     for b, g in zip(base["prompt_logprobs"], got["prompt_logprobs"]):
         for x, y in zip(b, g):
             if x is not None and y is not None:

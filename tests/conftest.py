@@ -1,6 +1,7 @@
-"""Shared fixtures: one gloo TP pool per (world, all-reduce form), alive for the whole session
-(spawning ranks or re-compiling per example would not fit 2 cores), TP=1 pools for the
-DP-attention strategies per test module, and the hypothesis profile."""
+"""Shared fixtures: one gloo TP pool per (world, all-reduce form) and one TP=1 pool per world for the
+DP-attention strategies, each alive for the whole session (spawning ranks or re-compiling per example
+would not fit 2 cores); the hypothesis profile; the test tiers; a named mutant when asked for."""
+import fnmatch
 import os
 
 import pytest
@@ -12,6 +13,65 @@ settings.register_profile("dev", deadline=None, suppress_health_check=list(Healt
 # long runs: random (not derandomized) and, through helpers.examples(), 5x the examples and token sets
 settings.register_profile("deep", deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    """FXPASSES_TESTING_MUTANT=<name>: run the suite against a named mutant of the rewrite
+    (`fxpasses.testing.mutants`; the pool workers activate it too)."""
+    from fxpasses.testing.mutants import activate_from_env
+
+    activate_from_env()
+
+
+# ---- tiers: `bash tools/test.sh --fast` runs what is neither `engine` nor `heavy` -----------------
+# `engine` is marked in the engine test modules themselves. `heavy`: the tests below (fnmatch on the
+# node id under tests/), chosen by their measured durations: TP=4 captures beyond the one per
+# strategy the fast tier keeps (FlashComm1: test_fc1_equivalence's TP=4 shape; FlashComm2: TP=4 K=2
+# FC1+FC2; OTP + MLP-TP: world 4 K=2), second shapes or second collective forms of a case already
+# run, the static-W8A8 twin of a dynamic int8 case, byte-ratio captures in bfloat16, the [1, T, H]
+# decoder (its rules and a synthetic graph stay in tier 1), vLLM's whole compiler per test (one
+# piece-boundary test stays: it kills a mutant), CLI runs on ranks, wheel builds and fresh-process
+# cache loads.
+HEAVY = [
+    "test_bad_input.py::test_cli_says_so_when_nothing_was_rewritten",
+    "test_batch_of_one.py::*",
+    "test_cpu_amx_forms_standin.py::*[[]packed-*",
+    "test_compile_cache_restart.py::*",
+    "test_cpu_amx_forms_standin.py::*-4]",
+    "test_excluded_tp_sites.py::test_excluded_tp_sites_stay_exact_tp4*",
+    "test_excluded_tp_sites.py::*L3-*",
+    "test_fc1_structure.py::test_collectives_per_site[[]4-vllm]",
+    "test_flashcomm2.py::*[[]tp4-K1-*",
+    "test_flashcomm2.py::*[[]tp4-K2-flashcomm2]",
+    "test_flashcomm2.py::*[[]tp4-K2-fc2]",
+    "test_flashcomm2.py::test_flashcomm2_shapes_match_vanilla_tp2[[]*-L3-*",
+    "test_int8_on_the_wire.py::*-4]",
+    "test_int8_on_the_wire.py::*-tp4*",
+    "test_int8_on_the_wire.py::test_int8_bytes_against_bf16_standin*",
+    "test_int8_on_the_wire.py::test_fc1_gathers_int8_and_equals_float_gather_standin[[]w8a8-2]",
+    "test_int8_on_the_wire.py::test_fc2_all_to_all_sends_int8_standin[[]w8a8-tp2]",
+    "test_lowering.py::test_reference_lowering_matches_unfused_tp4*",
+    "test_lowering.py::test_reference_lowering_matches_unfused_tp2[[]c10d-*",
+    "test_mlp_tp_int8.py::*[[]w4-*",
+    "test_moe_mla_parallel_residual.py::*_tp4*",
+    "test_moe_mla_parallel_residual.py::*[[]L3-*",
+    "test_npu_forms_standin.py::*[[]tp4-*",
+    "test_otp_int8.py::*[[]w4-*",
+    "test_otp_int8.py::test_otp_int8_bytes_against_bf16_standin",
+    "test_otp_mlp_tp.py::*[[]w4-both-K4-bias]",
+    "test_packaging.py::test_the_wheel_*",
+    "test_piecewise_vllm_compile.py::test_piecewise_flashcomm1_*",
+    "test_piecewise_vllm_compile.py::test_piecewise_flashcomm2_*",
+    "test_piecewise_vllm_compile.py::test_whole_graph_*",
+    "test_piecewise_vllm_compile.py::test_auto_*",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        nodeid = item.nodeid.split("tests/", 1)[-1]
+        if any(fnmatch.fnmatchcase(nodeid, pat) for pat in HEAVY):
+            item.add_marker(pytest.mark.heavy)
 
 
 class Pools:
@@ -38,9 +98,9 @@ def pools():
     p.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dp_pools():
-    """TP=1 gloo pools (DP-attention ranks), one per world size, for this module."""
+    """TP=1 gloo pools (DP-attention ranks), one per world size, for the whole session."""
     from fxpasses.testing.pool import TPPool
 
     pools = {}

@@ -3,7 +3,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
+from fractions import Fraction
 from unittest import mock
+
+from hypothesis import strategies as st
 
 from fxpasses.testing.harness import rank_capture, rank_compare
 from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
@@ -13,26 +17,78 @@ DEPTH = 5 if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else 1
 
 
 def examples(n: int) -> int:
-    """n in the CI profile; 5n under HYPOTHESIS_PROFILE=deep (for max_examples and draw loops)."""
+    """n in the CI profile; 5n under HYPOTHESIS_PROFILE=deep. Every `max_examples` and every draw
+    loop of the suite goes through it (tests/test_exploration.py checks that)."""
     return n * DEPTH
 
 
-#: token-count sets each equivalence test draws per captured model shape (captures are cached in the
-#: rank workers, so every set only costs eager runs of the two graphs)
+#: token-count sets each equivalence test compares per captured model shape and drawn seed (captures
+#: are cached in the rank workers, so every set only costs eager runs of the two graphs)
 TOKEN_SETS = examples(20)
 
+#: the drawn seed the token-count sets are made from. Hypothesis's first example is its minimal one
+#: (seed 0), and the sets made from seed 0 still differ from each other; drawing every set with
+#: hypothesis inside one example would give TOKEN_SETS copies of the minimal list.
+SEEDS = st.integers(0, 2**32 - 1)
 
-def compare_many(pool, key, data, strategy, fn=None, extra=()):
-    """Draw TOKEN_SETS token-count sets with hypothesis (`strategy`), compare original and rewritten
-    graphs on every rank for each; assert shapes and float64 exactness."""
+
+def edge_counts(tp: int) -> set[int]:
+    """Token counts every set contains: one token, fewer than tp, exactly tp, one more, and a count
+    that pads (3 tp + 1)."""
+    return {1, max(tp - 1, 1), tp, tp + 1, 3 * tp + 1}
+
+
+def token_sets(seed: int, edges, hi: int = 300, n: int = TOKEN_SETS, size=(3, 6)) -> list[list[int]]:
+    """n sorted token-count sets made from `seed`: each `edges` plus 3 to 6 counts drawn from 1..hi."""
+    rng = random.Random(seed)
+    return [sorted({rng.randint(1, hi) for _ in range(rng.randint(*size))} | set(edges)) for _ in range(n)]
+
+
+def compare_many(pool, key, seed, edges, hi=300, fn=None, extra=()):
+    """Compare original and rewritten graphs on every rank for each of the TOKEN_SETS token-count
+    sets made from `seed` (`token_sets`); assert shapes and float64 exactness."""
     from fxpasses.testing.harness import rank_compare
-    for i in range(TOKEN_SETS):
-        tokens = data.draw(strategy, label=f"tokens[{i}]")
+    for tokens in token_sets(seed, edges, hi):
         for rank, results in enumerate(pool.run(fn or rank_compare, key, tokens, *extra)):
             assert [r["T"] for r in results] == tokens
             for r in results:
                 assert r["shape_ok"], (rank, tokens, r)
                 assert r["rel"] <= 1e-12, (rank, tokens, r)
+
+
+#: Explicit model shapes for the equivalence tests, per TP size. Hypothesis's first draw of a shape is
+#: the minimal one (1 layer, no bias, heads = kv heads), so shapes are named cases instead, none
+#: minimal: >= 2 layers, row and column biases, GQA != 1, q/k norm, and at TP=4 heads != tp.
+SHAPES = {
+    2: {
+        "L2-gqa2-qkvbias-obias-qknorm": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, hidden_size=48, intermediate_size=96, vocab_size=128,
+                                             qkv_bias=True, o_proj_bias=True, qk_norm=True),
+        "L3-gqa8-kvreplicated-mlpbias": dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=1,
+                                             head_dim=8, hidden_size=64, intermediate_size=160, vocab_size=128,
+                                             o_proj_bias=True, mlp_bias=True),
+    },
+    4: {
+        "L2-h8-gqa4-biases-qknorm": dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                         head_dim=8, hidden_size=64, intermediate_size=128, vocab_size=256,
+                                         qkv_bias=True, o_proj_bias=True, mlp_bias=True, qk_norm=True),
+    },
+}
+
+
+def shape_cases(tp: int) -> list:
+    """`SHAPES[tp]` as pytest params (id = the shape's name, value = the spec dict)."""
+    import pytest
+    return [pytest.param(bundled_spec(**kw), id=name) for name, kw in SHAPES[tp].items()]
+
+
+def byte_ratio(report: dict) -> Fraction:
+    """A site report's bytes per step, after / before, as an exact fraction (the report's own `ratio`
+    is rounded to 4 digits); the byte counts must be whole numbers."""
+    step = report["bytes_per_step"]
+    before, after = step["before"], step["after"]
+    assert float(before).is_integer() and float(after).is_integer() and before > 0, step
+    return Fraction(int(after), int(before))
 
 
 def bundled_spec(**kw) -> dict:

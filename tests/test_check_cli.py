@@ -103,6 +103,7 @@ def test_hf_checkpoint_reexports_the_core_maker():
 # ------------------------------------------------------------------------------------------------
 # end to end: two engine runs
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.engine
 def test_check_llama_flashcomm1_end_to_end(tmp_path):
     pytest.importorskip("vllm")
     out = tmp_path / "check"

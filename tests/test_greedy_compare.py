@@ -64,3 +64,11 @@ def test_the_reported_divergence_is_the_first_one_not_explained_by_a_near_tie():
     c = compare({**base, "tokens": [[5], [1]]}, {**got, "tokens": [[6], [1]], "logprobs": [[-0.69], [-0.1]]},
                 [3, 4], 1e-3)
     assert c.outputs_equal and c.divergence_to_report.startswith("prompt 0")
+
+
+def test_a_missing_prompt_logprob_is_never_zipped_away():
+    base = _out([[1]], [[-1.0]])
+    got = _out([[1]], [[-1.0]])
+    base["prompt_logprobs"], got["prompt_logprobs"] = [[None, -0.5, -0.25]], [[None, -0.5]]
+    c = compare(base, got, [3], TOL)
+    assert not c.outputs_equal and "prompt logprobs of lengths [2] against [3]" in c.first_divergence

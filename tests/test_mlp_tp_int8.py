@@ -34,8 +34,8 @@ features and down_proj on its int8 weight rows, then reduce-scatters.
   dynamic scales) against 2 for the bf16 float path (the tiny aten decoder's MLP-TP all_gather,
   same H = 64): static exactly 1/2, dynamic (H + 4) / (2 H) = 17/32.
 * `int8_comm: off` skips the pair with that reason.
-Every case is captured once (rank_capture caches per shape and config); hypothesis draws token
-counts, several per run.
+Every case is captured once (rank_capture caches per shape and config) and compared on token-count
+sets made from a hypothesis-drawn seed (`helpers.token_sets`).
 """
 from __future__ import annotations
 
@@ -45,11 +45,10 @@ import pytest
 import torch
 import torch.fx as fx
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from fxpasses.testing.dp_harness import own_tokens, rank_compare_own_tokens
 from fxpasses.testing.harness import graph_args, rank_capture
-from helpers import bundled_spec
+from helpers import SEEDS, bundled_spec, edge_counts, examples, token_sets
 
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"
 H = 64  # the bundled spec's hidden size (intermediate 128)
@@ -61,9 +60,9 @@ SCALE_SPREAD = 0.25
 CASES = {
     "w2-static-bias": (2, 0, "w8a8", True, 2),
     "w2-dynamic": (2, 0, "w8a8_dynamic", False, 2),
-    "w4-K4-dynamic-bias": (4, 0, "w8a8_dynamic", True, 1),
-    "w4-K2-static": (4, 2, "w8a8", False, 1),
-    "w4-K2-dynamic": (4, 2, "w8a8_dynamic", False, 1),
+    "w4-K4-dynamic-bias": (4, 0, "w8a8_dynamic", True, 2),
+    "w4-K2-static": (4, 2, "w8a8", False, 2),
+    "w4-K2-dynamic": (4, 2, "w8a8_dynamic", False, 2),
 }
 
 
@@ -80,8 +79,8 @@ def _case(dp_pools, case):
     return pool, _capture(pool, quant, bias, layers, k), world, k or world, quant, bias, layers
 
 
-def tokens(world):
-    return st.lists(st.integers(1, 160), min_size=3, max_size=5).map(lambda xs: sorted(set(xs) | {1, world + 1}))
+#: token-count sets per case and drawn seed (each set runs both quantisation checks per MLP)
+SETS = examples(3)
 
 
 # ---- on the ranks ---------------------------------------------------------------------------------
@@ -220,16 +219,18 @@ def _check_report(summaries, layers, k, dynamic, bias):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@settings(max_examples=1)
-@given(data=st.data())
-def test_mlp_tp_int8_matches_tp1_standin(dp_pools, case, data):
+@settings(max_examples=examples(1))
+@given(seed=SEEDS)
+def test_mlp_tp_int8_matches_tp1_standin(dp_pools, case, seed):
+    """Each case of CASES (the bundled shape: 2 layers, GQA 2, H 64, I 128), on SETS (3) token-count
+    sets made from `examples(1)` drawn seeds: 1, world - 1, world, world + 1, 3 world + 1 and 3 to 6
+    counts in 1..160, equal on every rank."""
     pool, summaries, world, k, quant, bias, layers = _case(dp_pools, case)
     dynamic = quant == "w8a8_dynamic"
     _check_report(summaries, layers, k, dynamic, bias)
     for colls in pool.run(rank_all_gathers, summaries[0]["key"]):
         assert [c[0] for c in colls] == ["int8"] * layers, colls   # dynamic: the scales ride along
-    for i in range(3):
-        counts = data.draw(tokens(world), label=f"tokens[{i}]")
+    for counts in token_sets(seed, edge_counts(world), hi=160, n=SETS):
         for rank, results in enumerate(pool.run(rank_compare_own_tokens, summaries[0]["key"], counts)):
             assert [r["T"] for r in results] == counts
             for r in results:

@@ -12,16 +12,18 @@ Reference: the eager model on the same weights. vLLM's RMSNorm computes in float
 float64 model, so compiled and eager differ by ~1e-6 relative whatever the pass does; the bound
 1e-5 is still four orders below what a wrong collective costs (a missing or doubled reduction
 changes the output by O(1) relative), and TP=4 separates reduce-scatter from all-reduce.
+
+Shape: the bundled one (2 layers, 4 heads on 2 kv heads, H 64, I 128), compiled once per test and
+rank; each test runs its drawn seeds' token-count sets (3 per seed, each with 1 and 9 so both compile
+ranges run, plus 3 to 6 counts in 1..48) through vLLM's compiled pieces.
 """
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from helpers import bundled_spec, examples
+from helpers import SEEDS, bundled_spec, examples, token_sets
 
 ENDPOINTS = [8]            # compile ranges [1, 8] and [9, max_num_batched_tokens]
 RANGES = {"(1, 8)", "(9, 2048)"}
-TOKENS = st.lists(st.integers(1, 48), min_size=3, max_size=6, unique=True)
 REL = 1e-5
 PIECE_SETTING = "use_inductor_graph_partition"
 
@@ -52,14 +54,14 @@ def _compile(pool, mode, strategies, endpoints=ENDPOINTS, mutant=None, rewrite_p
                     endpoints, mutant=mutant, rewrite_pieces=rewrite_pieces)
 
 
-def _run_all(pool, key, data, reach=(1, 9)):
-    """Draw token-count sets (both compile ranges always reached); assert every rank's output equals
-    the eager model; return the pass calls of every rank."""
+def _run_all(pool, key, seed, reach=(1, 9)):
+    """3 token-count sets made from the drawn seed (`reach` in every set, so both compile ranges are
+    reached, plus 3 to 6 counts in 1..48); assert every rank's output equals the eager model; return
+    the pass calls of every rank."""
     from fxpasses.testing.piecewise import rank_compare_vllm
 
     calls = None
-    for i in range(3):
-        tokens = data.draw(TOKENS, label=f"tokens[{i}]") + list(reach)
+    for tokens in token_sets(seed, reach, hi=48, n=3):
         per_rank = pool.run(rank_compare_vllm, key, tokens)
         for rank, out in enumerate(per_rank):
             assert [r["T"] for r in out["results"]] == tokens
@@ -128,8 +130,8 @@ def _assert_like_the_whole_graph(pieces, whole):
 
 @pytest.mark.parametrize("tp", [2, 4])
 @settings(max_examples=examples(2))
-@given(data=st.data())
-def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
+@given(seed=SEEDS)
+def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, seed, tp):
     """FlashComm1 forced at every token count (min_tokens 0): the residual crosses both attention
     boundaries as this rank's ceil(T/tp) rows (`fxpasses.piece_boundaries`, decided once before vLLM's
     split); each later piece takes its boundary gather back (its first norm runs on the shards) and
@@ -142,7 +144,7 @@ def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, data, tp):
     assert s[0]["pieces"] == 3   # embedding..qkv of layer 0, o_proj..qkv of layer 1, o_proj..norm
     assert s[0]["boundaries"] == {"shard": True, "boundaries": 2,
                                   "reason": "min_tokens=0: FlashComm1 applies at every token count"}
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     mine = calls[0]
     assert len(mine) == 3 * len(RANGES) and {c["range"] for c in mine} == RANGES  # once per piece and range
@@ -178,8 +180,8 @@ def test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught_tp4
 
 
 @settings(max_examples=examples(2))
-@given(data=st.data())
-def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(pools, data):
+@given(seed=SEEDS)
+def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(pools, seed):
     """An explicit min_tokens above 1 leaves the ranges below it in the original layout, and a piece's
     boundary shapes are the same in every range: the boundaries stay replicated, the range below is
     left alone, and in the range above every piece ends in replicated tensors, its gathers placed by
@@ -189,7 +191,7 @@ def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(po
     pool = pools(2)
     s = _compile(pool, "piecewise", ["flashcomm1"], min_tokens=9)
     assert s[0]["boundaries"]["shard"] is False and "min_tokens=9" in s[0]["boundaries"]["reason"]
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     mine = calls[0]
     low = [c for c in mine if c["range"] == "(1, 8)"]
@@ -204,11 +206,11 @@ def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(po
 
 
 @settings(max_examples=examples(2))
-@given(data=st.data())
-def test_piecewise_flashcomm2_per_piece_tp4(pools, data):
+@given(seed=SEEDS)
+def test_piecewise_flashcomm2_per_piece_tp4(pools, seed):
     pool = pools(4)
     s = _compile(pool, "piecewise", ["flashcomm2"], flashcomm2_oproj_tp_size=2)
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     mine = calls[0]
     assert len(mine) == 3 * len(RANGES)
@@ -222,8 +224,8 @@ def test_piecewise_flashcomm2_per_piece_tp4(pools, data):
 
 @pytest.mark.parametrize("tp", [2, 4])
 @settings(max_examples=examples(2))
-@given(data=st.data())
-def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries(pools, data, tp):
+@given(seed=SEEDS)
+def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries(pools, seed, tp):
     """FC1+FC2 in pieces: the boundaries carry the sharded residual, FlashComm2's all-to-all
     replaces each o_proj's reduction and nothing is left out; the pieces together equal the
     whole-graph FC1+FC2 rewrite in collectives and bytes."""
@@ -231,7 +233,7 @@ def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries(pools, data
     whole = _whole_graph_calls(pool, ["flashcomm1", "flashcomm2"])
     s = _compile(pool, "piecewise", ["flashcomm1", "flashcomm2"])
     assert s[0]["boundaries"]["shard"] is True and s[0]["boundaries"]["boundaries"] == 2
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     mine = calls[0]
     _bytes_never_grow(mine)
@@ -242,12 +244,12 @@ def test_piecewise_flashcomm1_flashcomm2_shards_the_piece_boundaries(pools, data
 
 
 @settings(max_examples=examples(2))
-@given(data=st.data())
-def test_whole_graph_flashcomm1_spans_layers_tp4(pools, data):
+@given(seed=SEEDS)
+def test_whole_graph_flashcomm1_spans_layers_tp4(pools, seed):
     pool = pools(4)
     s = _compile(pool, "whole", ["flashcomm1"])
     assert s[0]["pieces"] == 1
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     mine = calls[0]
     assert len(mine) == len(RANGES)
@@ -266,8 +268,8 @@ CHEAP_LINKS = {"memory_gbps": 0.001, **{k: {"latency_us": 0, "gbps": 1} for k in
 
 
 @settings(max_examples=examples(3))
-@given(data=st.data())
-def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
+@given(seed=SEEDS)
+def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, seed):
     """min_tokens=auto in vLLM's compile ranges: the pass judges each range from its graph at both
     ends and every padding phase. Range [1, 15] reaches T=1 (padded to 4 rows: no row saved, more
     written) and is left as it was, with the modelled times in the report; [16, 2048] is rewritten
@@ -275,7 +277,7 @@ def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
     vocabulary offset cancels) and every output equals the eager model."""
     pool = pools(4)
     s = _compile(pool, "whole", ["flashcomm1"], [15], min_tokens="auto", link_costs=CHEAP_LINKS)
-    calls = _run_all(pool, s[0]["key"], data, reach=(1, 16))
+    calls = _run_all(pool, s[0]["key"], seed, reach=(1, 16))
     _same_on_every_rank(calls)
     by_range = {c["range"]: c["report"] for c in calls[0]}
     assert set(by_range) == {"(1, 15)", "(16, 2048)"}
@@ -290,14 +292,14 @@ def test_auto_keeps_flashcomm1_in_the_range_where_it_pays_tp4(pools, data):
 
 
 @settings(max_examples=examples(3))
-@given(data=st.data())
-def test_auto_leaves_every_range_alone_on_cpu_links_tp2(pools, data):
+@given(seed=SEEDS)
+def test_auto_leaves_every_range_alone_on_cpu_links_tp2(pools, seed):
     """The default: with this platform's link costs (gloo reduce-scatter / all-gather against the
     shared-memory all-reduce) FlashComm1 is modelled slower in both ranges; nothing is rewritten and
     the report says why, naming the constants."""
     pool = pools(2)
     s = _compile(pool, "whole", ["flashcomm1"], min_tokens="auto", link_costs={"platform": "cpu"})
-    calls = _run_all(pool, s[0]["key"], data)
+    calls = _run_all(pool, s[0]["key"], seed)
     _same_on_every_rank(calls)
     for c in calls[0]:
         r = c["report"]

@@ -2,6 +2,7 @@
 TP=2), strict mode raising, and a failed verification leaving the graph exactly as it was."""
 from __future__ import annotations
 
+from fractions import Fraction
 from unittest import mock
 
 import pytest
@@ -13,7 +14,7 @@ from fxpasses.pipeline import run_passes
 from fxpasses.testing.harness import rank_capture, rank_compare
 from fxpasses.testing.pool import RankError
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
-from helpers import bundled_spec
+from helpers import bundled_spec, byte_ratio
 
 LLAMA = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
 
@@ -74,6 +75,31 @@ def test_failed_verification_keeps_the_original_graph():
         assert gm.graph.python_code("self").src == before
 
 
+def test_a_rewrite_that_breaks_the_graph_is_refused_by_verification():
+    """A real fault, not a mocked verifier: every all-gather keeps its padding rows (no unpad), so
+    the graph's output has T_pad rows where the original has T. Verification (fake propagation of
+    the rewritten graph against the original's output signature) must refuse it and keep the graph."""
+    from fxpasses import rewriter
+
+    real_gather = rewriter.LayoutRewriter.gather
+
+    def gather_without_unpad(self, value):
+        out = real_gather(self, value)
+        for n in self.graph.nodes:
+            if n.meta.get("fxpasses", {}).get("role") == "unpad" and n.args[3] is self.token_count_node():
+                n.args = (*n.args[:3], self.padded_count()[1])
+        return out
+
+    with enable_python_dispatcher():
+        gm = build_graph(LLAMA, 4)
+        before = gm.graph.python_code("self").src
+        with mock.patch.object(rewriter.LayoutRewriter, "gather", gather_without_unpad):
+            rep = run_passes(gm.graph, FxPassesConfig(strategies=("flashcomm1",)), tp_context(4))
+    assert not rep.applied, "a rewrite with the wrong output rows was kept"
+    assert "verif" in rep.reason.lower() or "shape" in rep.reason.lower(), rep.reason
+    assert gm.graph.python_code("self").src == before
+
+
 def test_a_site_flashcomm2_refuses_goes_to_flashcomm1(pools):
     # oneDNN-packed o_proj weights are invisible: FlashComm2 refuses them, FlashComm1 takes them, so
     # flashcomm1+flashcomm2 rewrites exactly what flashcomm1 alone does (never worse than its parts)
@@ -121,8 +147,8 @@ def test_a_static_graph_whose_padding_costs_bytes_is_kept_as_it_was(pools, T, ap
         assert rep["applied"] is applied, rep["reason"]
         assert rep["bytes_per_step"]["tokens"] == T
         if applied:
-            assert rep["bytes_per_step"]["ratio"] == pytest.approx(1.0)
+            assert byte_ratio(rep) == 1, rep["bytes_per_step"]
         else:
             assert "bytes per step" in rep["reason"]
-            assert rep["bytes_per_step"]["ratio"] == pytest.approx(((T + 1) // 2 * 2) / T)
+            assert byte_ratio(rep) == Fraction((T + 1) // 2 * 2, T), rep["bytes_per_step"]
             assert rep["collectives_after"] == rep["collectives_before"]

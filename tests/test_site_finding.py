@@ -136,3 +136,25 @@ def test_a_layer_reached_through_the_forward_context_keeps_its_full_prefix():
     raw = "G.__import_vllm_dot_forward_context._forward_context.no_compile_layers.model.layers.0.mlp.experts.gate"
     assert _prefix("model", raw) == "model.layers.0.mlp.experts.gate"
     assert _prefix("model", "layers.0.mlp.gate") == "model.layers.0.mlp.gate"
+
+
+def test_synthetic_graphs_use_vllms_classes_and_fail_loudly_when_they_cannot():
+    """With vLLM installed the synthetic graphs carry vLLM's own layer classes; if those cannot be
+    imported they raise instead of silently building the class-name stand-in form."""
+    import builtins
+    from unittest import mock
+
+    from fxpasses.testing import synthetic_graphs as sg
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    cls = sg._vllm_classes()
+    assert cls["vllm_ir"] is True and cls["row"] is RowParallelLinear
+    real_import = builtins.__import__
+
+    def broken(name, *a, **kw):
+        if name.startswith("vllm.model_executor.layers.linear"):
+            raise ImportError("simulated broken vLLM layer module")
+        return real_import(name, *a, **kw)
+
+    with mock.patch.object(builtins, "__import__", broken), pytest.raises(RuntimeError, match="cannot be imported"):
+        sg._vllm_classes()

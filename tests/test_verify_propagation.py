@@ -19,6 +19,7 @@ from fxpasses.graph_copy import copy_graph
 from fxpasses.pipeline import run_passes
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
 from fxpasses.verify import fake_propagate
+from helpers import examples
 
 
 def _dims(seq):
@@ -65,7 +66,7 @@ def small(layers: int, mla: bool) -> ModelShape:
     return ModelShape("tiny", layers, 64, 8, 8, 16, 96, 512)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(tp=st.sampled_from([2, 4, 8]), layers=st.integers(1, 3), mla=st.booleans(),
        strategies=st.sampled_from(["flashcomm1", "flashcomm2", "flashcomm1+flashcomm2"]))
 def test_incremental_propagation_equals_full(tp, layers, mla, strategies):

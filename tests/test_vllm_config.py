@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 pytest.importorskip("vllm")
 
 from fxpasses.config import FxPassesConfig  # noqa: E402
-from helpers import CLEAN_ENV, clean_fxpasses_env  # noqa: E402
+from helpers import CLEAN_ENV, clean_fxpasses_env, examples  # noqa: E402
 from fxpasses.errors import ConfigError  # noqa: E402
 from fxpasses.plugin import PASS_KEY, configure_vllm_config  # noqa: E402
 from fxpasses.vllm_pass import ChainedInductorPass, FxPassesInductorPass  # noqa: E402
@@ -327,7 +327,7 @@ def test_uuid_covers_every_config_field():
     assert {f.name for f in fields(FxPassesConfig)} == set(VALUES)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=configs, key=st.sampled_from(sorted(VALUES)), data=st.data())
 def test_uuid_changes_with_any_configured_value(cfg, key, data):
     new_value = data.draw(VALUES[key].filter(lambda v: v != cfg[key]), label="new value")
@@ -337,7 +337,7 @@ def test_uuid_changes_with_any_configured_value(cfg, key, data):
     assert _uuid_with_env(cfg) != _uuid_with_env(changed)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=configs)
 def test_uuid_stable_for_equal_configs_from_any_source(cfg):
     a = _uuid_with_env(cfg)

@@ -24,6 +24,8 @@ import pytest
 
 from fxpasses import check
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
+
 TP = 2
 
 

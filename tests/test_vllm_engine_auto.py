@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fxpasses import check
+
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 
 TP = 2
 

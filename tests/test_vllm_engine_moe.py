@@ -14,6 +14,8 @@ import pytest
 
 from test_vllm_engine import TP, assert_same_generation, launch
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
+
 FC1 = {"FXPASSES_CONFIG": json.dumps({"strategies": ["flashcomm1"], "min_tokens": 0})}  # forced: see README "min_tokens"
 
 

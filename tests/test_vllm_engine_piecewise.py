@@ -22,6 +22,8 @@ import pytest
 
 from fxpasses import check, comm_volume
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
+
 TP = 2
 PIECEWISE = {"mode": 3, "cudagraph_mode": "NONE", "compile_sizes": [],
              "splitting_ops": ["vllm::unified_attention_with_output"],

@@ -35,6 +35,8 @@ from fxpasses import cpu_kernels
 from fxpasses.check import EXIT_OK, TOLERANCE, run_check
 from fxpasses.tiny_checkpoints import DEFAULT_SHAPE, make_tiny_model
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
+
 T = 256
 TP = 2
 H = DEFAULT_SHAPE["hidden_size"]

@@ -66,6 +66,8 @@ def _worker(rank: int, world: int, init_method: str, allreduce_form: str, ident:
         state["stack_fh"] = open(stack_file, "w")
         faulthandler.register(signal.SIGUSR1, file=state["stack_fh"], all_threads=True)
     try:
+        from fxpasses.testing.mutants import activate_from_env
+        state["mutant"] = activate_from_env()   # a named fault for the mutation score, or None
         state["vllm_ctx"] = init_vllm_tp(world, rank, init_method, tp=tp, allreduce_form=allreduce_form, ident=ident)
         conn.send(("ok", None))
     except BaseException:

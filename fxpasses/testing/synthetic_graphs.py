@@ -63,7 +63,15 @@ MODELS = {  # the presets by name (`--models` of the benchmarks)
 
 
 def _vllm_classes():
-    """The real vLLM layer classes (as Dynamo records them); class-name stand-ins if vLLM is absent."""
+    """The real vLLM layer classes (as Dynamo records them). Where vLLM is not installed at all (the
+    benchmarks run without it), class-name stand-ins; where it is installed but its layers cannot be
+    imported, a loud error: a silent switch to the stand-in form would test another graph than claimed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return dict(row="RowParallelLinear", qkv="QKVParallelLinear", merged="MergedColumnParallelLinear",
+                    column="ColumnParallelLinear", replicated="ReplicatedLinear",
+                    embed="VocabParallelEmbedding", norm="RMSNorm", vllm_ir=False)
     try:
         import vllm.ir.ops  # noqa: F401  (registers torch.ops.vllm_ir.*)
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -71,13 +79,13 @@ def _vllm_classes():
                                                        ReplicatedLinear, RowParallelLinear,
                                                        ColumnParallelLinear)
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-        return dict(row=RowParallelLinear, qkv=QKVParallelLinear, merged=MergedColumnParallelLinear,
-                    column=ColumnParallelLinear, replicated=ReplicatedLinear, embed=VocabParallelEmbedding,
-                    norm=RMSNorm, vllm_ir=True)
-    except Exception:  # pragma: no cover - vLLM not installed
-        return dict(row="RowParallelLinear", qkv="QKVParallelLinear", merged="MergedColumnParallelLinear",
-                    column="ColumnParallelLinear", replicated="ReplicatedLinear",
-                    embed="VocabParallelEmbedding", norm="RMSNorm", vllm_ir=False)
+    except Exception as e:
+        raise RuntimeError(f"vLLM is installed but its layer classes cannot be imported ({type(e).__name__}: "
+                           f"{e}); the synthetic graphs would not have vLLM's form. Fix the vLLM install, or "
+                           f"run in an environment without vLLM to get the class-name stand-ins.") from e
+    return dict(row=RowParallelLinear, qkv=QKVParallelLinear, merged=MergedColumnParallelLinear,
+                column=ColumnParallelLinear, replicated=ReplicatedLinear, embed=VocabParallelEmbedding,
+                norm=RMSNorm, vllm_ir=True)
 
 
 class FakeGraphBuilder:
