@@ -117,3 +117,26 @@ def test_link_cost_overrides_apply_over_the_platform():
     assert c.platform == "cuda" and c.link("all_gather") == Link(3.0, link_costs.PLATFORMS["cuda"].link("all_gather").gbps)
     assert c.memory_gbps == 7.0 and c.link("all_reduce") == link_costs.PLATFORMS["cuda"].link("all_reduce")
     assert link_costs.resolve({}, platform="npu") is link_costs.PLATFORMS["npu"]
+
+
+@pytest.mark.parametrize("platform, token_range, kept", [("cpu", (1, 64), False), ("cuda", (8192, 16384), True)])
+def test_the_pipeline_keeps_a_rewrite_only_where_the_gate_says_it_pays(platform, token_range, kept):
+    """`min_tokens: auto` through `run_passes` on a symbolic Llama-70B-shaped graph (2 layers, TP=4):
+    CPU link costs over decode-sized counts refuse FlashComm1 with the gate's reason and leave every
+    collective; CUDA costs at prefill sizes keep it, and the report carries the modelled points."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    from fxpasses.config import FxPassesConfig
+    from fxpasses.pipeline import run_passes
+    from fxpasses.testing.synthetic_graphs import LLAMA3_70B, build_graph, tp_context
+
+    cfg = FxPassesConfig(strategies=("flashcomm1",), min_tokens="auto",
+                         link_costs={"platform": platform, "calibrate": False})
+    with enable_python_dispatcher():
+        gm = build_graph(LLAMA3_70B.cut(2), 4)
+        rep = run_passes(gm.graph, cfg, tp_context(4), token_range=token_range)
+    gate = rep.extra["token_gate"]
+    assert gate["keeps"] is kept and [p["tokens"] for p in gate["points"]][0] == token_range[0], gate
+    assert rep.applied is kept, rep.reason
+    if not kept:
+        assert "min_tokens=auto" in rep.reason and rep.after == rep.before, rep.reason

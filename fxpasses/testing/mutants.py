@@ -89,14 +89,16 @@ RANKS = "test_rank_consistency.py"
 def shard_offset_of_the_next_rank():
     from fxpasses import rewriter
 
+    done: set = set()
+
     def make(orig):
         def local_shard(self, value):
-            out = orig(self, value)
-            padded, td, start, chunk = out.args
-            if not getattr(out, "_mutated", False):
+            out = orig(self, value)   # cached per value: shift each narrow once
+            if out not in done:
+                padded, td, start, chunk = out.args
                 with self.graph.inserting_before(out):
                     out.args = (padded, td, self.sym(operator.mul, chunk, (self.rank + 1) % self.n), chunk)
-                out._mutated = True
+                done.add(out)
             return out
         return local_shard
     _wrap(rewriter.LayoutRewriter, "local_shard", make)
@@ -330,13 +332,8 @@ def flashcomm2_bias_from_every_peer():
     orig = runtime_ops._gather_odp_weight
 
     def _gather_odp_weight(w, bias, group_name, group_size):
-        import torch.distributed as dist
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        full = orig(w, bias, group_name, group_size)
-        col = full[:, -1:].clone()
-        dist.broadcast(col, src=dist.get_global_rank(_resolve_process_group(group_name), 0),
-                       group=_resolve_process_group(group_name))
-        return torch.cat([full[:, :-1], col * group_size], 1).contiguous()
+        full = orig(w, bias, group_name, group_size)   # its last column: the peers' biases summed
+        return torch.cat([full[:, :-1], full[:, -1:] * group_size], 1).contiguous()
     runtime_ops._gather_odp_weight = _gather_odp_weight
 
 
