@@ -38,6 +38,7 @@ def mutant(what: str, *kills: str):
 
 
 _ACTIVE: list[str] = []
+_KEEP: list = []   # context managers a mutant entered for good
 
 
 def activate(name: str) -> None:
@@ -67,6 +68,7 @@ FC1_TP4 = "test_fc1_equivalence.py::test_flashcomm1_matches_vanilla_tp4_float64"
 FC2 = "test_flashcomm2.py::test_flashcomm2_matches_vanilla_tp_float64"
 FC2_BIAS = "test_flashcomm2.py::test_o_proj_bias_is_added_once_by_tp_rank_0"
 FC2_REGATHER = "test_flashcomm2.py::test_weight_updated_in_place_is_gathered_again"
+MLA = "test_moe_mla_parallel_residual.py::test_mla_gathers_latents_not_the_hidden_state_tp2"
 MOE = "test_moe_mla_parallel_residual.py::test_moe_block_reduce_scatters_and_gathers_its_input_once_tp2"
 EXCLUDED = "test_excluded_tp_sites.py::test_excluded_tp_sites_stay_exact_tp2"
 DP = "test_otp_mlp_tp.py::test_dp_rewrite_matches_own_tp1_output"
@@ -84,8 +86,10 @@ RANKS = "test_rank_consistency.py"
 
 # ---- the FlashComm1 layout primitives (fxpasses.rewriter) ------------------------------------------------
 
+# Replicate -> Shard0 without communication happens where a sharded value meets a replicated token
+# value in one token-wise op: MLA's rope on the sharded latents with the replicated positions
 @mutant("Replicate -> Shard0 without communication takes the next rank's chunk (shard offset off by one shard)",
-        FC1_TP2, EXCLUDED)
+        MLA)
 def shard_offset_of_the_next_rank():
     from fxpasses import rewriter
 
@@ -225,8 +229,8 @@ def all_gather_in_float32():
 @mutant("a layer whose weight is sharded but that no strategy rewrites is fed this rank's token shard",
         EXCLUDED)
 def unrewritten_sharded_layer_sees_shards():
-    from fxpasses import rewriter
-    rewriter.LayoutRewriter._consumes_rank_local = lambda self, node: False
+    from fxpasses.strategies import base
+    base._TPGraphs.rank_local_values = lambda self, plans: []   # no TP-sharded matmul is marked
 
 
 @mutant("the token dim of [1, T, H] values is read as dim 0", BATCH1)
@@ -271,8 +275,7 @@ def unpad_from_the_wrong_end():
     _wrap(rewriter.LayoutRewriter, "gather", make)
 
 
-@mutant("Replicate -> Shard0 chunks the unpadded value (the last rank's chunk is short or empty)", FC1_TP2,
-        EXCLUDED)
+@mutant("Replicate -> Shard0 chunks the unpadded value (the last rank's chunk is short or empty)", MLA)
 def local_shard_without_padding():
     from fxpasses import rewriter
 
@@ -484,7 +487,9 @@ def one_rank_decides_differently():
         "test_piecewise_vllm_compile.py::test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught_tp4")
 def boundary_rows_of_the_next_rank():
     from fxpasses.testing import piecewise
-    piecewise.MUTANTS["boundary_rows_of_the_next_rank"]().__enter__()
+    cm = piecewise.MUTANTS["boundary_rows_of_the_next_rank"]()
+    cm.__enter__()
+    _KEEP.append(cm)   # a collected generator would run its `finally` and undo the patch
 
 
 @mutant("the token gate keeps every rewrite (its verdict ignored)", GATE)
