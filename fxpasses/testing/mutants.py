@@ -129,8 +129,9 @@ def padding_at_the_wrong_end():
     _wrap(rewriter.LayoutRewriter, "_pad", make)
 
 
-@mutant("an all-gather's padding rows are kept (no slice back to T rows)", FC1_TP2)
-def unpad_missing():
+def _edit_unpads(edit):
+    """Wrap `LayoutRewriter.gather`: after a value's first gather, `edit(rewriter, node)` every unpad
+    slice (`aten.slice(gathered, 0, 0, T)`, role "unpad") still ending at the token count."""
     from fxpasses import rewriter
 
     def make(orig):
@@ -140,11 +141,18 @@ def unpad_missing():
             if fresh:
                 for n in self.graph.nodes:
                     if n.meta.get("fxpasses", {}).get("role") == "unpad" and len(n.args) == 4 \
-                            and n.args[3] is self.token_count_node():
-                        n.args = (*n.args[:3], self.padded_count()[1])
+                            and n.args[2] == 0 and n.args[3] is self.token_count_node():
+                        edit(self, n)
             return out
         return gather
     _wrap(rewriter.LayoutRewriter, "gather", make)
+
+
+@mutant("an all-gather's padding rows are kept (no slice back to T rows)", FC1_TP2)
+def unpad_missing():
+    def keep_padding(rw, n):
+        n.args = (*n.args[:3], rw.padded_count()[1])
+    _edit_unpads(keep_padding)
 
 
 @mutant("a Shard0 value is handed to a consumer that needs all rows without its all-gather", FC1_TP2)
@@ -153,8 +161,8 @@ def gather_skipped():
     rewriter.LayoutRewriter.gather = lambda self, value: value
 
 
-@mutant("the reduce-scatter hands every rank the next rank's rows (its result taken from the wrong rank)",
-        FC1_TP2, FC1_TP4)
+@mutant("the reduce-scatter hands every rank the next rank's rows (its result taken from the wrong rank; "
+        "FlashComm1, OTP and MLP-TP alike)", FC1_TP2, FC1_TP4, DP)
 def reduce_scatter_rows_of_the_next_rank():
     import torch
 
@@ -258,21 +266,10 @@ def all_gather_rows_rolled_by_one_shard():
 
 @mutant("the unpad keeps the last T rows of the gathered ones instead of the first T", FC1_TP2)
 def unpad_from_the_wrong_end():
-    from fxpasses import rewriter
-
-    def make(orig):
-        def gather(self, value):
-            fresh = value not in self._gathered
-            out = orig(self, value)
-            if fresh:
-                pad, tpad = self.padded_count()
-                for n in self.graph.nodes:
-                    if n.meta.get("fxpasses", {}).get("role") == "unpad" and len(n.args) == 4 \
-                            and n.args[3] is self.token_count_node() and n.args[2] == 0:
-                        n.args = (n.args[0], n.args[1], pad, tpad)
-            return out
-        return gather
-    _wrap(rewriter.LayoutRewriter, "gather", make)
+    def last_rows(rw, n):
+        pad, tpad = rw.padded_count()
+        n.args = (n.args[0], n.args[1], pad, tpad)
+    _edit_unpads(last_rows)
 
 
 @mutant("Replicate -> Shard0 chunks the unpadded value (the last rank's chunk is short or empty)", MLA)
@@ -379,11 +376,6 @@ def row_bias_on_every_rank():
             bias = biases.get(w_local.args[0])
         return orig_emit(graph, x, w_local, bias, strategy)
     dp_common.emit_matmul = emit_matmul
-
-
-@mutant("OTP / MLP-TP reduce-scatter hands every rank the next rank's rows", DP)
-def dp_reduce_scatter_rows_of_the_next_rank():
-    reduce_scatter_rows_of_the_next_rank()
 
 
 @mutant("check_token_counts: unequal token counts across the group pass unnoticed", DP_CHECK)
