@@ -161,11 +161,15 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
 
 
 def _threads_bind(tp: int) -> str | None:
-    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-    n = (os.cpu_count() or tp) // tp
-    if n < 1:
-        return None
+    """VLLM_CPU_OMP_THREADS_BIND for `tp` ranks: the environment's when it names `tp` ranks, else
+    the cores split evenly, or shared round-robin where there are fewer cores than ranks."""
+    given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if given and len(given.split("|")) == tp:
+        return given
+    cpus = os.cpu_count() or tp
+    n = cpus // tp
+    if n < 1:  # more ranks than cores (TP=4 on 2 cores: 0|1|0|1): the ranks take turns on the cores
+        return "|".join(str(r % cpus) for r in range(tp))
     return "|".join(f"{r * n}-{r * n + n - 1}" if n > 1 else str(r) for r in range(tp))
 
 
@@ -302,6 +306,30 @@ def _engine_env(run_dir: Path, tp: int, fx_config: FxPassesConfig | None) -> dic
     return env
 
 
+def _baseline(spec: dict, env: dict[str, str] | None, tp: int, run_base: Path, timeout_s: float,
+              cache: str | os.PathLike | None, progress: Callable[[str], None]) -> tuple[dict | None, str]:
+    """(result or None, log text) of the baseline engine: kept in `cache` for the same checkpoint
+    content and engine settings (copied into `run_base` as if it had run there), else run and kept."""
+    from fxpasses import check_baseline
+
+    k = check_baseline.key(spec, env) if cache else None
+    kept = check_baseline.load(cache, k) if k else None
+    if kept:
+        base, log_b, log_path = kept
+        run_base.mkdir(parents=True, exist_ok=True)
+        (run_base / "engine.log").write_text(log_b)
+        (run_base / "result.json").write_text(json.dumps(base))
+        progress(f"      reused the baseline run {k} kept in {cache} (same checkpoint content and engine settings)")
+        return base, log_b
+    base, log_b, wall_b = _launch("baseline", spec, {**_engine_env(run_base, tp, None), **(env or {})}, run_base,
+                                   timeout_s)
+    if base is not None:
+        progress(f"      done in {wall_b:.0f} s (engine start {base['engine_start_s']:.1f} s)")
+        if k:
+            check_baseline.store(cache, k, base, run_base / "engine.log")
+    return base, log_b
+
+
 def _launch(name: str, spec: dict, env: dict, run_dir: Path, timeout_s: float) -> tuple[dict | None, str, float]:
     """(result or None, log text, wall seconds) of one engine subprocess."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -400,17 +428,23 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
               config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
               timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
               compilation: dict | None = None, env: dict[str, str] | None = None,
-              quant: str = "none", bench: int = 0, shape: dict | None = None) -> CheckResult:
+              quant: str = "none", bench: int = 0, shape: dict | None = None,
+              baseline_cache: str | os.PathLike | None = None,
+              pass_env: dict[str, str] | None = None) -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
     keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `quant` (with `arch`): the
     tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `dtype` "auto": float32 where vLLM's
     CPU kernels on this CPU accept it, else bfloat16 (`fxpasses.cpu_kernels.engine_dtype`). `compilation`: vLLM
-    compilation_config keys for both engines; `env`: further environment variables for both.
+    compilation_config keys for both engines; `env`: further environment variables for both;
+    `pass_env`: for the engine with the pass only (e.g. a debug setting of the pass).
     `bench` N > 0: both engines also run `fxpasses.engine_bench`'s workloads, for N rounds of
     alternating engines (the check's own two engines are round 1). `shape` (with `arch`): the tiny
-    checkpoint's size, e.g. `tiny_checkpoints.scaled_shape(1024, 4)`. Never raises for engine
+    checkpoint's size, e.g. `tiny_checkpoints.scaled_shape(1024, 4)`. `baseline_cache` DIR: a
+    baseline run of the same checkpoint content and engine settings kept there is reused instead of
+    starting the baseline engine, and a new one is kept (`fxpasses.check_baseline`; not with `bench`,
+    whose engines must alternate). Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
     if dtype not in TOLERANCE and dtype != "auto":
@@ -454,18 +488,17 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
             shutil.rmtree(d)
 
     progress(f"[1/2] baseline engine (no pass), tp={tp}, {model.name} ...")
-    base, log_b, wall_b = _launch("baseline", spec, {**_engine_env(run_base, tp, None), **(env or {})}, run_base,
-                                   timeout_s)
+    base, log_b = _baseline(spec, env, tp, run_base, timeout_s, None if bench else baseline_cache, progress)
     res.logs["baseline"] = str(run_base / "engine.log")
     if base is None:
         res.message = (f"the baseline engine (without the pass) failed: vLLM cannot run this model here; "
                        f"log {res.logs['baseline']}\n{_tail(log_b)}")
         return res
-    progress(f"      done in {wall_b:.0f} s (engine start {base['engine_start_s']:.1f} s)")
 
     progress(f"[2/2] engine with {'+'.join(cfg.strategies)} ...")
     spec_p = {**spec, "measure": {"volume_dir": str(run_pass / "volume"), "bytes_at": list(bytes_at)}}
-    got, log_p, wall_p = _launch("pass", spec_p, {**_engine_env(run_pass, tp, cfg), **(env or {})}, run_pass, timeout_s)
+    got, log_p, wall_p = _launch("pass", spec_p, {**_engine_env(run_pass, tp, cfg), **(env or {}), **(pass_env or {})},
+                                 run_pass, timeout_s)
     res.logs["pass"] = str(run_pass / "engine.log")
     (cb, what), (cp, _) = compile_seconds(log_b), compile_seconds(log_p)
     res.compile_s = {"baseline": cb, "pass": cp if got else None}
@@ -654,7 +687,7 @@ def main(args) -> int:
     res = run_check(args.model, args.tp, args.strategy, args.tokens, arch=args.arch, workdir=args.out,
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
                     bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant,
-                    bench=args.bench, shape=shape,
+                    bench=args.bench, shape=shape, baseline_cache=args.baseline_cache,
                     env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None)
     print(format_report(res))
     if args.json:

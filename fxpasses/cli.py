@@ -164,6 +164,9 @@ def _add_check_parser(sub) -> None:
     c.add_argument("--cpu-plain-weights", action="store_true",
                    help="both engines keep plain linear weights (vLLM's CPU fallback without oneDNN), so the graph "
                         "looks like the CUDA/NPU one and FlashComm2 can gather the o_proj weight")
+    c.add_argument("--baseline-cache", default=None, metavar="DIR",
+                   help="keep the baseline engine's run in DIR and reuse it in later checks of the same checkpoint "
+                        "content and engine settings (not with --bench, whose engines alternate)")
     c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
     c.add_argument("--json", default=None, help="also write the result as JSON to this file")
 

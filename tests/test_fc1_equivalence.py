@@ -12,7 +12,8 @@ Shapes and counts run (ci profile; HYPOTHESIS_PROFILE=deep multiplies the exampl
 import pytest
 from hypothesis import given, settings
 
-from helpers import SEEDS, bundled_spec, capture, compare, compare_many, edge_counts, examples, shape_cases
+from helpers import (SEEDS, bundled_spec, byte_ratio, capture, compare, compare_many, edge_counts, examples,
+                     shape_cases)
 
 # The oneDNN-packed form (`_C.onednn_mm`) is covered by site finding and by the real CPU engine
 # test: running a captured packed graph eagerly outside the engine crashes the rank process.
@@ -55,3 +56,34 @@ def test_flashcomm1_matches_vanilla_tp_float32(pools):
     for results in compare(pool, summaries, [1, 3, 64, 255]):
         for r in results:
             assert r["shape_ok"] and r["rel"] <= 1e-5, r
+
+
+# GPT-2 / OPT: a position table every rank holds whole, added to the token embedding whose all-reduce
+# becomes a reduce-scatter. The replicated position rows meet the sharded embedding in one add: the
+# rewrite takes this rank's chunk of them in place (pad + narrow, `LayoutRewriter.local_shard`), with
+# no collective and no extra byte (the only fast-tier model that reaches that path).
+LEARNED_POSITIONS = bundled_spec(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 hidden_size=48, intermediate_size=64, vocab_size=64, qkv_bias=True,
+                                 learned_positions=320)
+
+
+@settings(max_examples=examples(1))
+@given(seed=SEEDS)
+def test_a_replicated_position_table_is_sliced_in_place_tp2(pools, seed):
+    """TP=2, c10d, 2 layers, GQA 2, qkv bias, 320 positions; TOKEN_SETS (20) sets from `examples(1)`
+    seeds: 1, 2, 3, 7 and 3 to 6 counts in 1..300."""
+    pool = pools.get(2, "c10d")
+    summaries = capture(pool, LEARNED_POSITIONS)
+    for s in summaries:
+        rep = s["report"]
+        assert rep["applied"], rep["reason"]
+        # this rank's chunk of the padded position rows, taken in place (no narrow in the original)
+        assert "aten.narrow.default(constant_pad_nd" in s["after"] and "narrow" not in s["before"], \
+            "the position rows were not sliced in place"
+        # the same collectives as without the table: the embedding's reduce-scatter, no gather of it
+        L = LEARNED_POSITIONS["num_hidden_layers"]
+        after = rep["collectives_after"]
+        assert (after["all_reduce"], after["reduce_scatter"], after["all_gather"]) == (0, 2 * L + 1, 2 * L + 1), \
+            rep["diff"]
+        assert byte_ratio(rep) == 1, rep["bytes_per_step"]
+    compare_many(pool, summaries[0]["key"], seed, edge_counts(2), hi=300)

@@ -3,7 +3,9 @@
 Each mutant patches fxpasses' modules in the process that activates it (`activate(name)`); the
 library has no mutant switch. `FXPASSES_TESTING_MUTANT=<name>` activates one in a whole pytest run:
 `tests/conftest.py` activates it in the test process and `fxpasses.testing.pool` in every rank
-worker it spawns, so rank-side rewrites and runtime ops are mutated too. `tools/mutation_score.py`
+worker it spawns, so rank-side rewrites and runtime ops are mutated too; the test suite's vLLM plugin
+(tests/vllm_test_plugin) calls `activate_from_env` in every vLLM process, so an engine's pass is
+mutated too (`fxpasses check` against a mutant must exit 1). `tools/mutation_score.py`
 runs each mutant's kill tests in a fresh process and prints the score.
 
 A mutant names the tests meant to kill it (`kills`, pytest node ids under tests/, all in the fast
@@ -68,7 +70,6 @@ FC1_TP4 = "test_fc1_equivalence.py::test_flashcomm1_matches_vanilla_tp4_float64"
 FC2 = "test_flashcomm2.py::test_flashcomm2_matches_vanilla_tp_float64"
 FC2_BIAS = "test_flashcomm2.py::test_o_proj_bias_is_added_once_by_tp_rank_0"
 FC2_REGATHER = "test_flashcomm2.py::test_weight_updated_in_place_is_gathered_again"
-MLA = "test_moe_mla_parallel_residual.py::test_mla_gathers_latents_not_the_hidden_state_tp2"
 MOE = "test_moe_mla_parallel_residual.py::test_moe_block_reduce_scatters_and_gathers_its_input_once_tp2"
 EXCLUDED = "test_excluded_tp_sites.py::test_excluded_tp_sites_stay_exact_tp2"
 DP = "test_otp_mlp_tp.py::test_dp_rewrite_matches_own_tp1_output"
@@ -82,14 +83,15 @@ VERIFY = "test_pipeline_policies.py::test_a_rewrite_that_breaks_the_graph_is_ref
 GATE = "test_token_gate.py"
 VOLUME = "test_comm_volume.py"
 RANKS = "test_rank_consistency.py"
+POSITIONS = "test_fc1_equivalence.py::test_a_replicated_position_table_is_sliced_in_place_tp2"
 
 
 # ---- the FlashComm1 layout primitives (fxpasses.rewriter) ------------------------------------------------
 
 # Replicate -> Shard0 without communication happens where a sharded value meets a replicated token
-# value in one token-wise op: MLA's rope on the sharded latents with the replicated positions
+# value in one token-wise op: GPT-2's replicated position rows added to the sharded token embedding
 @mutant("Replicate -> Shard0 without communication takes the next rank's chunk (shard offset off by one shard)",
-        MLA)
+        POSITIONS)
 def shard_offset_of_the_next_rank():
     from fxpasses import rewriter
 
@@ -272,7 +274,7 @@ def unpad_from_the_wrong_end():
     _edit_unpads(last_rows)
 
 
-@mutant("Replicate -> Shard0 chunks the unpadded value (the last rank's chunk is short or empty)", MLA)
+@mutant("Replicate -> Shard0 chunks the unpadded value (the last rank's chunk is short or empty)", POSITIONS)
 def local_shard_without_padding():
     from fxpasses import rewriter
 

@@ -64,6 +64,8 @@ class DecoderSpec:
     parallel_residual: bool = False
     splitting_attention: bool = False    # attention as one custom op vLLM can split the graph at
     batch_of_one: bool = False           # [1, T, H] activations (vLLM's Transformers-backend layout)
+    learned_positions: int = 0           # > 0: GPT-2 / OPT's position table of this many rows, replicated
+                                         # on every rank, added to the token embedding
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "DecoderSpec":
@@ -340,6 +342,8 @@ class TinyDecoder(nn.Module):
         self.spec = spec
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size,
                                                    prefix=f"{self.prefix}.embed_tokens")
+        if spec.learned_positions:  # nn.Embedding, as GPT-2's wpe: every rank holds the whole table
+            self.embed_positions = nn.Embedding(spec.learned_positions, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, f"{self.prefix}.layers.{i}")
                                     for i in range(spec.num_hidden_layers))
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
@@ -348,6 +352,9 @@ class TinyDecoder(nn.Module):
         if self.spec.batch_of_one:
             input_ids = input_ids.unsqueeze(0)
         hidden = self.embed_tokens(input_ids)
+        if self.spec.learned_positions:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+            hidden = hidden + self.embed_positions(positions)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
@@ -461,6 +468,8 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
             att.q_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
             att.k_norm.weight.data.copy_(1.0 + rnd(hd, scale=0.1))
     model.norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
+    if spec.learned_positions:  # drawn last: every other weight is as without the table
+        model.embed_positions.weight.data.copy_(rnd(spec.learned_positions, h, scale=1.0))
 
     for mod in model.modules():
         if hasattr(mod, "quant_method") and hasattr(mod, "weight") and mod.weight.ndim == 2 \
