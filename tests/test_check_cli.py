@@ -104,18 +104,22 @@ def test_hf_checkpoint_reexports_the_core_maker():
 # end to end: two engine runs
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.engine
-def test_check_llama_flashcomm1_end_to_end(tmp_path):
+def test_check_llama_flashcomm1_end_to_end(tmp_path, baseline_cache):
+    """The CLI end to end; its baseline run is kept in the session's cache (`--baseline-cache`), where
+    test_vllm_engine_mutant's TP=2 check finds it."""
     pytest.importorskip("vllm")
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FXPASSES_", "VLLM_ASCEND_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     proc = subprocess.run([sys.executable, "-m", "fxpasses", "check", "--arch", "llama", "--tp", "2", "--strategy",
-                           "flashcomm1", "--out", str(out), "--json", str(tmp_path / "result.json")],
+                           "flashcomm1", "--out", str(out), "--json", str(tmp_path / "result.json"),
+                           "--baseline-cache", str(baseline_cache)],
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=1200)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
     assert "[1/2] baseline engine" in text and "[2/2] engine with flashcomm1" in text
+    assert (out / "baseline" / "engine.log").is_file() and len(list(baseline_cache.iterdir())) >= 1
     assert "EQUAL: greedy tokens identical" in text
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["tokens_equal"] and res["max_logprob_diff"] <= res["tolerance"]

@@ -1,0 +1,57 @@
+"""The engine comparison can fail: `fxpasses check` against a named mutant of the rewrite that moves
+rows exits 1, at TP=2 and at TP=4, in vLLM's real CPU engine.
+
+The mutant (`fxpasses.testing.mutants.reduce_scatter_rows_of_the_next_rank`) hands every rank the
+next rank's rows out of each reduce-scatter: the sums are right, the rows are not the rank's own, so
+tokens move between positions (a fault that reorders a sum would not show at TP=2, where a
+reduce-scatter adds the same two numbers as an all-reduce). The test suite's vLLM plugin activates it
+in every process of the engine with the pass (`FXPASSES_TESTING_MUTANT`, `check.run_check(pass_env=)`);
+the baseline engine runs without the pass and is the session's shared run
+(`check.run_check(baseline_cache=)`): at TP=2 the same one `test_check_cli`'s end-to-end check (the
+control without the mutant) compares against, at TP=4 the one of the control run here. Each run
+must have rewritten the graph on every rank, so the verdict is the mutant's, not a failed rewrite.
+"""
+from __future__ import annotations
+
+import pytest
+
+from fxpasses import check
+from fxpasses.testing import mutants
+
+pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
+
+MUTANT = "reduce_scatter_rows_of_the_next_rank"
+
+
+def _check(tp, workdir, baseline_cache, mutant=None, lines=None):
+    return check.run_check(None, tp, "flashcomm1", arch="llama", workdir=workdir, baseline_cache=baseline_cache,
+                           pass_env={mutants.ENV: mutant} if mutant else None,
+                           progress=(lines.append if lines is not None else lambda line: None))
+
+
+def _rewrote_every_rank(res, tp):
+    assert sorted(res.applied_ranks) == list(range(tp)), res.message
+    assert res.collectives_after.get("reduce_scatter", 0) >= 5 and not res.collectives_after.get("all_reduce"), \
+        res.collectives_after
+
+
+def _caught(res, tp):
+    _rewrote_every_rank(res, tp)
+    assert res.exit_code == check.EXIT_DIFFERENT, res.message
+    assert not res.outputs_equal and "DIFFERENT" in res.message, res.message
+
+
+def test_check_exits_1_when_the_rewrite_moves_rows_tp2(tmp_path, baseline_cache, engine_log):
+    _caught(engine_log(_check(2, tmp_path, baseline_cache, MUTANT)), 2)
+
+
+def test_check_exits_0_then_1_when_the_rewrite_moves_rows_tp4(tmp_path, baseline_cache, engine_log):
+    """TP=4: the control without the mutant is equal; the mutant's check, against the same kept
+    baseline run (no third engine start), exits 1."""
+    res = engine_log(_check(4, tmp_path / "control", baseline_cache))
+    _rewrote_every_rank(res, 4)
+    assert res.exit_code == check.EXIT_OK, res.message
+    assert res.outputs_equal and res.max_logprob_diff <= res.tolerance, res.message
+    lines: list[str] = []
+    _caught(engine_log(_check(4, tmp_path / "mutant", baseline_cache, MUTANT, lines)), 4)
+    assert any("reused the baseline run" in line for line in lines), lines
