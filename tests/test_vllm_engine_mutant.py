@@ -8,8 +8,10 @@ reduce-scatter adds the same two numbers as an all-reduce). The test suite's vLL
 in every process of the engine with the pass (`FXPASSES_TESTING_MUTANT`, `check.run_check(pass_env=)`);
 the baseline engine runs without the pass and is the session's shared run
 (`check.run_check(baseline_cache=)`): at TP=2 the same one `test_check_cli`'s end-to-end check (the
-control without the mutant) compares against, at TP=4 the one of the control run here. Each run
-must have rewritten the graph on every rank, so the verdict is the mutant's, not a failed rewrite.
+control without the mutant) compares against. Each run must have rewritten the graph on every rank,
+so the verdict is the mutant's, not a failed rewrite. (TP=4 has no engine control here: three TP=4
+engines took 6 minutes of the 90 CI allows; FlashComm1 at TP=4 is proven equal per rank on real vLLM
+layers in the fast tier, `test_fc1_equivalence.py`.)
 """
 from __future__ import annotations
 
@@ -23,35 +25,22 @@ pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/t
 MUTANT = "reduce_scatter_rows_of_the_next_rank"
 
 
-def _check(tp, workdir, baseline_cache, mutant=None, lines=None):
+def _check(tp, workdir, baseline_cache):
     return check.run_check(None, tp, "flashcomm1", arch="llama", workdir=workdir, baseline_cache=baseline_cache,
-                           pass_env={mutants.ENV: mutant} if mutant else None,
-                           progress=(lines.append if lines is not None else lambda line: None))
-
-
-def _rewrote_every_rank(res, tp):
-    assert sorted(res.applied_ranks) == list(range(tp)), res.message
-    assert res.collectives_after.get("reduce_scatter", 0) >= 5 and not res.collectives_after.get("all_reduce"), \
-        res.collectives_after
+                           pass_env={mutants.ENV: MUTANT}, progress=lambda line: None)
 
 
 def _caught(res, tp):
-    _rewrote_every_rank(res, tp)
+    assert sorted(res.applied_ranks) == list(range(tp)), res.message
+    assert res.collectives_after.get("reduce_scatter", 0) >= 5 and not res.collectives_after.get("all_reduce"), \
+        res.collectives_after
     assert res.exit_code == check.EXIT_DIFFERENT, res.message
     assert not res.outputs_equal and "DIFFERENT" in res.message, res.message
 
 
 def test_check_exits_1_when_the_rewrite_moves_rows_tp2(tmp_path, baseline_cache, engine_log):
-    _caught(engine_log(_check(2, tmp_path, baseline_cache, MUTANT)), 2)
+    _caught(engine_log(_check(2, tmp_path, baseline_cache)), 2)
 
 
-def test_check_exits_0_then_1_when_the_rewrite_moves_rows_tp4(tmp_path, baseline_cache, engine_log):
-    """TP=4: the control without the mutant is equal; the mutant's check, against the same kept
-    baseline run (no third engine start), exits 1."""
-    res = engine_log(_check(4, tmp_path / "control", baseline_cache))
-    _rewrote_every_rank(res, 4)
-    assert res.exit_code == check.EXIT_OK, res.message
-    assert res.outputs_equal and res.max_logprob_diff <= res.tolerance, res.message
-    lines: list[str] = []
-    _caught(engine_log(_check(4, tmp_path / "mutant", baseline_cache, MUTANT, lines)), 4)
-    assert any("reused the baseline run" in line for line in lines), lines
+def test_check_exits_1_when_the_rewrite_moves_rows_tp4(tmp_path, baseline_cache, engine_log):
+    _caught(engine_log(_check(4, tmp_path, baseline_cache)), 4)

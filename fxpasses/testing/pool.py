@@ -82,6 +82,12 @@ def _worker(rank: int, world: int, init_method: str, allreduce_form: str, ident:
             conn.send(("ok", fn(state, *args, **kwargs)))
         except BaseException as e:  # report, keep serving
             conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    # closed: leave at once. An orderly interpreter exit tears down gloo and vLLM's distributed state
+    # rank by rank, each waiting on the others, and held `close()` in join for ~10 s per pool
+    if "stack_fh" in state:
+        state["stack_fh"].close()
+    conn.close()
+    os._exit(0)
 
 
 class RankError(RuntimeError):
