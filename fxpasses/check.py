@@ -315,7 +315,7 @@ def _baseline(spec: dict, env: dict[str, str] | None, tp: int, run_base: Path, t
     k = check_baseline.key(spec, env) if cache else None
     kept = check_baseline.load(cache, k) if k else None
     if kept:
-        base, log_b, log_path = kept
+        base, log_b = kept
         run_base.mkdir(parents=True, exist_ok=True)
         (run_base / "engine.log").write_text(log_b)
         (run_base / "result.json").write_text(json.dumps(base))

@@ -50,13 +50,13 @@ def key(spec: dict, env: dict[str, str] | None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def load(cache_dir: str | Path, k: str) -> tuple[dict, str, Path] | None:
-    """(result, engine log text, log path) of the stored run `k`, or None."""
+def load(cache_dir: str | Path, k: str) -> tuple[dict, str] | None:
+    """(result, engine log text) of the stored run `k`, or None."""
     d = Path(cache_dir) / k
     result, log = d / "result.json", d / "engine.log"
     if not (result.is_file() and log.is_file()):
         return None
-    return json.loads(result.read_text()), log.read_text(errors="replace"), log
+    return json.loads(result.read_text()), log.read_text(errors="replace")
 
 
 def store(cache_dir: str | Path, k: str, result: dict, log_file: Path) -> None:

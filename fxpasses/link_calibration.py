@@ -101,7 +101,9 @@ def measure(group, repeats: int = REPEATS) -> dict[str, Link]:
 
 def agree(links: dict[str, Link], group) -> dict[str, Link]:
     """The group's maximum of every latency and of every per-byte cost (the slowest rank's line),
-    rounded to two significant digits: identical on every rank."""
+    rounded to two significant digits: identical on every rank. An eager collective: only `calibrate`
+    calls this, at worker start after `measure` (every rank, before any graph is compiled or loaded),
+    never from a pass, so no rank that compiles alone can wait in it."""
     import torch.distributed as dist
 
     vec = torch.tensor([v for k in KINDS for v in (links[k].latency_us, 1.0 / links[k].gbps)], dtype=torch.float64)
