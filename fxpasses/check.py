@@ -443,8 +443,8 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     alternating engines (the check's own two engines are round 1). `shape` (with `arch`): the tiny
     checkpoint's size, e.g. `tiny_checkpoints.scaled_shape(1024, 4)`. `baseline_cache` DIR: a
     baseline run of the same checkpoint content and engine settings kept there is reused instead of
-    starting the baseline engine, and a new one is kept (`fxpasses.check_baseline`; not with `bench`,
-    whose engines must alternate). Never raises for engine
+    starting the baseline engine, and a new one is kept (`fxpasses.check_baseline`; with `bench`,
+    whose engines must alternate, it is a ConfigError). Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
     if dtype not in TOLERANCE and dtype != "auto":
@@ -453,6 +453,9 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         raise ConfigError(f"--tokens must be prompt lengths >= 1, got {list(tokens)}")
     if bench < 0:
         raise ConfigError(f"--bench {bench}: give the number of rounds (>= 1), or leave it out")
+    if bench and baseline_cache:
+        raise ConfigError("--baseline-cache with --bench: the bench times fresh engines run alternately, "
+                          "so a kept baseline cannot stand in for one; drop --baseline-cache (or --bench)")
     if bench:
         from fxpasses import engine_bench
         max_model_len = max(max_model_len, engine_bench.max_model_len())
@@ -488,7 +491,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
             shutil.rmtree(d)
 
     progress(f"[1/2] baseline engine (no pass), tp={tp}, {model.name} ...")
-    base, log_b = _baseline(spec, env, tp, run_base, timeout_s, None if bench else baseline_cache, progress)
+    base, log_b = _baseline(spec, env, tp, run_base, timeout_s, baseline_cache, progress)
     res.logs["baseline"] = str(run_base / "engine.log")
     if base is None:
         res.message = (f"the baseline engine (without the pass) failed: vLLM cannot run this model here; "

@@ -4,12 +4,13 @@ with `batch_of_one=True` (real vLLM layers: VocabParallelEmbedding on [1, T] ids
 layers, Row layers, RMSNorms on [1, T, H]) is rewritten on every rank over real gloo groups and
 compared with the original graph in float64.
 
-Shapes (explicit, non-minimal): at TP=2, 2 layers, hidden 48, 4 heads over 2 kv heads (GQA 2),
-head_dim 8, qkv and o_proj biases, q/k norm; at TP=4, 2 layers, hidden 64, 8 heads over 2 kv heads
-(GQA 4, heads != tp, a kv head shared by two ranks), head_dim 8, the same biases and norms.
+Shape (explicit, non-minimal): TP=4 only (at TP=2 a reduce-scatter's rows could hide in a sum of
+two; the [1, T, H] layout at TP=2 runs in test_site_finding and in the engine tier's gpt_neox):
+2 layers, hidden 64, 8 heads over 2 kv heads (GQA 4, heads != tp, a kv head shared by two ranks),
+head_dim 8, qkv and o_proj biases, q/k norm.
 Token counts: each hypothesis example draws a seed, and `TOKEN_SETS` sets of 4 to 7 counts in
 1..300 are made from it, each with 1, tp - 1, tp + 1 and 3 tp added (so even the first example
-varies); `examples(2)` examples per TP, through the profile.
+varies); `examples(2)` examples, through the profile.
 """
 import random
 
@@ -33,7 +34,7 @@ def token_sets(seed: int, tp: int) -> list[list[int]]:
             for _ in range(TOKEN_SETS)]
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [4])  # TP=4: a wrong rank's rows cannot hide in a sum of two
 @settings(max_examples=examples(2))
 @given(seed=st.integers(0, 2**31 - 1))
 def test_flashcomm1_shards_a_batch_of_one_graph_along_dim_1(pools, tp, seed):

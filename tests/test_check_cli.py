@@ -58,6 +58,7 @@ def test_model_dir_missing(tmp_path, capsys):
     (["check", "--model", "/x", "--quant", "w8a8"], "goes with --arch"),
     (["check", "--arch", "qwen3_moe", "--quant", "w8a8_dynamic"], "--arch one of llama, mistral"),
     (["check", "--arch", "llama", "--quant", "int4"], "invalid choice: 'int4'"),
+    (["check", "--arch", "llama", "--bench", "2", "--baseline-cache", "/tmp/kept"], "drop --baseline-cache"),
 ])
 def test_bad_arguments_exit_2(argv, expected, tmp_path, capsys):
     rc, text = _run_cli(argv + ["--out", str(tmp_path)], capsys)

@@ -1,5 +1,6 @@
 """A graph compiled by an earlier process still works: FlashComm2 with K=2 (its own ODP/OTP groups and
-the `fxpasses::odp_weight` op) and OTP + MLP-TP (their DP groups) are compiled with Inductor and the
+the `fxpasses::odp_weight` op; OTP / MLP-TP's DP groups come from the same worker-start preparation,
+`tests/test_groups_at_worker_start.py`) is compiled with Inductor and the
 vLLM pass into a fresh FX graph cache by one set of rank processes; a new set of processes, started
 as vLLM workers start (groups prepared, fxpasses imported), loads the compiled graph from that cache
 (the pass does not run again) and computes what the model computes eagerly."""
@@ -59,7 +60,6 @@ def rank_compile_and_compare(state, spec, config, cache_dir, tokens, own_tokens)
 
 CASES = {
     "flashcomm2-K2": (4, None, {"strategies": ["flashcomm2"], "flashcomm2_oproj_tp_size": 2, "min_tokens": 0}, False),
-    "otp+mlp_tp": (2, 1, {"strategies": ["otp", "mlp_tp"]}, True),
 }
 
 

@@ -3,9 +3,10 @@
 * CPU reference backend (`lowering: reference`): on every rank the fused graph computes what the
   unfused one did (float64, relative error <= 1e-12: the reference kernels run the very matmul and
   collective of the pair), for models from real vLLM layers, plain TP and with FlashComm1 /
-  FlashComm2: at TP=2 the vllm-form cases on `helpers.SHAPES[2]`'s first shape (2 layers, GQA 2, qkv
-  and o_proj bias, q/k norm), the c10d-form cases on its second (3 layers, 8 heads on 1 kv head,
-  o_proj and MLP bias), at TP=4 `SHAPES[4]` (8 heads on 2 kv heads, all biases); token counts are
+  FlashComm2: at TP=2 the vllm-form cases (plain TP and each strategy) on `helpers.SHAPES[2]`'s first
+  shape (2 layers, GQA 2, qkv and o_proj bias, q/k norm), the c10d-form case (FlashComm1+FlashComm2)
+  on its second (3 layers, 8 heads on 1 kv head, o_proj and MLP bias), at TP=4 plain TP and
+  FlashComm1+FlashComm2 on `SHAPES[4]` (8 heads on 2 kv heads, all biases); token counts are
   TOKEN_SETS sets made from `examples(1)` drawn seeds (1, tp - 1, tp, tp + 1, 3 tp + 1 and 3 to 6
   counts in 1..200); the
   number of each fused op is exact (per layer: plain TP 2 mm_all_reduce; FlashComm1 2
@@ -48,7 +49,9 @@ def _reference_equivalence(pool, tp, strategies, spec, seed):
 
 # the vllm-form cases run the first TP=2 shape, the c10d-form cases the second (one capture each)
 _TP2_SHAPES = dict(zip(("vllm", "c10d"), shape_cases(2)))
-CASES_TP2 = [(form, s) for form in ("vllm", "c10d") for s in PER_LAYER]
+# every strategy on vLLM's collective form; c10d's form once, with the strategies that use all three
+CASES_TP2 = [("vllm", s) for s in PER_LAYER] + [("c10d", ("flashcomm1", "flashcomm2"))]
+TP4 = [(), ("flashcomm1", "flashcomm2")]  # plain TP and both strategies (every fused kind) at TP=4
 
 
 @pytest.mark.parametrize("form,strategies", CASES_TP2, ids=[f"{f}-{'+'.join(s) or 'tp'}" for f, s in CASES_TP2])
@@ -58,7 +61,7 @@ def test_reference_lowering_matches_unfused_tp2(pools, form, strategies, seed):
     _reference_equivalence(pools.get(2, form), 2, strategies, _TP2_SHAPES[form].values[0], seed)
 
 
-@pytest.mark.parametrize("strategies", list(PER_LAYER), ids=["+".join(s) or "tp" for s in PER_LAYER])
+@pytest.mark.parametrize("strategies", TP4, ids=["+".join(s) or "tp" for s in TP4])
 @settings(max_examples=examples(1))
 @given(seed=SEEDS)
 def test_reference_lowering_matches_unfused_tp4(pools, strategies, seed):

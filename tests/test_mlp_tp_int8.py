@@ -60,7 +60,6 @@ SCALE_SPREAD = 0.25
 CASES = {
     "w2-static-bias": (2, 0, "w8a8", True, 2),
     "w2-dynamic": (2, 0, "w8a8_dynamic", False, 2),
-    "w4-K4-dynamic-bias": (4, 0, "w8a8_dynamic", True, 2),
     "w4-K2-static": (4, 2, "w8a8", False, 2),
     "w4-K2-dynamic": (4, 2, "w8a8_dynamic", False, 2),
 }

@@ -128,7 +128,7 @@ def _assert_like_the_whole_graph(pieces, whole):
         (_after_bytes(pieces), whole["bytes_per_step"])
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2])  # TP=4 in pieces: the FC1+FC2 test below and the boundary contract's
 @settings(max_examples=examples(2))
 @given(seed=SEEDS)
 def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, seed, tp):

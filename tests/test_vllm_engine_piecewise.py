@@ -35,7 +35,7 @@ def _reports(res, rank):
     return [json.loads(f.read_text()) for f in sorted(d.glob("graph*.site_report.json"))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe"])  # routed MoE in pieces; dense llama: test_check_cli
 def test_engine_piecewise_flashcomm1_shards_the_piece_boundaries(tmp_path, engine_log, arch):
     res = engine_log(check.run_check(None, TP, "flashcomm1", arch=arch, workdir=tmp_path,
                                      progress=lambda line: None, compilation=PIECEWISE, bytes_at=(256, 4096),
@@ -43,10 +43,8 @@ def test_engine_piecewise_flashcomm1_shards_the_piece_boundaries(tmp_path, engin
     assert res.exit_code == check.EXIT_OK, res.message
     assert res.max_logprob_diff <= res.tolerance, res.message
     assert res.tokens_equal or res.dtype != "float32", res.message  # bfloat16 may break a near-tie
-    if arch == "llama":
-        assert res.dtype == "float32"  # a dense llama runs in float32 on every CPU (fxpasses.cpu_kernels)
     per_rank = [_reports(res, r) for r in range(TP)]
-    # the tiny Llama's 2 layers split at 2 attentions: 3 pieces, one compile range each
+    # the tiny model's 2 layers split at 2 attentions: 3 pieces, one compile range each
     assert [len(r) for r in per_rank] == [3, 3]
     for reports in per_rank:
         for r in reports:

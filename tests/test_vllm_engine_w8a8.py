@@ -67,8 +67,9 @@ def _check_int8_gathers(res, quant: str, strategies: str, hidden: int) -> None:
     assert res.bytes_before[T] - res.bytes_after[T] == float_gathers - int8_expected
 
 
-@pytest.mark.parametrize("quant,strategies", [("w8a8_dynamic", "flashcomm1+flashcomm2"),
-                                              ("w8a8", "flashcomm1")])
+# one engine pair: dynamic W8A8 under FlashComm1 + FlashComm2 (static W8A8's quantisation op and its
+# int8 gathers are checked per rank in the first tier: test_int8_on_the_wire)
+@pytest.mark.parametrize("quant,strategies", [("w8a8_dynamic", "flashcomm1+flashcomm2")])
 def test_engine_w8a8_int8_column_gathers(tmp_path, quant, strategies, engine_log):
     res = engine_log(run_check(None, TP, strategies, arch="llama", quant=quant, workdir=tmp_path, bytes_at=[T],
                                progress=lambda line: None))
