@@ -1,7 +1,7 @@
 """vLLM CPU's AMX linear forms (`_C.weight_packed_linear` inside auto_functionalized,
 `_C.int8_scaled_mm_with_quant`), recognised from `fxpasses.op_forms.vllm_cpu` and rewritten by
 FlashComm1 on every CPU: the ops' real schemas with stand-in reference kernels
-(`cpu_kernel_standin`), real gloo groups at TP=2 and TP=4, the stand-in shm all-reduce.
+(`cpu_kernel_standin`), real gloo groups at TP=2 (both forms) and TP=4 (the int8 form), the stand-in shm all-reduce.
 
 Shapes: one block of d=24, f=32 (qkv_proj/gate_up_proj column-sharded, o_proj/down_proj
 row-sharded); TOKEN_SETS // 4 (5) token-count sets made from `examples(1)` drawn seeds (1, tp - 1,
@@ -13,8 +13,12 @@ from cpu_kernel_standin import rank_run
 from helpers import SEEDS, TOKEN_SETS, edge_counts, examples, token_sets
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("kernel,op", [("packed", "weight_packed_linear"), ("int8", "int8_scaled_mm_with_quant")])
+# both forms at TP=2, the int8 form (quantisation inside the matmul) at TP=4 too
+FORMS = [(2, "packed", "weight_packed_linear"), (2, "int8", "int8_scaled_mm_with_quant"),
+         (4, "int8", "int8_scaled_mm_with_quant")]
+
+
+@pytest.mark.parametrize("tp,kernel,op", FORMS, ids=[f"{k}-{o}-{t}" for t, k, o in FORMS])
 @settings(max_examples=examples(1))
 @given(seed=SEEDS)
 def test_amx_linear_forms_are_sites_and_flashcomm1_is_equivalent_standin(pools, tp, kernel, op, seed):

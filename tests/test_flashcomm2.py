@@ -16,7 +16,7 @@ FC2 = ("flashcomm2",)
 FC12 = ("flashcomm1", "flashcomm2")
 # (tp, all-reduce form, K, strategies); TP=4 uses the vllm.all_reduce form (as on CUDA/NPU)
 CASES = [(2, "c10d", 1, FC2), (2, "c10d", 1, FC12),
-         (4, "vllm", 1, FC2), (4, "vllm", 1, FC12),
+         (4, "vllm", 1, FC12),  # FlashComm2 K=1 at TP=4 inside FC1+FC2
          (4, "vllm", 2, FC2), (4, "vllm", 2, FC12)]
 IDS = [f"tp{t}-K{k}-{'+'.join(s)}" for t, _, k, s in CASES]
 LAYERS = 2

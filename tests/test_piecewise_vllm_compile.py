@@ -205,7 +205,7 @@ def test_piecewise_flashcomm1_with_min_tokens_keeps_boundaries_replicated_tp2(po
         assert "boundary_gathers_taken" not in c["report"]
 
 
-@settings(max_examples=examples(2))
+@settings(max_examples=examples(1))  # FlashComm2 per piece at TP=2 in the first tier: test_ascend_route_standin
 @given(seed=SEEDS)
 def test_piecewise_flashcomm2_per_piece_tp4(pools, seed):
     pool = pools(4)
