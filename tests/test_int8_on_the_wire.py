@@ -147,25 +147,18 @@ def test_fc1_gathers_int8_and_equals_float_gather_standin(pools, tp, quant):
 
 # ---- FlashComm2: the o_proj all_to_all ----------------------------------------------------------
 
-FC2_CASES = {  # id: (tp, K)
-    "tp2": (2, 1),
-    "tp4": (4, 1),
-    "tp4-K2": (4, 2),
-}
+# id: (tp, K, quant). Both schemes at TP=2; at TP=4 the dynamic scheme (int8 + scales) with K=2 (the
+# OTP group inside the all-to-all); FlashComm2 K=1 at TP=4 on float layers: test_flashcomm2's FC1+FC2
+FC2_INT8 = {"w8a8-tp2": (2, 1, "w8a8"), "w8a8_dynamic-tp2": (2, 1, "w8a8_dynamic"),
+            "w8a8_dynamic-tp4-K2": (4, 2, "w8a8_dynamic")}
 
 
-# both schemes at TP=2; at TP=4 the dynamic scheme (int8 + scales) with K=2 (the OTP group inside the
-# all-to-all); FlashComm2 K=1 at TP=4 on float layers: test_flashcomm2
-FC2_INT8 = [("tp2", "w8a8"), ("tp2", "w8a8_dynamic"), ("tp4-K2", "w8a8_dynamic")]
-
-
-@pytest.mark.parametrize("case,quant", FC2_INT8, ids=[f"{q}-{c}" for c, q in FC2_INT8])
-def test_fc2_all_to_all_sends_int8_standin(pools, case, quant):
+@pytest.mark.parametrize("tp,k,quant", list(FC2_INT8.values()), ids=list(FC2_INT8))
+def test_fc2_all_to_all_sends_int8_standin(pools, tp, k, quant):
     """FlashComm2 on a W8A8 o_proj exchanges the int8 input (+ its per-token scales): equal to the
     original graph, whose o_proj output is all-reduced in float, within float64 rounding (rel <=
     1e-10; the quantisation is the same, so its error adds nothing). `int8_comm: off` leaves the
     o_proj to FlashComm1 with that reason, and equals the original too."""
-    tp, k = FC2_CASES[case]
     cfg = dict(weight_format="nd", flashcomm2_oproj_tp_size=k)
     pool, on = _capture(pools, tp, quant, ("flashcomm1", "flashcomm2"), **cfg)
     _check_matches_original(pool, on, tp)

@@ -47,7 +47,7 @@ def _reference_equivalence(pool, tp, strategies, spec, seed):
     compare_many(pool, summaries[0]["key"], seed, edge_counts(tp), hi=200)
 
 
-# the vllm-form cases run the first TP=2 shape, the c10d-form cases the second (one capture each)
+# the vllm-form cases run the first TP=2 shape, the c10d-form case the second (one capture each)
 _TP2_SHAPES = dict(zip(("vllm", "c10d"), shape_cases(2)))
 # every strategy on vLLM's collective form; c10d's form once, with the strategies that use all three
 CASES_TP2 = [("vllm", s) for s in PER_LAYER] + [("c10d", ("flashcomm1", "flashcomm2"))]

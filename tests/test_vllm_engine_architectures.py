@@ -12,10 +12,11 @@ downloaded), run without and with the pass in their own processes by `fxpasses.c
                parallel residual; sharded along dim 1, never the batch of one
 
 One engine pair per behaviour (each pair costs about 2.5 minutes of the CI's 90): routed MoE without
-a shared expert runs in test_vllm_engine_piecewise (qwen3_moe); the native parallel-residual layer
-(one all-reduce of attention + MLP, e.g. Cohere) and OLMo2 through the Transformers backend are
-checked per rank on vLLM's layers in the first tier (test_moe_mla_parallel_residual) and with
-`fxpasses check --arch cohere` / `--arch olmo2` by hand.
+a shared expert runs in test_vllm_engine_piecewise (qwen3_moe). Cohere and OLMo2 have no engine pair:
+the native parallel-residual layer (one all-reduce of attention + MLP, as in Cohere) is checked per
+rank on vLLM's layers in the first tier (test_moe_mla_parallel_residual), the [1, T, H] layout of the
+Transformers backend in test_site_finding and test_batch_of_one, and both models end to end only by
+hand with `fxpasses check --arch cohere` / `--arch olmo2`.
 
 Greedy tokens must be identical and chosen-token/prompt logprobs within the check's tolerance; the
 pass may not send more bytes per step (measured on the graphs around the pass); every all-reduce
