@@ -4,7 +4,10 @@ model (a MODEL ESTIMATE, not a measurement).
 Per decoder layer and rank: bytes each collective sends (ring accounting, as
 `fxpasses.comm_volume.analytic_layer_bytes`, which is checked against rewritten graphs by
 tools/bench_comm_volume.py), time = sum over collectives of (steps x latency + bytes / bandwidth),
-steps = 2(n-1) for all_reduce and n-1 for reduce_scatter / all_gather / all_to_all; weight memory
+steps = 2(n-1) for all_reduce and n-1 for reduce_scatter / all_gather / all_to_all (`Link`); or, with
+`KindLinks`, each collective kind's own fixed cost + bytes / bandwidth from `fxpasses.link_costs`
+(a platform's constants, or those calibrated on a live group: what `min_tokens: auto` decides
+with); weight memory
 per rank of o_proj + qkv + MLP (FlashComm2 stores o_proj at 1/K instead of 1/tp: "store more,
 send less"). Compute savings (FlashComm1 runs norms on T/tp rows) and overlap are not modelled.
 
@@ -34,6 +37,7 @@ from typing import Any
 
 from fxpasses.comm_volume import padded
 from fxpasses.errors import FxPassesError
+from fxpasses.link_costs import LinkCosts
 
 
 class AdvisorError(FxPassesError, ValueError):
@@ -124,11 +128,44 @@ def load_model(spec: str, dtype_bytes: int | None = None) -> ModelDims:
 
 @dataclass(frozen=True)
 class Link:
+    """One link for every collective kind: `latency_us` per ring step, `bandwidth_gbps` for the bytes."""
+
     bandwidth_gbps: float = 100.0   # GB/s per rank, each direction (bytes, not bits)
     latency_us: float = 10.0        # per collective step
 
     def time_us(self, steps: int, nbytes: float) -> float:
         return steps * self.latency_us + nbytes / (self.bandwidth_gbps * 1e3)
+
+    def collective_us(self, kind: str, n: int, nbytes: float) -> float:
+        return self.time_us(_steps(kind, n), nbytes)
+
+    def describe(self) -> str:
+        return f"link {self.bandwidth_gbps:g} GB/s, {self.latency_us:g} us/step"
+
+
+@dataclass(frozen=True)
+class KindLinks:
+    """The `min_tokens: auto` gate's constants (`fxpasses.link_costs.LinkCosts`: a platform's fixed
+    ones, or those `fxpasses.link_calibration` measured on a live group): each collective kind its
+    own fixed cost per collective and bandwidth, so the advisor ranks with the numbers the pass
+    decides with."""
+
+    costs: LinkCosts
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        return min(link.gbps for link in self.costs.links.values())
+
+    @property
+    def latency_us(self) -> float:
+        return min(link.latency_us for link in self.costs.links.values())
+
+    def collective_us(self, kind: str, n: int, nbytes: float) -> float:
+        return self.costs.link(kind).time_us(nbytes)
+
+    def describe(self) -> str:
+        per = ", ".join(f"{k} {v.latency_us:g} us + {v.gbps:g} GB/s" for k, v in self.costs.links.items())
+        return f"{self.costs.platform} link costs ({self.costs.source}): {per}"
 
 
 @dataclass
@@ -153,7 +190,7 @@ def _ring(kind: str, full: int, n: int) -> int:
     return 2 * (n - 1) * full // n if kind == "all_reduce" else (n - 1) * full // n
 
 
-def validate(m: ModelDims, tp: int, tokens: int, link: Link, k: int | None = None, dp: int = 1) -> None:
+def validate(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", k: int | None = None, dp: int = 1) -> None:
     if not isinstance(tp, int) or tp < 2:
         raise AdvisorError(f"tp={tp}: the strategies rewrite tensor-parallel communication, tp must be >= 2")
     if not isinstance(tokens, int) or tokens < 1:
@@ -189,7 +226,7 @@ def _wire(kind: str, n: int, rows: int, width: int, b: int, quant: str) -> list[
     return [(kind, n, _ring(kind, rows * int8_row_bytes(width, quant, b), n))]
 
 
-def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | None = None,
+def estimate(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ks: list[int] | None = None,
              dp: int = 1, quant: str = "none") -> list[Estimate]:
     """Estimates for vanilla TP, FlashComm1, FlashComm2(K) alone and with FlashComm1, and (dp > 1)
     OTP / MLP-TP over dp ranks of DP attention, sorted by communication time then weight memory.
@@ -209,7 +246,7 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
     base_w = (qkv_w + mlp_w) // tp
 
     def est(name, colls, weight, why):
-        t = sum(link.time_us(_steps(kd, n), nb) for kd, n, nb in colls)
+        t = sum(link.collective_us(kd, n, nb) for kd, n, nb in colls)
         return Estimate(name, t, sum(nb for _, _, nb in colls), weight, colls, why)
 
     out = []
@@ -273,19 +310,19 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: Link, ks: list[int] | Non
     return out
 
 
-def _pays(width: int, n: int, link: Link, b: int, quant: str) -> str:
+def _pays(width: int, n: int, link: "Link | KindLinks", b: int, quant: str) -> str:
     r = int8_row_bytes(width, quant, b) / (width * b)
     if r >= 1:
         return f" ({r:.2f}x the bytes: does not pay, keep int8_comm off)"
     return f" ({r:.2f}x the bytes of this collective, same launches: pays at every token count)"
 
 
-def report(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate]) -> str:
+def report(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ests: list[Estimate]) -> str:
     van = next(e for e in ests if e.strategy == "vanilla")
     w = max([28] + [len(e.strategy) for e in ests])
     lines = [f"MODEL ESTIMATE (cost model, not a measurement) -- {m.name}: hidden {m.hidden}, "
              f"o_proj input D={m.attn_out}, {m.layers} layers, {m.dtype_bytes}-byte activations; tp={tp}, "
-             f"T={tokens} tokens/step; link {link.bandwidth_gbps:g} GB/s, {link.latency_us:g} us/step",
+             f"T={tokens} tokens/step; {link.describe()}",
              f"{'rank':<4} {'strategy':<{w}} {'comm us/layer':>13} {'MiB/layer':>9} {'vs vanilla':>10} "
              f"{'model comm ms':>13} {'weights MiB/layer':>17}"]
     for i, e in enumerate(ests, 1):
@@ -323,7 +360,7 @@ class FusedEstimate:
         return self.unfused_us - self.fused_us
 
 
-def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: Link, strategy: str, tflops: float,
+def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", strategy: str, tflops: float,
                  kinds: tuple[str, ...]) -> list[tuple[str, str, float, float]]:
     """The fusable matmul + collective pairs of one decoder layer under `strategy` and their comm and
     matmul times (matmul: 2 x rows x K x N flops at `tflops`)."""
@@ -331,7 +368,7 @@ def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: Link, strategy: str, 
     Tp = padded(T, tp)
     qkv_out = m.heads * m.head_dim + 2 * m.kv_heads * m.v_head_dim
     mm = lambda rows, k, n: 2 * rows * k * n / (tflops * 1e6)  # noqa: E731  us
-    comm = lambda kind, full: link.time_us(_steps(kind, tp), _ring(kind, full, tp))  # noqa: E731
+    comm = lambda kind, full: link.collective_us(kind, tp, _ring(kind, full, tp))  # noqa: E731
     pairs = []
     if strategy == "vanilla":
         pairs = [("o_proj", "mm_all_reduce", comm("all_reduce", T * H * b), mm(T, D // tp, H)),
@@ -347,7 +384,7 @@ def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: Link, strategy: str, 
     return [p for p in pairs if p[1] in kinds]
 
 
-def fused_estimates(m: ModelDims, tp: int, tokens: int, link: Link, ests: list[Estimate], platform: str,
+def fused_estimates(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ests: list[Estimate], platform: str,
                     tflops: float = 300.0, overhead_us: float = 5.0) -> list[FusedEstimate]:
     """What the lowering's fused kernels save per layer for each estimated strategy (float layers; a
     MODEL ESTIMATE): a fused pair pipelines its matmul with its collective, so it costs

@@ -681,6 +681,8 @@ def main(args) -> int:
     if args.patterns:
         extra["patterns"] = args.patterns
     extra["min_tokens"] = args.min_tokens
+    if args.lowering is not None:
+        extra["lowering"] = args.lowering
     from fxpasses import cpu_plain_weights
     from fxpasses.tiny_checkpoints import scaled_shape
     try:

@@ -155,6 +155,9 @@ def _add_check_parser(sub) -> None:
     c.add_argument("--min-tokens", type=_min_tokens, default=0,
                    help="config key min_tokens of the pass run: 0 (default) forces the rewrite at every token "
                         "count, so the check compares it; auto: the decision a default deployment takes")
+    c.add_argument("--lowering", choices=["auto", "off", "reference"], default=None,
+                   help="config key lowering of the pass run: fused matmul + collective kernels after the "
+                        "rewrite (auto: the platform's, none on CPU; reference: the CPU reference kernels)")
     c.add_argument("--bench", type=int, default=0, metavar="N",
                    help="also measure throughput: a prefill-heavy and a decode-heavy workload in both engines, N "
                         "rounds of alternating engines (best of N), tokens/s and the ratio with/without the pass")

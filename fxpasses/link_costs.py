@@ -144,5 +144,19 @@ def resolve(spec: Mapping[str, Any] | None = None, platform: str | None = None) 
                      source=f"{costs.source} + config link_costs")
 
 
-__all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "calibrated", "current_platform", "resolve",
+def from_report(d: Mapping[str, Any]) -> LinkCosts:
+    """The constants a site report or dump carries (`LinkCosts.to_dict`: `{"platform", "source",
+    "memory_gbps", "links": {kind: {"latency_us", "gbps"}}}`), or a config `link_costs` mapping
+    (fixed constants of its platform, entries over them): what a decision was taken with, for the
+    advisor to rank with the same numbers. ConfigError names a bad entry."""
+    if isinstance(d, Mapping) and "links" in d:
+        links = d["links"]
+        spec = {"platform": d.get("platform", "cpu"), "memory_gbps": d.get("memory_gbps", 1.0),
+                **(links if isinstance(links, Mapping) else {"links": links})}
+        costs = resolve({**spec, "calibrate": False})
+        return replace(costs, source=str(d.get("source", costs.source)))
+    return resolve({**dict(d), "calibrate": False}) if isinstance(d, Mapping) else resolve(d)
+
+
+__all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "calibrated", "current_platform", "from_report", "resolve",
            "set_calibrated", "validate"]

@@ -125,3 +125,41 @@ def test_int8_on_the_wire(quant):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
                         "--tp", "8", "--tokens", "4096", "--quant", quant], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "int8_comm off" in r.stdout and "int8 on the wire" in r.stdout
+
+
+def test_kind_links_rank_with_the_gates_constants(tmp_path):
+    """With per-kind constants (`--platform`, `--link-costs`: what `min_tokens: auto` decides with),
+    each collective costs its own kind's fixed cost + bytes / bandwidth, once per collective: the
+    times follow from the constants by hand, and cheap reduce-scatters and all-gathers put
+    FlashComm1 ahead of vanilla where the CPU's constants put it behind."""
+    from fxpasses import link_costs
+    m = adv.load_model("llama3-70b")
+    tp, T, H, b = 2, 256, m.hidden, m.dtype_bytes
+    cpu = adv.KindLinks(link_costs.resolve({"calibrate": False}, "cpu"))
+    ests = {e.strategy: e for e in adv.estimate(m, tp, T, cpu, [1])}
+    ar, rs, ag = (link_costs.PLATFORMS["cpu"].links[k] for k in ("all_reduce", "reduce_scatter", "all_gather"))
+    full = T * H * b
+    assert ests["vanilla"].comm_us_per_layer == pytest.approx(2 * (ar.latency_us + full / (ar.gbps * 1e3)))
+    half = full // 2
+    assert ests["flashcomm1"].comm_us_per_layer == pytest.approx(
+        2 * (rs.latency_us + half / (rs.gbps * 1e3)) + 2 * (ag.latency_us + half / (ag.gbps * 1e3)))
+    assert adv.estimate(m, tp, T, cpu, [1])[0].strategy == "vanilla"
+    cheap = {"platform": "cpu", "all_reduce": {"latency_us": 900, "gbps": 0.1},
+             "reduce_scatter": {"latency_us": 1, "gbps": 100}, "all_gather": {"latency_us": 1, "gbps": 100}}
+    rank = [e.strategy for e in adv.estimate(m, tp, T, adv.KindLinks(link_costs.from_report(cheap)), [1])]
+    assert rank.index("flashcomm1") < rank.index("vanilla"), rank
+    # a site report's token-gate costs round-trip, and the CLI reads them from a file
+    measured = link_costs.LinkCosts("cpu", {k: link_costs.Link(100.0 + i, 1.5) for i, k in enumerate(link_costs.KINDS)},
+                                    memory_gbps=7.0, source="calibrated on the live TP group")
+    back = link_costs.from_report(measured.to_dict())
+    assert back.links == measured.links and back.source == measured.source
+    f = tmp_path / "costs.json"
+    f.write_text(json.dumps(measured.to_dict()))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
+                        "--tp", "2", "--tokens", "256", "--link-costs", str(f)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "calibrated on the live TP group" in r.stdout and "all_to_all 103 us" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
+                        "--tp", "2", "--tokens", "256", "--link-costs", '{"all_reduce": {"gbps": -1}}'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "link_costs.all_reduce.gbps must be a positive number" in r.stderr

@@ -58,6 +58,7 @@ def test_model_dir_missing(tmp_path, capsys):
     (["check", "--model", "/x", "--quant", "w8a8"], "goes with --arch"),
     (["check", "--arch", "qwen3_moe", "--quant", "w8a8_dynamic"], "--arch one of llama, mistral"),
     (["check", "--arch", "llama", "--quant", "int4"], "invalid choice: 'int4'"),
+    (["check", "--arch", "llama", "--lowering", "fused"], "invalid choice: 'fused'"),
     (["check", "--arch", "llama", "--bench", "2", "--baseline-cache", "/tmp/kept"], "drop --baseline-cache"),
 ])
 def test_bad_arguments_exit_2(argv, expected, tmp_path, capsys):
@@ -65,6 +66,24 @@ def test_bad_arguments_exit_2(argv, expected, tmp_path, capsys):
     assert rc == 2, text
     assert expected in text, text
     assert not (tmp_path / "baseline").exists(), "no engine may start on bad input"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"min_tokens": 0}),
+    (["--lowering", "reference", "--min-tokens", "auto"], {"min_tokens": "auto", "lowering": "reference"}),
+    (["--lowering", "off", "--flashcomm2-oproj-tp-size", "2"],
+     {"min_tokens": 0, "lowering": "off", "flashcomm2_oproj_tp_size": 2}),
+])
+def test_check_flags_become_pass_config_keys(argv, expected, tmp_path, monkeypatch, capsys):
+    """The pass run's config keys the flags set (what `run_check` is handed; no engine starts)."""
+    seen = {}
+
+    def fake_run_check(*a, config=None, **kw):
+        seen.update(config)
+        raise check.ConfigError("stop here")
+    monkeypatch.setattr(check, "run_check", fake_run_check)
+    rc, _ = _run_cli(["check", "--arch", "llama", "--out", str(tmp_path)] + argv, capsys)
+    assert rc == 2 and seen == expected, seen
 
 
 @pytest.mark.parametrize("cfg, what", [
