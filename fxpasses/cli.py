@@ -8,6 +8,8 @@ differ, 2 bad input, 3 nothing was rewritten on any rank.
 
 `check` runs vLLM's real CPU engine on a checkpoint without and with the pass (`fxpasses.check`):
 the same codes, and 4 when the pass makes each rank send more bytes per step.
+
+`report DIR` writes one self-contained HTML page of a run's dumps (`fxpasses.html_report`).
 """
 from __future__ import annotations
 
@@ -209,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dump", parents=[common], help="the main job on your own HF config.json")
     d.add_argument("--config", required=True, help="HF-style config.json of a dense decoder")
     _add_check_parser(sub)
+    from fxpasses import html_report
+    html_report.add_parser(sub)
     args = ap.parse_args(argv)
-    if args.tp < 2:
+    if args.cmd != "report" and args.tp < 2:
         ap.error("--tp must be >= 2: the strategies rewrite tensor-parallel communication")
     try:
+        if args.cmd == "report":
+            return html_report.main(args)
         if args.cmd == "check":
             from fxpasses import check
             return check.main(args)

@@ -12,7 +12,11 @@ verification).
 
 Equal token counts. OTP's all_to_all and MLP-TP's all_gather / reduce_scatter split and join the
 token dimension in K equal parts, so every rank of a group must run the graph with the same token
-count B (vLLM's DP padding gives exactly that: every DP rank pads its batch to the same size). With
+count B. vLLM pads every DP rank's batch to the group's largest only on steps that run CUDA graphs
+(vLLM 0.32's `coordinate_batch_across_dp`: padding when the synced cudagraph mode is not NONE, or
+when microbatching); a step above the capture sizes, and every step of an engine without CUDA
+graphs (vLLM's CPU engine), runs each rank's own count. The deployment must guarantee equal counts
+(vllm-ascend's DP padding, or CUDA graphs at every size). With
 unequal counts the collectives would hang or mix up rows. With `check_token_counts` (or `strict`)
 the rewrite inserts `fxpasses::check_group_tokens` (`fxpasses.runtime_ops`) before the first collective of each group: it
 all-gathers the counts (one int per rank) and raises the same clear error on every rank of the group.
