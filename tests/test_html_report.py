@@ -1,0 +1,213 @@
+"""`fxpasses report`: the HTML page of real dumps. The dumps are written by the pipeline itself
+(`run_passes` with a `dump_dir`) on synthetic post-grad graphs at TP=2, rank 0, in this process:
+FlashComm1 rewritten, FlashComm2 rewritten, and FlashComm1 kept by the token gate (no after-graph)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+from torch._dispatch.python import enable_python_dispatcher
+
+from fxpasses import graph_forms as gf
+from fxpasses.check import CheckResult
+from fxpasses.cli import main
+from fxpasses.config import FxPassesConfig
+from fxpasses.engine_bench import summarise
+from fxpasses.pipeline import run_passes
+from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
+
+LLAMA = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
+RUNS = {  # tag: (strategies, config keys, token range)
+    "graph0": (("flashcomm1",), {}, None),
+    "graph1": (("flashcomm2",), {}, None),
+    "graph2": (("flashcomm1",), {"min_tokens": "auto"}, (1, 4096)),
+}
+INSERTED_KINDS = {"all_gather", "reduce_scatter", "all_to_all"}
+
+
+def inserted_nodes(graph) -> set[str]:
+    """Names of the nodes of `graph` that are all-gathers, reduce-scatters, all-to-alls or fxpasses ops."""
+    return {n.name for n in graph.nodes if n.op == "call_function" and (
+        gf.collective_kind(n) in INSERTED_KINDS or getattr(n.target, "namespace", None) == "fxpasses")}
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    """(dump folder, {tag: names of the inserted collective nodes in the graph as rewritten})."""
+    out = tmp_path_factory.mktemp("dumps")
+    inserted = {}
+    with enable_python_dispatcher():
+        for tag, (strategies, keys, token_range) in RUNS.items():
+            gm = build_graph(LLAMA, 2)
+            assert not inserted_nodes(gm.graph)  # the original graph has all-reduces only
+            rep = run_passes(gm.graph, FxPassesConfig(strategies=strategies, dump_dir=str(out), **keys),
+                             tp_context(2), tag=tag, token_range=token_range)
+            assert rep.applied is (tag != "graph2"), rep.reason
+            inserted[tag] = inserted_nodes(gm.graph)
+    return out, inserted
+
+
+class Page(HTMLParser):
+    """What the tests read off the page: every start tag, the site tables' first column, the bars,
+    the highlighted lines of each after-graph, the text of each element with an id."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.site_prefixes, self.bars, self.ins, self.ids = [], {}, [], {}, set()
+        self.before_ins = 0  # highlighted lines in before-graphs
+        self._table = self._pre = None
+        self._cell = self._span = None
+        self._col = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        cls = (a.get("class") or "").split()
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "table" and "sites" in cls:
+            self._table = self.site_prefixes.setdefault(a["data-graph"], [])
+        elif tag == "tr":
+            self._col = 0
+        elif tag == "td" and self._table is not None:
+            self._cell = [] if self._col == 0 else None
+            self._col += 1
+        elif tag == "rect" and "bar" in cls:
+            self.bars.append((cls[1], a["data-row"], float(a["width"])))
+        elif tag == "pre" and "after" in cls and "data-graph" in a:
+            self._pre = self.ins.setdefault(a["data-graph"], [])
+        elif tag == "pre" and "before" in cls:
+            self._pre = False
+        elif tag == "span" and self._pre is not None and "ins" in cls:
+            if self._pre is False:
+                self.before_ins += 1
+            else:
+                self._span = []
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._table.append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "span" and self._span is not None:
+            self._pre.append("".join(self._span))
+            self._span = None
+        elif tag == "pre":
+            self._pre = None
+
+    def handle_data(self, data):
+        for buf in (self._cell, self._span):
+            if buf is not None:
+                buf.append(data)
+
+
+@pytest.fixture(scope="module")
+def page(dumps, tmp_path_factory):
+    folder, _ = dumps
+    out = tmp_path_factory.mktemp("page") / "r.html"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    text = out.read_text()
+    return text, Page(text)
+
+
+def reports(folder) -> dict[str, dict]:
+    return {tag: json.loads((folder / "rank0" / f"{tag}.site_report.json").read_text()) for tag in RUNS}
+
+
+def test_every_site_of_every_report_is_in_its_site_table(dumps, page):
+    folder, _ = dumps
+    _, p = page
+    for tag, rep in reports(folder).items():
+        prefixes = [s["prefix"] for s in rep["sites"]]
+        assert prefixes and p.site_prefixes[f"rank0-{tag}"] == prefixes, tag
+
+
+def test_bytes_chart_has_one_bar_pair_per_graph_on_one_scale(dumps, page):
+    folder, _ = dumps
+    text, p = page
+    assert text.count("<svg") == 1
+    reps = reports(folder)
+    labels = [f"rank 0 {tag}" for tag in RUNS]
+    assert [row for side, row, _ in p.bars if side == "before"] == labels
+    assert [row for side, row, _ in p.bars if side == "after"] == labels
+    width = {(side, row): w for side, row, w in p.bars}
+    top = max(max(r["bytes_per_step"]["before"], r["bytes_per_step"]["after"]) for r in reps.values())
+    for tag, rep in reps.items():
+        for side in ("before", "after"):
+            want = 420 * rep["bytes_per_step"][side] / top
+            assert abs(width[(side, f"rank 0 {tag}")] - want) < 0.1, (tag, side)
+
+
+def test_the_page_fetches_nothing(page):
+    text, p = page
+    assert not re.search(r"https?://", text)
+    assert not re.search(r"url\(|@import", text)
+    assert {t for t, _ in p.tags}.isdisjoint({"script", "link", "img", "iframe", "object", "embed", "base"})
+    for tag, attrs in p.tags:
+        assert "src" not in attrs, tag
+        href = attrs.get("href")
+        assert href is None or (href.startswith("#") and href[1:] in p.ids), href
+
+
+def test_highlighted_lines_are_exactly_the_inserted_collectives(dumps, page):
+    _, inserted = dumps
+    _, p = page
+    assert inserted["graph0"] and inserted["graph1"] and not inserted["graph2"]
+    for tag, names in inserted.items():
+        lines = p.ins.get(f"rank0-{tag}", [])
+        assert {line.split(":")[0].split("=")[0].strip() for line in lines} == names, tag
+        assert len(lines) == len(names), tag
+    # the kept graph has no after-graph in its dump: nothing highlighted; before-graphs never are
+    assert "rank0-graph2" not in p.ins
+    assert p.before_ins == 0 and p.tags.count(("pre", {"class": "before", "data-graph": "rank0-graph2"})) == 1
+
+
+def test_token_gate_decision_compile_range_and_link_costs(page):
+    text, _ = page
+    section = text[text.index('id="rank0-graph2"'):]
+    assert "keep the original graph" in section and "compile range (tokens)</td><td>1 .. 4096" in section
+    links = section[section.index('class="link-costs"'):section.index("</table>", section.index('class="link-costs"'))]
+    assert all(f"<td>{k}</td>" in links for k in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all"))
+
+
+def test_check_result_and_work_folder(dumps, tmp_path):
+    folder, _ = dumps
+    work = tmp_path / "work"
+    shutil.copytree(folder, work / "pass" / "dump")
+    bench = summarise([{"baseline": {"prefill": {"s": 0.6}, "decode": {"s": 1.2}},
+                        "pass": {"prefill": {"s": 0.5}, "decode": {"s": 1.5}}}])
+    res = CheckResult(exit_code=0, model="tiny", tp=2, strategies=["flashcomm1"], tokens_equal=True,
+                      max_logprob_diff=3.25e-7, tolerance=1e-3, outputs_equal=True, bench=bench,
+                      bytes_before={256: 4_000_000}, bytes_after={256: 2_000_000})
+    check = tmp_path / "check.json"
+    check.write_text(json.dumps(res.to_dict()))
+    assert main(["report", str(work), "--check-json", str(check)]) == 0
+    text = (work / "report.html").read_text()
+    p = Page(text)
+    assert p.site_prefixes.keys() == {f"rank0-{t}" for t in RUNS}
+    assert "tokens equal</td><td><span class=\"ok\">yes" in text and "3.25e-07 (tolerance 0.001)" in text
+    for kind in ("prefill", "decode"):
+        assert f"<td>{kind}</td>" in text and f'<td class="num">{bench[kind]["ratio"]:.4g}</td>' in text
+    assert ("after", "T=256", 210.0) in p.bars  # half the bytes: half the bar of the scale's 420
+
+
+def test_exit_2_and_the_fix_when_the_folder_has_no_dumps(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} has no dumps" in err and "fxpasses check --out DIR" in err and "dump_dir" in err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_out_is_respected_and_the_default_is_dir_report_html(dumps, tmp_path):
+    folder, _ = dumps
+    out = tmp_path / "sub" / "page.html"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    assert out.is_file() and not (folder / "report.html").exists()
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.html").read_text() == out.read_text()
+    (folder / "report.html").unlink()
