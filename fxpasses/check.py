@@ -697,6 +697,10 @@ def main(args) -> int:
     print(format_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))
+    from fxpasses import html_report
+    if html_report.find_dump_dir(Path(res.workdir)) is not None:  # the pass engine wrote its dumps
+        page = html_report.write_report(res.workdir, check=json.loads(json.dumps(res.to_dict(), default=str)))
+        print(f"HTML report: {page}")
     return res.exit_code
 
 

@@ -104,6 +104,8 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
             worst = max(worst, r["rel"])
             print(f"rank {rank}: T={r['T']:>5} max_abs_err={r['max_abs']:.3e} rel_err={r['rel']:.3e}")
     print(f"dumps and site reports: {Path(out).resolve()}/rank*/")
+    from fxpasses import html_report
+    print(f"HTML report: {html_report.write_report(out)}")
     digests = {s["report"]["fingerprint_digest"] for s in summaries}
     if len(digests) != 1:
         print(f"DIFFERENT collective sequences across ranks ({sorted(digests)}): the rewritten graphs would hang")

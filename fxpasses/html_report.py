@@ -418,14 +418,17 @@ def render_page(graphs: list[GraphDump], dump_dir: Path, check: dict | None) -> 
             f"<style>{CSS}</style></head><body><h1>fxpasses report</h1>{''.join(parts)}</body></html>\n")
 
 
-def write_report(folder: str | Path, out: str | Path | None = None, check_json: str | Path | None = None) -> Path:
-    """Write the page for the dumps under `folder` (default `folder`/report.html); ConfigError when
-    `folder` has no dumps or a file cannot be read."""
+def write_report(folder: str | Path, out: str | Path | None = None, check_json: str | Path | None = None,
+                 check: dict | None = None) -> Path:
+    """Write the page for the dumps under `folder` (default `folder`/report.html), with a check
+    result (`check`, or read from `check_json`); ConfigError when `folder` has no dumps or a file
+    cannot be read."""
     folder = Path(folder)
     dump_dir = find_dump_dir(folder)
     if dump_dir is None:
         raise ConfigError(no_dumps_message(folder))
-    check = read_json(Path(check_json)) if check_json else None
+    if check_json:
+        check = read_json(Path(check_json))
     page = render_page(load_dumps(dump_dir), dump_dir, check)
     target = Path(out) if out else folder / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)

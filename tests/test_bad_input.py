@@ -112,3 +112,7 @@ def test_cli_says_so_when_nothing_was_rewritten(tmp_path):
                timeout=300)
     assert out.returncode == 3, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "NOTHING REWRITTEN" in out.stdout
+    # the HTML page of the dumps names every site with the reason it was left
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert f"HTML report: {tmp_path / 'o' / 'report.html'}" in out.stdout
+    assert "model.layers.0.self_attn.o_proj" in page and "model.layers.0.mlp.down_proj" in page

@@ -153,6 +153,8 @@ def test_check_llama_flashcomm1_end_to_end(tmp_path, baseline_cache):
     assert res["collectives_after"]["reduce_scatter"] >= 5 and res["collectives_after"]["all_reduce"] == 0
     assert res["compile_s"]["baseline"] and res["compile_s"]["pass"]
     assert res["pass_ms"].get("total", 0) > 0 and "pass time (rank 0)" in text
+    page = (out / "report.html").read_text()
+    assert "HTML report:" in text and "model.layers.0.self_attn.o_proj" in page and "EQUAL" in page
 
 
 def _result(**kw) -> check.CheckResult:
