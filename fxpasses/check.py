@@ -92,6 +92,14 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
+def timed_progress(quiet: bool = False) -> Callable[[str], None]:
+    """Progress lines with the seconds elapsed since this call (the CLI's), or none (`--quiet`)."""
+    if quiet:
+        return lambda line: None
+    t0 = time.monotonic()
+    return lambda line: print(f"[{time.monotonic() - t0:5.0f} s] {line}", flush=True)
+
+
 SIZE_KEYS = ("hidden_size", "num_hidden_layers")  # named in a sized tiny checkpoint's folder
 
 
@@ -693,7 +701,8 @@ def main(args) -> int:
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
                     bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant,
                     bench=args.bench, shape=shape, baseline_cache=args.baseline_cache,
-                    env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None)
+                    env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None,
+                    progress=timed_progress(args.quiet))
     print(format_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))

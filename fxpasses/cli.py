@@ -176,6 +176,8 @@ def _add_check_parser(sub) -> None:
                         "content and engine settings (not with --bench, whose engines alternate)")
     c.add_argument("--timeout", type=float, default=ENGINE_TIMEOUT_S, help="seconds per engine run")
     c.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines (what runs, round i of n, seconds elapsed); the report only")
 
 
 def _min_tokens(text: str) -> int | str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,23 @@ def test_check_flags_become_pass_config_keys(argv, expected, tmp_path, monkeypat
     monkeypatch.setattr(check, "run_check", fake_run_check)
     rc, _ = _run_cli(["check", "--arch", "llama", "--out", str(tmp_path)] + argv, capsys)
     assert rc == 2 and seen == expected, seen
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_lines_carry_elapsed_seconds_unless_quiet(quiet, tmp_path, monkeypatch, capsys):
+    """What the check is doing is printed as it goes, each line with the seconds since it started;
+    `--quiet` prints none of them."""
+    def fake_run_check(*a, progress=None, **kw):
+        progress("[1/2] baseline engine ...")
+        raise check.ConfigError("stop here")
+    monkeypatch.setattr(check, "run_check", fake_run_check)
+    rc, text = _run_cli(["check", "--arch", "llama", "--out", str(tmp_path)] + (["--quiet"] if quiet else []), capsys)
+    assert rc == 2 and "stop here" in text
+    lines = [line for line in text.splitlines() if "baseline engine" in line]
+    if quiet:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and re.fullmatch(r"\[\s*\d+ s\] \[1/2\] baseline engine \.\.\.", lines[0]), lines
 
 
 @pytest.mark.parametrize("cfg, what", [
