@@ -35,7 +35,8 @@ def _free_port() -> int:
 def _rank(rank: int, dp: int, port: int, model: str, cfg: str | None, out: str) -> None:
     os.environ.update(VLLM_DP_RANK=str(rank), VLLM_DP_RANK_LOCAL=str(rank), VLLM_DP_SIZE=str(dp),
                       VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(port),
-                      VLLM_CPU_OMP_THREADS_BIND=str(rank % max(os.cpu_count() or 1, 1)),
+                      # the whole list: vLLM's CPU executor takes the DP rank's entry from it
+                      VLLM_CPU_OMP_THREADS_BIND="|".join(str(r % (os.cpu_count() or 1)) for r in range(dp)),
                       VLLM_CPU_KVCACHE_SPACE="1")
     if cfg:
         os.environ["FXPASSES_CONFIG"] = cfg
