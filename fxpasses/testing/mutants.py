@@ -163,6 +163,20 @@ def gather_skipped():
     rewriter.LayoutRewriter.gather = lambda self, value: value
 
 
+def _rolled(graph, x, rows):
+    """`x` rolled down by `rows` along dim 0, as slices and a cat: ops Inductor lowers (it has no
+    lowering for aten.roll, only a decomposition that post-grad nodes never get, so a roll node
+    inserted there fails the compile and the engine never runs)."""
+    import torch
+
+    aten = torch.ops.aten
+    n = graph.call_function(aten.sym_size.int, (x, 0))
+    cut = graph.call_function(operator.sub, (n, rows))
+    tail = graph.call_function(aten.slice.Tensor, (x, 0, cut, n))
+    head = graph.call_function(aten.slice.Tensor, (x, 0, 0, cut))
+    return graph.call_function(aten.cat.default, ([tail, head], 0))
+
+
 @mutant("the reduce-scatter hands every rank the next rank's rows (its result taken from the wrong rank; "
         "FlashComm1, OTP and MLP-TP alike)", FC1_TP2, FC1_TP4, DP)
 def reduce_scatter_rows_of_the_next_rank():
@@ -174,8 +188,7 @@ def reduce_scatter_rows_of_the_next_rank():
     def make(orig):
         def reduce_scatter(self, graph, x, group):
             rows = graph.call_function(operator.floordiv, (graph.call_function(aten.sym_size.int, (x, 0)), group.size))
-            rolled = graph.call_function(aten.roll.default, (x, [rows], [0]))
-            return orig(self, graph, rolled, group)
+            return orig(self, graph, _rolled(graph, x, rows), group)
         return reduce_scatter
     _wrap(comm.CommBackend, "reduce_scatter", make)
 
@@ -261,7 +274,7 @@ def all_gather_rows_rolled_by_one_shard():
         def all_gather(self, graph, x, group):
             out = orig(self, graph, x, group)
             rows = graph.call_function(aten.sym_size.int, (x, 0))
-            return graph.call_function(aten.roll.default, (out, [rows], [0]))
+            return _rolled(graph, out, rows)
         return all_gather
     _wrap(comm.CommBackend, "all_gather", make)
 
