@@ -704,12 +704,12 @@ def main(args) -> int:
                     env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None,
                     progress=timed_progress(args.quiet))
     print(format_report(res))
+    result = json.dumps(res.to_dict(), indent=1, default=str)
     if args.json:
-        Path(args.json).write_text(json.dumps(res.to_dict(), indent=1, default=str))
+        Path(args.json).write_text(result)
     from fxpasses import html_report
     if html_report.find_dump_dir(Path(res.workdir)) is not None:  # the pass engine wrote its dumps
-        page = html_report.write_report(res.workdir, check=json.loads(json.dumps(res.to_dict(), default=str)))
-        print(f"HTML report: {page}")
+        print(f"HTML report: {html_report.write_report(res.workdir, check=json.loads(result))}")
     return res.exit_code
 
 
