@@ -1,9 +1,10 @@
-"""`fxpasses check`: greedy generation in vLLM's real CPU engine without and with the pass, on one
+"""`fxpasses check`: greedy generation in vLLM's real engine without and with the pass, on one
 checkpoint (a Hugging Face directory, or a tiny random one made for a named architecture).
 
 Each engine runs in its own subprocess (`python -m fxpasses.check --worker SPEC.json`) with its own
-environment: a fresh VLLM_CACHE_ROOT (no cache serves the other run's graph), VLLM_CPU_OMP_THREADS_BIND,
-and for the pass run FXPASSES_CONFIG with a dump_dir. The pass run registers `MeasuringPass` (the
+environment: a fresh VLLM_CACHE_ROOT (no cache serves the other run's graph), the platform's own
+settings (`fxpasses.check_platform`: VLLM_CPU_OMP_THREADS_BIND on CPU, nothing CPU-specific on CUDA or
+NPU, where the same comparison runs that platform's engine), and for the pass run FXPASSES_CONFIG with a dump_dir. The pass run registers `MeasuringPass` (the
 vLLM pass, which also measures the bytes each rank sends per step with `fxpasses.comm_volume` on the
 graph before and after the rewrite). `run_check` compares the two runs (tokens, chosen-token and
 prompt logprobs, a flipped token only at a near-tie: `fxpasses.greedy_compare`), reads the site reports and timings and returns a `CheckResult`; `format_report`
@@ -22,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fxpasses import cpu_kernels, greedy_compare
+from fxpasses import greedy_compare
+from fxpasses.check_platform import CheckPlatform
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 
@@ -58,8 +60,8 @@ class CheckResult:
     first_divergence: str = ""           # which prompt diverged first, "" when none
     near_ties: list[str] = field(default_factory=list)   # divergences at near-ties (fxpasses.greedy_compare)
     outputs_equal: bool = False          # tokens identical, or diverging only at near-ties
-    dtype: str = ""                      # the engines' dtype (--dtype auto: fxpasses.cpu_kernels)
-    cpu: str = ""                        # this CPU's kernel family (fxpasses.cpu_kernels)
+    dtype: str = ""                      # the engines' dtype (--dtype auto: fxpasses.check_platform)
+    cpu: str = ""                        # this CPU's kernel family, or the accelerator platform's name
     kernels: list[str] = field(default_factory=list)     # vLLM's custom ops in rank 0's traced graphs
     sites: list[dict] = field(default_factory=list)      # rank 0's site table (every graph)
     rewritten: int = 0                   # sites rewritten (rank 0)
@@ -166,19 +168,6 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     """Deterministic prompt tokens spread over the vocabulary; token 0 avoided."""
     span = max(2, min(vocab, 251) - 1)
     return [1 + (seed * 37 + i * 11) % span for i in range(n)]
-
-
-def _threads_bind(tp: int) -> str | None:
-    """VLLM_CPU_OMP_THREADS_BIND for `tp` ranks: the environment's when it names `tp` ranks, else
-    the cores split evenly, or shared round-robin where there are fewer cores than ranks."""
-    given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    if given and len(given.split("|")) == tp:
-        return given
-    cpus = os.cpu_count() or tp
-    n = cpus // tp
-    if n < 1:  # more ranks than cores (TP=4 on 2 cores: 0|1|0|1): the ranks take turns on the cores
-        return "|".join(str(r % cpus) for r in range(tp))
-    return "|".join(f"{r * n}-{r * n + n - 1}" if n > 1 else str(r) for r in range(tp))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,9 +293,6 @@ def _engine_env(run_dir: Path, tp: int, fx_config: FxPassesConfig | None) -> dic
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FXPASSES_", "VLLM_ASCEND_"))}
     env["VLLM_CACHE_ROOT"] = str(run_dir / "vllm_cache")   # fresh per run: no cache serves the other graph
     env["VLLM_LOGGING_LEVEL"] = env.get("VLLM_LOGGING_LEVEL", "INFO")
-    bind = _threads_bind(tp)
-    if bind:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     pkg_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if fx_config is not None:
@@ -438,13 +424,17 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
               compilation: dict | None = None, env: dict[str, str] | None = None,
               quant: str = "none", bench: int = 0, shape: dict | None = None,
               baseline_cache: str | os.PathLike | None = None,
-              pass_env: dict[str, str] | None = None) -> CheckResult:
+              pass_env: dict[str, str] | None = None, plain_weights: bool = False,
+              platform: CheckPlatform | None = None) -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
     keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `quant` (with `arch`): the
-    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `dtype` "auto": float32 where vLLM's
-    CPU kernels on this CPU accept it, else bfloat16 (`fxpasses.cpu_kernels.engine_dtype`). `compilation`: vLLM
+    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `platform`: where the engines run
+    (default `fxpasses.check_platform.detect()`, vLLM's own answer): its settings, `dtype` "auto"
+    (float32 where vLLM's CPU kernels on this CPU accept it, else bfloat16; the checkpoint's half
+    dtype or bfloat16 on an accelerator) and limits. `plain_weights`: vLLM's CPU engine keeps its
+    linear weights plain (`fxpasses.cpu_plain_weights`, CPU only). `compilation`: vLLM
     compilation_config keys for both engines; `env`: further environment variables for both;
     `pass_env`: for the engine with the pass only (e.g. a debug setting of the pass).
     `bench` N > 0: both engines also run `fxpasses.engine_bench`'s workloads, for N rounds of
@@ -478,10 +468,16 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     workdir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant, shape)
     hf = json.loads((model / "config.json").read_text())
-    if dtype == "auto":
-        dtype, why = cpu_kernels.engine_dtype(model)
-        progress(f"      dtype {dtype}: {why} ({cpu_kernels.describe()})")
-    check_fits(model, hf, dtype, tp, kv_cache_mb)
+    if platform is None:  # vLLM's own answer (imports vLLM: after every cheap refusal)
+        from fxpasses import check_platform
+        platform = check_platform.detect()
+    platform.check_options(tp, plain_weights)
+    from fxpasses import cpu_plain_weights
+    env = {**platform.engine_env(tp, dict(os.environ)),
+           **({cpu_plain_weights.ENV: "1"} if plain_weights else {}), **(env or {})}
+    dtype, why = platform.choose_dtype(hf, dtype)
+    progress(f"      dtype {dtype}: {why} ({platform.describe()})")
+    platform.check_fits(model, hf, dtype, tp, kv_cache_mb)
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
     lens = list(tokens) + list(SOLO_LENS)
     spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
@@ -492,7 +488,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         spec["bench"] = engine_bench.spec()
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
     res = CheckResult(EXIT_BAD_INPUT, str(model), tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir),
-                      dtype=dtype, cpu=cpu_kernels.capabilities().family)
+                      dtype=dtype, cpu=platform.family)
     for d in (run_base, run_pass):  # stale dumps / caches would be read as this run's
         if d.exists():
             import shutil
@@ -532,31 +528,6 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
     decide(res)
     return res
-
-
-#: resident memory of one vLLM CPU process before weights and KV cache (front end, engine core, workers)
-PROCESS_OVERHEAD_BYTES = 1 << 30
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def check_fits(model: Path, hf: dict, dtype: str, tp: int, kv_cache_mb: int,
-               available_bytes: int | None = None) -> None:
-    """ConfigError before any engine starts when one engine would not fit in this machine's memory:
-    the checkpoint's weights in the engine's dtype (its *.safetensors at their stored dtype, scaled),
-    `tp` workers' KV caches and about PROCESS_OVERHEAD_BYTES per process (tp workers + 2). The two
-    engines run one after the other, so one engine must fit."""
-    stored = _DTYPE_BYTES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), 4)
-    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * _DTYPE_BYTES.get(dtype, 4) / stored
-    need = weights + tp * (kv_cache_mb << 20) + (tp + 2) * PROCESS_OVERHEAD_BYTES
-    if available_bytes is None:
-        import psutil
-        available_bytes = psutil.virtual_memory().available
-    if need > available_bytes:
-        gib = 1 << 30
-        raise ConfigError(f"one engine needs about {need / gib:.1f} GiB ({weights / gib:.1f} GiB of {dtype} weights, "
-                          f"{tp} x {kv_cache_mb} MiB KV cache, {tp + 2} processes), but this machine has "
-                          f"{available_bytes / gib:.1f} GiB available; check a smaller model (--hidden / --layers with "
-                          "--arch), a smaller --tp, or run on a machine with more memory")
 
 
 def _bench_rounds(n: int, base: dict, got: dict, spec: dict, spec_p: dict, cfg: FxPassesConfig, tp: int,
@@ -691,7 +662,6 @@ def main(args) -> int:
     extra["min_tokens"] = args.min_tokens
     if args.lowering is not None:
         extra["lowering"] = args.lowering
-    from fxpasses import cpu_plain_weights
     from fxpasses.tiny_checkpoints import scaled_shape
     try:
         shape = scaled_shape(args.hidden, args.layers)
@@ -701,7 +671,7 @@ def main(args) -> int:
                     dtype=args.dtype, max_tokens=args.max_tokens, tolerance=args.tolerance,
                     bytes_at=args.bytes_at, config=extra, timeout_s=args.timeout, quant=args.quant,
                     bench=args.bench, shape=shape, baseline_cache=args.baseline_cache,
-                    env={cpu_plain_weights.ENV: "1"} if args.cpu_plain_weights else None,
+                    plain_weights=args.cpu_plain_weights,
                     progress=timed_progress(args.quiet))
     print(format_report(res))
     result = json.dumps(res.to_dict(), indent=1, default=str)

@@ -8,9 +8,10 @@ vLLM's CPU backend chooses kernels from the CPU's capabilities when it loads a m
                    float16 activations only ("expect A to be bfloat16 or half")
 
 so on such a CPU a DeepSeek-style or W8A8 checkpoint cannot start in float32, and every other model
-can. `engine_dtype` answers for one checkpoint from facts every process has (its config.json and
-this CPU), the way `fxpasses check --dtype auto` and the engine tests pick their dtype: float32
-wherever vLLM's kernels accept it (the tightest comparison), bfloat16 where they do not.
+can. `needs_half_precision` answers for one checkpoint from facts every process has (its config.json
+and this CPU); `fxpasses.check_platform` turns that into the dtype `fxpasses check --dtype auto` and
+the engine tests run: float32 wherever vLLM's kernels accept it (the tightest comparison), bfloat16
+where they do not.
 `describe()` is the line the test log and `fxpasses check` print.
 """
 from __future__ import annotations
@@ -58,15 +59,6 @@ def needs_half_precision(config: dict, caps: CpuCaps | None = None) -> str | Non
         return (f"{quant.get('quant_method', 'quantised')} linears run on vLLM's "
                 "_C.int8_scaled_mm_with_quant here, which takes bfloat16/float16 activations only")
     return None
-
-
-def engine_dtype(model_dir: str | Path, caps: CpuCaps | None = None) -> tuple[str, str]:
-    """(dtype, why) for running the checkpoint in `model_dir` in vLLM's CPU engine on this CPU."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    why = needs_half_precision(config, caps)
-    if why:
-        return "bfloat16", why
-    return "float32", "vLLM's CPU kernels for this model accept float32 on this CPU"
 
 
 def describe(caps: CpuCaps | None = None) -> str:

@@ -173,6 +173,22 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "llama", dtype: str =
     return out
 
 
+def quantization_config(quant: str) -> dict[str, Any]:
+    """The config.json `quantization_config` of a `quant` checkpoint (compressed-tensors int8: weights
+    per output channel; activations per token when dynamic, one static per-tensor scale else)."""
+    if quant not in QUANTS or quant == "none":
+        raise ValueError(f"quant must be one of {QUANTS[1:]}, got {quant!r}")
+    dynamic = quant == "w8a8_dynamic"
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
+           "strategy": "token" if dynamic else "tensor"}
+    return {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"], "input_activations": act,
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"}}},
+        "ignore": ["lm_head"]}
+
+
 def _quantize_w8a8(out: Path, dynamic: bool) -> None:
     """Rewrite `out`'s decoder-layer linear weights as compressed-tensors int8 ("int-quantized"):
     symmetric per-output-channel weight scales; activations per token (dynamic) or one static
@@ -195,13 +211,6 @@ def _quantize_w8a8(out: Path, dynamic: bool) -> None:
         else:
             new[name] = t
     save_file(new, f, metadata={"format": "pt"})
-    act = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
-           "strategy": "token" if dynamic else "tensor"}
     cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"], "input_activations": act,
-            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"}}},
-        "ignore": ["lm_head"]}
+    cfg["quantization_config"] = quantization_config("w8a8_dynamic" if dynamic else "w8a8")
     (out / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -4,7 +4,8 @@ tokens for prefill and generated tokens for decode, a failed engine leaves its s
 bad sizes are refused before any engine starts."""
 import pytest
 
-from fxpasses import check, engine_bench
+from fxpasses import check, cpu_kernels, engine_bench
+from fxpasses.check_platform import CheckPlatform
 from fxpasses.errors import ConfigError
 from fxpasses.tiny_checkpoints import config_kwargs, scaled_shape
 
@@ -66,10 +67,11 @@ def test_a_model_too_large_for_the_machine_is_refused_before_any_engine(tmp_path
     with open(model / "model.safetensors", "wb") as f:
         f.truncate(300 << 30)  # a sparse 300 GiB file: its size, not its blocks
     with pytest.raises(ConfigError, match=r"needs about \d+\.\d GiB .* this machine has .* GiB available"):
-        check.run_check(str(model), 2, workdir=tmp_path / "o", dtype="float32", progress=lambda line: None)
+        check.run_check(str(model), 2, workdir=tmp_path / "o", dtype="float32", progress=lambda line: None,
+                        platform=CheckPlatform("cpu", cpu=cpu_kernels.capabilities()))
     assert not (tmp_path / "o" / "baseline").exists()
     hf = {"torch_dtype": "bfloat16"}
     # 300 GiB of bf16 weights become 600 GiB in float32; in bf16 they fit a 400 GiB machine
-    check.check_fits(model, hf, "bfloat16", 2, 64, available_bytes=400 << 30)
+    CheckPlatform("cpu").check_fits(model, hf, "bfloat16", 2, 64, available_bytes=400 << 30)
     with pytest.raises(ConfigError, match="600.0 GiB of float32 weights"):
-        check.check_fits(model, hf, "float32", 2, 64, available_bytes=400 << 30)
+        CheckPlatform("cpu").check_fits(model, hf, "float32", 2, 64, available_bytes=400 << 30)
