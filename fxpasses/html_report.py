@@ -376,7 +376,7 @@ def check_section(check: dict) -> str:
     diff, tol = check.get("max_logprob_diff"), check.get("tolerance")
     rows = [["verdict", check.get("message")], ["exit code", check.get("exit_code")],
             ["model", check.get("model")], ["tp", check.get("tp")], ["strategies", "+".join(check.get("strategies") or [])],
-            ["dtype / cpu", f"{check.get('dtype', '-')} / {check.get('cpu', '-')}"],
+            ["dtype / kernels", f"{check.get('dtype', '-')} / {check.get('cpu', '-')}"],
             ["tokens equal", verdict(check.get("tokens_equal"))],
             ["outputs equal (near-ties allowed)", verdict(check.get("outputs_equal"))],
             ["max |logprob difference|", f"{fmt_num(diff)} (tolerance {fmt_num(tol)})"],

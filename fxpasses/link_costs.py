@@ -149,13 +149,17 @@ def from_report(d: Mapping[str, Any]) -> LinkCosts:
     "memory_gbps", "links": {kind: {"latency_us", "gbps"}}}`), or a config `link_costs` mapping
     (fixed constants of its platform, entries over them): what a decision was taken with, for the
     advisor to rank with the same numbers. ConfigError names a bad entry."""
-    if isinstance(d, Mapping) and "links" in d:
-        links = d["links"]
-        spec = {"platform": d.get("platform", "cpu"), "memory_gbps": d.get("memory_gbps", 1.0),
-                **(links if isinstance(links, Mapping) else {"links": links})}
-        costs = resolve({**spec, "calibrate": False})
-        return replace(costs, source=str(d.get("source", costs.source)))
-    return resolve({**dict(d), "calibrate": False}) if isinstance(d, Mapping) else resolve(d)
+    if not isinstance(d, Mapping):
+        return resolve(d)  # validate() names what is wrong with it
+    if "links" not in d:  # a config mapping
+        return resolve({**d, "calibrate": False})
+    links = d["links"]
+    if not isinstance(links, Mapping):
+        raise ConfigError(f"link_costs 'links' is a {type(links).__name__}; a report carries "
+                          '{"links": {"all_reduce": {"latency_us": ..., "gbps": ...}, ...}}')
+    costs = resolve({"platform": d.get("platform", "cpu"), "memory_gbps": d.get("memory_gbps", 1.0), **links,
+                     "calibrate": False})
+    return replace(costs, source=str(d.get("source", costs.source)))
 
 
 __all__ = ["KINDS", "Link", "LinkCosts", "PLATFORMS", "calibrated", "current_platform", "from_report", "resolve",

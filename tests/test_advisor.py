@@ -10,6 +10,7 @@ import pytest
 
 from fxpasses import advisor as adv
 from fxpasses.comm_volume import analytic_layer_bytes
+from fxpasses.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = adv.Link(100.0, 10.0)
@@ -153,6 +154,8 @@ def test_kind_links_rank_with_the_gates_constants(tmp_path):
                                     memory_gbps=7.0, source="calibrated on the live TP group")
     back = link_costs.from_report(measured.to_dict())
     assert back.links == measured.links and back.source == measured.source
+    with pytest.raises(ConfigError, match="'links' is a list"):
+        link_costs.from_report({**measured.to_dict(), "links": [1, 2]})
     f = tmp_path / "costs.json"
     f.write_text(json.dumps(measured.to_dict()))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "advisor.py"), "--model", "llama3-70b",
