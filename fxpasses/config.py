@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fxpasses import link_costs, op_forms
+from fxpasses import ascend_switches, link_costs, op_forms
 from fxpasses.errors import ConfigError
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.strategies import base as strategy_registry
@@ -198,35 +198,9 @@ def _mapping(data: Any, where: str) -> dict[str, Any]:
 
 def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str, Any] | None = None
                          ) -> dict[str, Any]:
-    """Map vllm-ascend's switches onto fxpasses keys, logging each mapping."""
-    out: dict[str, Any] = {}
-    strategies: list[str] = []
-    if env.get("VLLM_ASCEND_ENABLE_FLASHCOMM1", "0") == "1":
-        strategies.append("flashcomm1")
-        log.info("fxpasses: VLLM_ASCEND_ENABLE_FLASHCOMM1=1 mapped to strategy flashcomm1")
-    fc2 = env.get("VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE", "0")
-    if fc2 not in ("", "0"):
-        try:
-            k = int(fc2)
-            if k < 1:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE={fc2!r} is not a positive integer; set it to "
-                              "FlashComm2's o_proj TP size (e.g. 1) or 0 to disable") from None
-        strategies.append("flashcomm2")
-        out["flashcomm2_oproj_tp_size"] = k
-        log.info("fxpasses: VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE=%d mapped to flashcomm2 with "
-                 "flashcomm2_oproj_tp_size=%d", k, k)
-    if env.get("VLLM_ASCEND_ENABLE_MLP_OPTIMIZE", "0") == "1":
-        strategies.append("mlp_tp")
-        log.info("fxpasses: VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1 mapped to strategy mlp_tp")
-    if additional_config and additional_config.get("oproj_tensor_parallel_size"):
-        k = additional_config["oproj_tensor_parallel_size"]
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ConfigError(f"additional_config.oproj_tensor_parallel_size must be an integer, got {k!r}")
-        strategies.append("otp")
-        out["otp_size"] = k
-        log.info("fxpasses: additional_config.oproj_tensor_parallel_size=%d mapped to otp with otp_size=%d", k, k)
+    """Map vllm-ascend's switches (`fxpasses.ascend_switches`, and the weight NZ mode) onto fxpasses
+    keys, logging each mapping."""
+    out = ascend_switches.overrides(env, additional_config)
     nz = additional_config.get("weight_nz_mode") if additional_config else None
     nz_from = "additional_config.weight_nz_mode"
     if nz is None and env.get("VLLM_ASCEND_ENABLE_NZ", "") != "":
@@ -238,8 +212,6 @@ def ascend_env_overrides(env: Mapping[str, str], additional_config: Mapping[str,
                               "(quantised weights NZ, the default) or 2 (float weights NZ too)")
         out["weight_format"] = fmt
         log.info("fxpasses: %s=%s mapped to weight_format=%r", nz_from, nz, fmt)
-    if strategies:
-        out["strategies"] = strategies
     return out
 
 

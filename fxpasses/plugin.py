@@ -9,9 +9,9 @@ What it does: it wraps `VllmConfig.__post_init__` so that, once vLLM has built i
 * an fxpasses pass the user registered by hand (object or string route) is *bound* to that
   configuration (its `additional_config` travels with the pass into the worker processes) and its
   configuration is validated against the TP size, so mistakes fail at start-up;
-* if the user configured fxpasses (`FXPASSES_CONFIG`, `additional_config["fxpasses"]`, or the
-  vllm-ascend switches `VLLM_ASCEND_ENABLE_FLASHCOMM1=1`, `VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE`,
-  `VLLM_ASCEND_ENABLE_MLP_OPTIMIZE=1`, `additional_config["oproj_tensor_parallel_size"]`) and did
+* if the user configured fxpasses (`FXPASSES_CONFIG`, `additional_config["fxpasses"]`, or a
+  vllm-ascend switch of `fxpasses.ascend_switches`: `finegrained_tp_config`'s o_proj / MLP sizes,
+  or a removed one such as `VLLM_ASCEND_ENABLE_FLASHCOMM1=1`) and did
   not register the pass, the pass is added under the current platform's pass key (chained after
   any pass already there);
 * with `min_tokens: auto` (the default), the token count from which the enabled layout is
@@ -75,12 +75,10 @@ def _config_requested(additional_config: Mapping[str, Any] | None, env: Mapping[
     """Did the user ask for fxpasses in any way (without resolving the configuration yet)?"""
     if env.get("FXPASSES_CONFIG"):
         return True
-    ac = additional_config or {}
-    if "fxpasses" in ac or ac.get("oproj_tensor_parallel_size"):
+    if "fxpasses" in (additional_config or {}):
         return True
-    return (env.get("VLLM_ASCEND_ENABLE_FLASHCOMM1", "0") == "1"
-            or env.get("VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE", "0") not in ("", "0")
-            or env.get("VLLM_ASCEND_ENABLE_MLP_OPTIMIZE", "0") == "1")
+    from fxpasses import ascend_switches
+    return ascend_switches.requested(env, additional_config)
 
 
 def _fxpasses_passes(obj) -> list:

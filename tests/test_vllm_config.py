@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
-from fxpasses.config import FxPassesConfig  # noqa: E402
+from fxpasses.config import FxPassesConfig, load_config  # noqa: E402
 from helpers import CLEAN_ENV, clean_fxpasses_env, examples  # noqa: E402
 from fxpasses.errors import ConfigError  # noqa: E402
 from fxpasses.plugin import PASS_KEY, configure_vllm_config  # noqa: E402
@@ -130,24 +130,63 @@ def test_constructor_rejects_unknown_key():
 # vllm-ascend migration switches
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("env, additional, strategies, extra", [
-    ({"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None, ("flashcomm1",), {}),
-    ({"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "2"}, None, ("flashcomm2",), {"flashcomm2_oproj_tp_size": 2}),
-    ({"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1", "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}, None,
-     ("flashcomm1", "flashcomm2"), {"flashcomm2_oproj_tp_size": 1}),
-    ({"VLLM_ASCEND_ENABLE_MLP_OPTIMIZE": "1"}, None, ("mlp_tp",), {}),
-    ({}, {"oproj_tensor_parallel_size": 2}, ("otp",), {"otp_size": 2}),
-    ({"VLLM_ASCEND_ENABLE_FLASHCOMM1": "0"}, None, (), {}),
-])
-def test_ascend_mapping(env, additional, strategies, extra, caplog):
+    ({}, {"finegrained_tp_config": {"oproj_tensor_parallel_size": 2}}, ("otp",), {"otp_size": 2}),
+    ({}, {"finegrained_tp_config": {"mlp_tensor_parallel_size": 4}}, ("mlp_tp",), {"mlp_tp_size": 4}),
+    ({}, {"finegrained_tp_config": {"oproj_tensor_parallel_size": 2, "lmhead_tensor_parallel_size": 2}}, ("otp",),
+     {"otp_size": 2}),
+    ({}, {"finegrained_tp_config": {"oproj_tensor_parallel_size": 0, "mlp_tensor_parallel_size": 0}}, (), {}),
+], ids=["oproj", "mlp", "lmhead-not-ours", "zero-is-off"])
+def test_ascend_switches_of_today_are_mapped_without_a_warning(env, additional, strategies, extra, caplog):
     with mock.patch.dict(os.environ, env), caplog.at_level(logging.INFO, logger="fxpasses"):
         cfg = FxPassesInductorPass().bind(fake_vllm_config(additional=additional or {})).resolve_config()
     assert cfg.strategies == strategies
     for k, v in extra.items():
         assert getattr(cfg, k) == v
-    if strategies:
-        assert any("mapped to" in r.getMessage() for r in caplog.records), "mapping not logged"
-    else:
-        assert not any("mapped to" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("mapped to" in r.getMessage() for r in caplog.records) == bool(strategies)
+
+
+@pytest.mark.parametrize("env, additional, strategies, extra, today", [
+    ({"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None, ("flashcomm1",), {}, '"strategies": ["flashcomm1"]'),
+    ({}, {"enable_flashcomm1": True}, ("flashcomm1",), {}, '"strategies": ["flashcomm1"]'),
+    ({"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "2"}, None, ("flashcomm2",), {"flashcomm2_oproj_tp_size": 2},
+     '"flashcomm2_oproj_tp_size": K'),
+    ({}, {"enable_flashcomm2_parallel_size": 2}, ("flashcomm2",), {"flashcomm2_oproj_tp_size": 2},
+     '"flashcomm2_oproj_tp_size": K'),
+    ({"VLLM_ASCEND_ENABLE_FLASHCOMM1": "1", "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}, None,
+     ("flashcomm1", "flashcomm2"), {"flashcomm2_oproj_tp_size": 1}, '"fxpasses": {"strategies": ["flashcomm'),
+    ({"VLLM_ASCEND_ENABLE_MLP_OPTIMIZE": "1"}, None, ("mlp_tp",), {},
+     '["finegrained_tp_config"]["mlp_tensor_parallel_size"]=K'),
+    ({}, {"oproj_tensor_parallel_size": 2}, ("otp",), {"otp_size": 2},
+     '["finegrained_tp_config"]["oproj_tensor_parallel_size"]=K'),
+], ids=["fc1-env", "fc1-additional", "fc2-env", "fc2-additional", "fc1+fc2-env", "mlp-env", "oproj-top-level"])
+def test_removed_ascend_switches_are_mapped_and_named_in_a_warning(env, additional, strategies, extra, today,
+                                                                    caplog):
+    with mock.patch.dict(os.environ, env), caplog.at_level(logging.INFO, logger="fxpasses"):
+        cfg = FxPassesInductorPass().bind(fake_vllm_config(additional=additional or {})).resolve_config()
+    assert cfg.strategies == strategies
+    for k, v in extra.items():
+        assert getattr(cfg, k) == v
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    names = list(env) + list(additional or {})
+    for name in names:
+        assert any(name in w and "no longer a vllm-ascend switch" in w and today in w for w in warned), (name, warned)
+
+
+def test_off_switches_change_nothing(caplog):
+    env = {"VLLM_ASCEND_ENABLE_FLASHCOMM1": "0", "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "",
+           "VLLM_ASCEND_ENABLE_MLP_OPTIMIZE": "0"}
+    with mock.patch.dict(os.environ, env), caplog.at_level(logging.INFO, logger="fxpasses"):
+        cfg = FxPassesInductorPass().bind(fake_vllm_config(additional={"enable_flashcomm1": False})).resolve_config()
+    assert cfg.strategies == ()
+    assert not any("mapped to" in r.getMessage() for r in caplog.records)
+
+
+def test_two_switches_disagreeing_on_a_size_are_refused():
+    with pytest.raises(ConfigError, match=r"additional_config\[.oproj_tensor_parallel_size.\]=4 and "
+                                          r"additional_config\[.finegrained_tp_config.\].*=2 disagree on otp_size"):
+        load_config({"finegrained_tp_config": {"oproj_tensor_parallel_size": 2}, "oproj_tensor_parallel_size": 4},
+                    env={})
 
 
 def test_ascend_bad_integer():
