@@ -35,7 +35,10 @@ pre{font:12px/1.35 ui-monospace,monospace;background:#f6f8fa;border:1px solid #d
 overflow:auto;max-height:40em;margin:0}
 span.ins{background:#fde68a;font-weight:600}span.ar{background:#fee2e2}
 svg text{font:12px sans-serif}rect.before{fill:#9ca3af}rect.after{fill:#2563eb}
+polyline{fill:none;stroke-width:2}line.crossover{stroke:#cf222e;stroke-dasharray:4 3}line.axis{stroke:#57606a}
 """
+#: line colours of a time chart's series, in order
+SERIES_COLOURS = ("#9ca3af", "#2563eb", "#116329", "#9a6700", "#8250df", "#cf222e", "#0a7ea4")
 
 
 @dataclass
@@ -244,6 +247,80 @@ def bar_chart(rows: list[tuple[str, float, float]], title: str) -> str:
             f'aria-label="{esc(title)}">{"".join(parts)}</svg>')
 
 
+def crossover(base: list[tuple[int, float]], other: list[tuple[int, float]]) -> int | None:
+    """The smallest token count from which `other` takes no more time than `base` at every larger
+    count of the chart (None: never; the first count: everywhere)."""
+    b = dict(base)
+    pts = [(t, v) for t, v in other if t in b]
+    for i, (t, _) in enumerate(pts):
+        if all(v <= b[u] for u, v in pts[i:]):
+            return t
+    return None
+
+
+def line_chart(series: dict[str, list[tuple[int, float]]], title: str, base: str) -> str:
+    """Modelled time against token count in inline SVG (log2 token axis): one polyline per series
+    (`data-series`), and per other series a dashed line at its crossover with `base` (`class=
+    "crossover" data-series data-tokens`), from where it takes no more time than `base`."""
+    left, width, top, height = 60, 440, 24, 200
+    tokens = sorted({t for pts in series.values() for t, _ in pts})
+    vals = [v for pts in series.values() for _, v in pts]
+    if not tokens or not vals:
+        return ""
+    lo, hi = math.log2(tokens[0]), math.log2(tokens[-1])
+    vmax = max(vals + [1e-9])
+
+    def x(t):
+        return left + (0 if hi == lo else width * (math.log2(t) - lo) / (hi - lo))
+
+    def y(v):
+        return top + height - height * v / vmax
+
+    parts = [f'<text x="0" y="14">{esc(title)}</text>',
+             f'<line class="axis" x1="{left}" y1="{top + height}" x2="{left + width}" y2="{top + height}"/>',
+             f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + height}"/>',
+             f'<text x="0" y="{top + 10}">{esc(fmt_num(vmax))} us</text><text x="{left - 12}" y="{top + height}">0</text>']
+    parts += [f'<text x="{x(t) - 8:.1f}" y="{top + height + 14}">{t}</text>' for t in (tokens[0], tokens[-1])]
+    legend_y = top + height + 32
+    for i, (name, pts) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        coords = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in sorted(pts))
+        parts.append(f'<polyline data-series="{esc(name)}" stroke="{colour}" points="{coords}">'
+                     f'<title>{esc(name)}</title></polyline>')
+        parts.append(f'<rect x="{left + 140 * (i % 3)}" y="{legend_y + 16 * (i // 3) - 9}" width="10" height="10" '
+                     f'fill="{colour}"/><text x="{left + 140 * (i % 3) + 14}" y="{legend_y + 16 * (i // 3)}">'
+                     f'{esc(name)}</text>')
+        if name != base and base in series:
+            t = crossover(series[base], pts)
+            if t is not None:
+                parts.append(f'<line class="crossover" data-series="{esc(name)}" data-tokens="{t}" x1="{x(t):.1f}" '
+                             f'y1="{top}" x2="{x(t):.1f}" y2="{top + height}" stroke="{colour}">'
+                             f'<title>{esc(name)} takes no more time than {esc(base)} from {t} tokens</title></line>')
+    rows = (len(series) + 2) // 3
+    return (f'<svg class="time" width="{left + width + 40}" height="{legend_y + 16 * rows + 4}" role="img" '
+            f'aria-label="{esc(title)}">{"".join(parts)}</svg>')
+
+
+def advisor_series(model_dir: str | Path, tp: int, link_costs: dict | None,
+                   tokens: tuple[int, ...] = tuple(2 ** i for i in range(13))) -> dict[str, list[tuple[int, float]]]:
+    """fxpasses.advisor's modelled communication time per layer against token count, per strategy,
+    for the checkpoint in `model_dir` (its config.json) at `tp`, with the run's link costs (else the
+    platform's fixed ones); {} when the checkpoint or its shape cannot be read here."""
+    from fxpasses import advisor, link_costs as lc
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        dims = advisor.dims_from_config(cfg)
+        links = advisor.KindLinks(lc.from_report(link_costs) if link_costs else lc.resolve({"calibrate": False}))
+        out: dict[str, list[tuple[int, float]]] = {}
+        for t in tokens:
+            for e in advisor.estimate(dims, tp, t, links, [1]):
+                out.setdefault(e.strategy, []).append((t, e.comm_us_per_layer))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return {}
+    return out
+
+
 def graph_bytes(g: GraphDump) -> tuple[float, float] | None:
     b = g.report.get("bytes_per_step") or {}
     if not isinstance(b.get("before"), (int, float)) or not isinstance(b.get("after"), (int, float)):
@@ -313,9 +390,13 @@ def token_gate_section(gate: dict | None) -> str:
     links = table(["link", "latency (us)", "GB/s"],
                   [[k, fmt_num(v.get("latency_us")), fmt_num(v.get("gbps"))] for k, v in
                    (costs.get("links") or {}).items()], cls="link-costs", numeric=(1, 2))
+    pts = [p for p in gate.get("points") or [] if isinstance(p.get("tokens"), int) and p["tokens"] > 0]
+    chart = line_chart({"original graph": [(p["tokens"], p.get("comm_before_us") or 0.0) for p in pts],
+                        "rewritten graph": [(p["tokens"], p.get("comm_after_us") or 0.0) for p in pts]},
+                       "modelled communication time per step (us) against tokens", "original graph") if pts else ""
     return (f"<h4>Token gate (min_tokens: auto)</h4><p>Decision: "
             f"{verdict(gate.get('keeps'), 'keep the rewrite', 'keep the original graph')}"
-            f"{' - ' + esc(gate['why']) if gate.get('why') else ''}</p>{points}"
+            f"{' - ' + esc(gate['why']) if gate.get('why') else ''}</p>{points}{chart}"
             f"<p>Link costs: {esc(costs.get('platform', '-'))}, {esc(costs.get('source', ''))}; token-wise ops at "
             f"{esc(fmt_num(costs.get('memory_gbps')))} GB/s</p>{links}")
 
@@ -372,7 +453,20 @@ def bench_table(bench: dict) -> str:
                  cls="bench", numeric=(1, 2, 3, 4)) if rows else ""
 
 
-def check_section(check: dict) -> str:
+def advisor_section(check: dict, link_costs: dict | None) -> str:
+    """The advisor's modelled time per layer against tokens for every strategy, on the checked
+    checkpoint at its TP size, with each strategy's crossover with vanilla TP marked."""
+    series = advisor_series(check.get("model") or "", int(check.get("tp") or 2), link_costs)
+    if "vanilla" not in series:
+        return ""
+    where = "the link costs the pass decided with" if link_costs else "the platform's fixed link costs"
+    return ("<h3>Modelled time against tokens (fxpasses.advisor)</h3><p>Communication time per decoder layer "
+            f"and rank, per strategy, with {where}; a dashed line marks where a strategy starts taking no more "
+            "time than vanilla TP (a model estimate, not a measurement: the bench rows above are).</p>"
+            + line_chart(series, "modelled communication time per layer (us) against tokens", "vanilla"))
+
+
+def check_section(check: dict, link_costs: dict | None = None) -> str:
     diff, tol = check.get("max_logprob_diff"), check.get("tolerance")
     rows = [["verdict", check.get("message")], ["exit code", check.get("exit_code")],
             ["model", check.get("model")], ["tp", check.get("tp")], ["strategies", "+".join(check.get("strategies") or [])],
@@ -388,7 +482,7 @@ def check_section(check: dict) -> str:
     chart = bar_chart([(f"T={t}", float(before[t]), float(after.get(t, 0))) for t in before],
                       "bytes rank 0 sends per step") if before else ""
     return ("<h2>Check (vLLM engine without and with the pass)</h2>" + table(None, rows, cls="check")
-            + bench_table(check.get("bench") or {}) + chart)
+            + bench_table(check.get("bench") or {}) + chart + advisor_section(check, link_costs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +502,9 @@ def summary_section(graphs: list[GraphDump], dump_dir: Path) -> str:
 def render_page(graphs: list[GraphDump], dump_dir: Path, check: dict | None) -> str:
     parts = [summary_section(graphs, dump_dir)]
     if check:
-        parts.append(check_section(check))
+        gates = [g.report.get("token_gate") for g in graphs if isinstance(g.report.get("token_gate"), dict)]
+        costs = next((gt.get("link_costs") for gt in gates if gt.get("link_costs")), None)
+        parts.append(check_section(check, costs))
     parts.append(bytes_section(graphs))
     for rank in sorted({g.rank for g in graphs}):
         parts.append(f"<h2>Rank {rank}</h2>")

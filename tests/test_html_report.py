@@ -130,7 +130,7 @@ def test_every_site_of_every_report_is_in_its_site_table(dumps, page):
 def test_bytes_chart_has_one_bar_pair_per_graph_on_one_scale(dumps, page):
     folder, _ = dumps
     text, p = page
-    assert text.count("<svg") == 1
+    assert text.count("<svg class=\"bytes\"") == 1 and text.count("<svg class=\"time\"") == 1  # + graph2's gate
     reps = reports(folder)
     labels = [f"rank 0 {tag}" for tag in RUNS]
     assert [row for side, row, _ in p.bars if side == "before"] == labels
@@ -211,3 +211,76 @@ def test_out_is_respected_and_the_default_is_dir_report_html(dumps, tmp_path):
     assert main(["report", str(folder)]) == 0
     assert (folder / "report.html").read_text() == out.read_text()
     (folder / "report.html").unlink()
+
+
+def _polylines(text: str) -> dict[str, list[tuple[float, float]]]:
+    p = Page(text)
+    return {a["data-series"]: [tuple(map(float, xy.split(","))) for xy in a["points"].split()]
+            for tag, a in p.tags if tag == "polyline"}
+
+
+def _crossovers(text: str) -> dict[str, int]:
+    return {a["data-series"]: int(a["data-tokens"]) for tag, a in Page(text).tags
+            if tag == "line" and "crossover" in (a.get("class") or "")}
+
+
+def _first_from_which(base: dict[int, float], other: dict[int, float]) -> int | None:
+    """By hand: the smallest token count t with other <= base at t and every larger count."""
+    ts = sorted(other)
+    return next((t for t in ts if all(other[u] <= base[u] for u in ts if u >= t)), None)
+
+
+def test_token_gate_chart_draws_both_graphs_and_marks_no_crossover_when_the_rewrite_never_pays(dumps, page):
+    """graph2's gate kept the original graph: the chart has its modelled points, both lines, and no
+    crossover unless the rewritten graph is cheaper from some count on (as computed here by hand)."""
+    folder, _ = dumps
+    gate = reports(folder)["graph2"]["token_gate"]
+    text, _ = page
+    section = text[text.index('id="rank0-graph2"'):]
+    section = section[:section.index("</section>")]
+    lines = _polylines(section)
+    assert set(lines) == {"original graph", "rewritten graph"}
+    assert len(lines["original graph"]) == len(lines["rewritten graph"]) == len(gate["points"]) >= 2
+    before = {p["tokens"]: p["comm_before_us"] for p in gate["points"]}
+    after = {p["tokens"]: p["comm_after_us"] for p in gate["points"]}
+    want = _first_from_which(before, after)
+    assert _crossovers(section) == ({} if want is None else {"rewritten graph": want})
+    assert want is None  # the gate kept the original graph over the whole range
+
+
+def test_check_page_charts_the_advisor_with_each_strategys_crossover(dumps, tmp_path):
+    """The checked checkpoint's config.json at its TP: one line per advisor strategy, each
+    crossover with vanilla where a by-hand scan of advisor.estimate puts it."""
+    from fxpasses import advisor, link_costs
+    from fxpasses.html_report import advisor_series
+
+    folder, _ = dumps
+    work = tmp_path / "work"
+    shutil.copytree(folder, work / "pass" / "dump")
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_hidden_layers": 2, "vocab_size": 32000, "torch_dtype": "bfloat16"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    res = CheckResult(exit_code=0, model=str(model), tp=4, strategies=["flashcomm1"], tokens_equal=True,
+                      max_logprob_diff=0.0, tolerance=1e-3, outputs_equal=True)
+    check = tmp_path / "check.json"
+    check.write_text(json.dumps(res.to_dict()))
+    assert main(["report", str(work), "--check-json", str(check)]) == 0
+    text = (work / "report.html").read_text()
+    section = text[text.index("Modelled time against tokens"):]
+    lines = _polylines(section[:section.index("</svg>")])
+    gate_costs = reports(folder)["graph2"]["token_gate"]["link_costs"]
+    links = advisor.KindLinks(link_costs.from_report(gate_costs))
+    dims = advisor.dims_from_config(cfg)
+    grid = [2 ** i for i in range(13)]
+    by_hand = {}
+    for t in grid:
+        for e in advisor.estimate(dims, 4, t, links, [1]):
+            by_hand.setdefault(e.strategy, {})[t] = e.comm_us_per_layer
+    assert set(lines) == set(by_hand) and "vanilla" in lines and "flashcomm1" in lines
+    assert all(len(pts) == len(grid) for pts in lines.values())
+    want = {s: t for s, vals in by_hand.items() if s != "vanilla"
+            and (t := _first_from_which(by_hand["vanilla"], vals)) is not None}
+    assert want and _crossovers(section[:section.index("</svg>")]) == want  # FlashComm2 pays from some count
+    assert advisor_series(tmp_path / "nowhere", 4, None) == {}  # no checkpoint here: no chart, no error
