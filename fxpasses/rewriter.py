@@ -311,11 +311,13 @@ class LayoutRewriter:
         [R, w] and float32 per-token scales [R] / [R, 1] are both Shard0: gathered together."""
         if not gf.is_getitem(value) or not is_quantize(value.args[0]):
             return None
-        outs = {u.args[1]: u for u in value.args[0].users if gf.is_getitem(u)}
-        if len(outs) != 2 or any(self.layout.get(u) is not layouts.SHARD0 for u in outs.values()):
+        # a fused norm + quantisation also outputs the float residual sum: the pair is the int8 output
+        # and the float32 per-row one, whatever their positions
+        outs = [u for u in value.args[0].users if gf.is_getitem(u) and self.layout.get(u) is layouts.SHARD0]
+        pairs = [(q, sc) for q in outs for sc in outs if q is not sc and packable(q, sc)]
+        if len(pairs) != 1 or value not in pairs[0]:
             return None
-        q, sc = (outs[i] for i in sorted(outs))
-        return (q, sc) if packable(q, sc) else None
+        return pairs[0]
 
     def _gather_packed(self, q: fx.Node, sc: fx.Node) -> None:
         """int8 values [R, w] and their float32 scales, one all_gather (`pack_int8_scales`): split

@@ -231,6 +231,9 @@ class FxPassesInductorPass(InductorPass):
         }
         if cfg.min_tokens == "auto":  # the constants that decide, calibrated at worker start or fixed
             state["link_costs"] = link_costs.resolve(cfg.link_costs).to_dict()
+        if cfg.lowering != "off":  # a fused NPU kernel's comm_mode follows the chip: part of the graph
+            from fxpasses.lowering import backends
+            state["npu_comm_mode"] = backends.npu_comm_mode(backends.soc_version(), os.environ)
         return InductorPass.hash_dict(state)
 
     def is_applicable_for_range(self, compile_range) -> bool:

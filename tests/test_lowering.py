@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from helpers import SEEDS, bundled_spec, compare_many, edge_counts, examples, shape_cases
 from fxpasses.config import FxPassesConfig
 from fxpasses.errors import ConfigError
+from fxpasses.lowering import backends
 from fxpasses.testing.harness import rank_capture
 from fxpasses.testing.lowering_standin import rank_lower
 
@@ -132,6 +133,29 @@ def _by_op(r):
     for e in r["emitted"]:
         out.setdefault(e["op"], []).append(e)
     return out
+
+
+@pytest.mark.parametrize("soc, env, mode", [
+    (None, {}, "aiv"),                                             # no torch_npu: the A2/A3 default
+    (223, {}, "aiv"), (253, {"HCCL_OP_EXPANSION_MODE": "CCU_SCHED"}, "aiv"),   # A2, A3: CCU is A5's
+    (260, {}, "ai_cpu"), (260, {"HCCL_OP_EXPANSION_MODE": "AIV"}, "ai_cpu"),   # A5 (Ascend 950)
+    (260, {"HCCL_OP_EXPANSION_MODE": "CCU_SCHED"}, "ccu"),
+])
+def test_npu_comm_mode_follows_the_chip(soc, env, mode):
+    """Newer CANN refuses comm_mode "aiv" on Ascend 950 (vllm-ascend #12689)."""
+    assert backends.npu_comm_mode(soc, env) == mode
+
+
+def test_npu_matmul_reduce_scatter_is_fused_at_most_over_8_ranks():
+    """npu_mm_reduce_scatter_base fails at 16 ranks (vllm-ascend #6168); the other kernels take 16 and 32."""
+    for size in (2, 4, 8):
+        assert all(backends.npu_group_refusal(k, size) is None for k in ("mm_all_reduce", "mm_reduce_scatter",
+                                                                         "all_gather_mm"))
+    for size in (16, 32):
+        assert "fails above 8" in backends.npu_group_refusal("mm_reduce_scatter", size)
+        assert backends.npu_group_refusal("mm_all_reduce", size) is None
+        assert backends.npu_group_refusal("all_gather_mm", size) is None
+    assert "the fused kernels take" in backends.npu_group_refusal("all_gather_mm", 6)
 
 
 def test_npu_matmul_all_reduce_standin(pools):

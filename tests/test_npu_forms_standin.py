@@ -25,7 +25,10 @@ from helpers import bundled_spec
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"
 NPU_OPS = ("npu::npu_rms_norm", "npu::npu_add_rms_norm", "_C_ascend::npu_add_rms_norm_bias", "npu::npu_swiglu",
            "vllm::npu_rotary_embedding", "vllm::unquantized_gemm", "vllm::quantize", "npu::npu_quant_matmul",
-           "npu::npu_dynamic_quant", "vllm::maybe_pad_and_reduce", "vllm::maybe_all_gather_and_maybe_unpad")
+           "npu::npu_dynamic_quant", "vllm::maybe_pad_and_reduce", "vllm::maybe_all_gather_and_maybe_unpad",
+           # what vllm-ascend's default graph fusions emit before fxpasses runs
+           "npu::npu_add_rms_norm_quant", "npu::npu_add_rms_norm_dynamic_quant", "vllm::qkv_rmsnorm_rope",
+           "vllm::muls_add")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,6 +102,71 @@ def test_tokenwise_rules_of_npu_forms_standin():
     # every output of a token-wise form is token-major (rstd is [T, 1])
     rstd = next(u for u in by_op["npu::npu_add_rms_norm"].users if u.args[1] == 1)
     assert is_token(rstd) and tw.token_aligned_args(rstd, is_token) == [by_op["npu::npu_add_rms_norm"]]
+
+
+def test_tokenwise_rules_of_the_fused_forms_standin():
+    """The ops vllm-ascend's default fusions emit: token-wise on their token arguments only (not
+    gamma, scales, weights, the rope cache), int8 dtype codes accepted as op-plugin types them."""
+    T, H, D = 6, 16, 8
+
+    def f(x, r, g, s, qkv, cache, y):
+        q8, _, res = torch.ops.npu.npu_add_rms_norm_quant(x, r, g, s, None, epsilon=1e-6)
+        d8, _, res2, scale, _ = torch.ops.npu.npu_add_rms_norm_dynamic_quant(res, x, g, beta=g,
+                                                                            output_mask=[True, False])
+        q, k, v = torch.ops.vllm.qkv_rmsnorm_rope(qkv, cache, torch.arange(qkv.shape[0]), g[:D], g[:D], 2 * D, D, D,
+                                                  1e-6)
+        m = torch.ops.vllm.muls_add(res2, y, 2.5)
+        return q8, d8, scale, q, k, v, m
+
+    gm, by_op, is_token = _trace(f, torch.randn(T, H), torch.randn(T, H), torch.rand(H) + 0.5, torch.rand(H) + 0.5,
+                                 torch.randn(T, 4 * D), torch.randn(64, D), torch.randn(T, H))
+    assert _aligned(by_op, is_token, "npu::npu_add_rms_norm_quant") == ["x_1", "r_1"]
+    assert _aligned(by_op, is_token, "npu::npu_add_rms_norm_dynamic_quant") == ["getitem_2", "x_1"]
+    assert _aligned(by_op, is_token, "vllm::qkv_rmsnorm_rope") == ["qkv_1", "arange"]
+    assert _aligned(by_op, is_token, "vllm::muls_add") == ["getitem_5", "y_1"]
+    assert tw.is_quantize(by_op["npu::npu_add_rms_norm_quant"])
+    assert tw.is_quantize(by_op["npu::npu_add_rms_norm_dynamic_quant"])
+    assert not tw.is_quantize(by_op["vllm::qkv_rmsnorm_rope"])
+    # the reference kernels are the unfused ops, so the fusion changes no value
+    x, r, g = torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64), torch.rand(H) + 0.5
+    y, _, res = torch.ops.npu.npu_add_rms_norm(x, r, g.double(), 1e-6)
+    q, s = torch.ops.npu.npu_dynamic_quant(y, dst_type=1)  # an `int?` dtype code: int8
+    fq, _, fres, fs, _ = torch.ops.npu.npu_add_rms_norm_dynamic_quant(x, r, g.double(), output_mask=[True, False])
+    assert torch.equal(fq, q) and torch.equal(fs, s) and torch.equal(fres, res) and q.dtype == torch.int8
+
+
+def test_the_default_fusions_run_in_vllm_ascends_order_and_keep_values_standin():
+    """fuse_norm_quant replaces add-norm + quantize (static and dynamic) by the fused op, fuse_muls_add
+    x * scale + y; the fused graph computes what the unfused one did; a switch turns a fusion off."""
+    from fxpasses.testing.ascend_fusions import DEFAULT_ORDER, run_default_fusions
+
+    def f(x, r, g, s, so, w):
+        y, _, res = torch.ops.npu.npu_add_rms_norm(x, r, g, 1e-6)
+        q = torch.ops.vllm.quantize(y, s, 1.0 / s, so)
+        y2, _, res2 = torch.ops.npu.npu_add_rms_norm(res, x, g, 1e-6)
+        d, sc = torch.ops.npu.npu_dynamic_quant(y2)
+        o = torch.ops.npu.npu_quant_matmul(d, w, torch.ones(w.shape[1], dtype=torch.float64), pertoken_scale=sc,
+                                           output_dtype=torch.float64)
+        return q, o * 2.0 + res2
+
+    T, H = 7, 16
+    inputs = (torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64),
+              torch.rand(H, dtype=torch.float64) + 0.5, torch.rand(H, dtype=torch.float64) * 0.02 + 0.01,
+              torch.zeros(H, dtype=torch.float64), torch.randint(-8, 8, (H, H), dtype=torch.int8))
+    assert DEFAULT_ORDER == ("fuse_norm_quant", "fuse_qknorm_rope", "fuse_muls_add")
+    for cfg, counts in (({}, {"fuse_norm_quant": 2, "fuse_qknorm_rope": 0, "fuse_muls_add": 1}),
+                        ({"fuse_norm_quant": False}, {"fuse_qknorm_rope": 0, "fuse_muls_add": 1})):
+        gm = make_fx(f, tracing_mode="symbolic")(*inputs)
+        want = gm(*inputs)
+        assert run_default_fusions(gm.graph, cfg, routed_scaling_factor=2.0) == counts
+        gm.recompile()
+        names = {gf.op_name(n) for n in gm.graph.nodes if n.op == "call_function"}
+        fused = cfg.get("fuse_norm_quant", True)
+        assert ("npu::npu_add_rms_norm_quant" in names) == fused
+        assert ("npu::npu_add_rms_norm_dynamic_quant" in names) == fused
+        assert ("vllm::quantize" in names) != fused and "vllm::muls_add" in names
+        got = gm(*inputs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_tokenwise_rules_refuse_the_token_dim_standin():
@@ -299,6 +367,38 @@ def test_npu_decoder_matches_original_per_rank_standin(pools, case):
         for r in results:
             assert r["shape_ok"], (rank, r)
             assert r["rel"] <= 1e-10, (rank, r)
+
+
+# vllm-ascend's default fusions run first (fxpasses.testing.ascend_fusions): the norms at the reduce
+# sites are fused with the next linear's quantisation; FlashComm1 still shards them and gathers int8
+FUSED_CASES = {"tp2-w8a8-fc1": (2, "w8a8", FC1, {}), "tp4-w8a8-fc1": (4, "w8a8", FC1, {}),
+               "tp2-w8a8dyn-fc1+fc2-nd": (2, "w8a8_dynamic", FC12, ND), "tp4-w8a8dyn-fc1": (4, "w8a8_dynamic", FC1, {})}
+FUSED_OPS = {"w8a8": "npu::npu_add_rms_norm_quant", "w8a8_dynamic": "npu::npu_add_rms_norm_dynamic_quant"}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_npu_decoder_after_vllm_ascends_default_fusions_standin(pools, case):
+    """What fxpasses receives on vllm-ascend: the fused norm+quant ops at every residual norm feeding
+    a quantised linear. FlashComm1 replaces every all-reduce, runs the fused op on the token shards
+    and gathers its int8 output (fewer bytes than the all-reduces: a float gather would send as
+    many), the same on every rank; every rank's output equals the fused original's (float64)."""
+    tp, quant, strategies, cfg = FUSED_CASES[case]
+    pool = pools.get(tp, "vllm")
+    summaries = pool.run(rank_capture, bundled_spec(num_hidden_layers=2), {"strategies": list(strategies), **cfg},
+                         "float64", False, builder=BUILDER, builder_kwargs={"quant": quant}, ascend_fusions=True)
+    for s in summaries:
+        rep = s["report"]
+        assert s["before"].count(f"torch.ops.{FUSED_OPS[quant].replace('::', '.')}.default(") >= 3, s["before"]
+        assert rep["applied"], rep["reason"]
+        assert rep["collectives_before"]["all_reduce"] == 5 and rep["collectives_after"]["all_reduce"] == 0
+        assert rep["bytes_per_step"]["after"] < rep["bytes_per_step"]["before"]
+        norms = [x for x in rep["sites"] if x["kind"] == "reduce" or x["prefix"].endswith(("o_proj", "down_proj"))]
+        assert norms and all(x["status"] in ("rewritten", "untouched") for x in norms)
+    assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
+    tokens = _tokens(tp)
+    for rank, results in enumerate(pool.run(rank_compare, summaries[0]["key"], tokens)):
+        assert [r["T"] for r in results] == tokens
+        assert all(r["shape_ok"] and r["rel"] <= 1e-10 for r in results), (rank, results)
 
 
 def test_fc2_alone_with_nz_weights_leaves_the_graph_standin(pools):

@@ -9,7 +9,8 @@ A backend is a record (`Backend`): its name, its op per pair kind (or the reason
   so the lowering is proven numerically on gloo. aten mm/addmm only; it fuses float matmuls.
 * `npu` (torch_npu): `npu.npu_mm_all_reduce_base`, `npu.npu_mm_reduce_scatter_base`,
   `npu.npu_all_gather_base_mm` (schemas from Ascend/op-plugin `op_plugin/config/op_plugin_functions.yaml`,
-  limits from `docs/zh/custom_APIs/torch_npu/torch_npu-npu_*.md`), over the TP group's HCCL
+  limits from `docs/zh/custom_APIs/torch_npu/torch_npu-npu_*.md`; matmul + reduce-scatter at most 8
+  ranks, and `comm_mode` by chip family, as vllm-ascend main of 2026-08-22), over the TP group's HCCL
   communicator, named at worker start (`fxpasses.lowering.groups`). A platform weight stored
   [N, K] (`vllm.unquantized_gemm`) is passed transposed, so only with `weight_format` nd / nd_float
   (an NZ weight has no transposed view).
@@ -29,8 +30,9 @@ reduce-scatter's input had (the kernels need rows divisible by the group size).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -205,10 +207,56 @@ REFERENCE = Backend("reference", {"mm_all_reduce": "fxpasses::mm_all_reduce",
 # ---- npu ------------------------------------------------------------------------------------------------
 
 NPU_WORLD_SIZES = (2, 4, 8, 16, 32)   # A2: 2, 4, 8 (all-mesh); A3: 2 ... 32 (double ring)
+#: npu_mm_reduce_scatter_base does not work at 16 ranks: vllm-ascend fuses it only up to 8 (#6168,
+#: `mmrs_fusion = tp_world_size <= 8` "until it supports tp_size >= 16")
+NPU_MM_REDUCE_SCATTER_MAX_RANKS = 8
+#: Ascend chip families by torch_npu's numeric SOC version (`torch_npu.npu.getsoc_version()`), as
+#: vllm-ascend's device/hardware.py reads them: (lowest, highest, family)
+NPU_SOC_FAMILIES = ((200, 205, "310P"), (220, 225, "A2"), (250, 255, "A3"), (260, 260, "A5"))
+#: the fused kernels' comm_mode per family (vllm-ascend #12689: newer CANN refuses "aiv" on A5, Ascend
+#: 950, which takes "ai_cpu", or "ccu" when HCCL_OP_EXPANSION_MODE=CCU_SCHED); "aiv" elsewhere
+NPU_COMM_MODE = {"A5": "ai_cpu"}
+NPU_COMM_MODE_CCU = ("HCCL_OP_EXPANSION_MODE", "CCU_SCHED", "ccu")
 NPU_K_RANGE = (256, 65535)            # mm_reduce_scatter / all_gather_mm: k in [256, 65535)
 NPU_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 _NPU_OPS = {"mm_all_reduce": "npu_mm_all_reduce_base", "mm_reduce_scatter": "npu_mm_reduce_scatter_base",
             "all_gather_mm": "npu_all_gather_base_mm"}
+
+
+def npu_family(soc_version: int | None) -> str | None:
+    """The chip family of a numeric SOC version, None when unknown (no torch_npu, or a new chip)."""
+    for lo, hi, family in NPU_SOC_FAMILIES:
+        if soc_version is not None and lo <= soc_version <= hi:
+            return family
+    return None
+
+
+def npu_comm_mode(soc_version: int | None, env: Mapping[str, str]) -> str:
+    """The comm_mode every fused kernel is called with on this chip (the same on every rank: one
+    deployment runs one chip family and one HCCL setting)."""
+    family = npu_family(soc_version)
+    var, value, mode = NPU_COMM_MODE_CCU
+    if family == "A5" and env.get(var) == value:
+        return mode
+    return NPU_COMM_MODE.get(family or "", "aiv")
+
+
+def npu_group_refusal(kind: str, size: int) -> str | None:
+    """Why a fused `kind` kernel cannot run over `size` ranks, or None."""
+    if size not in NPU_WORLD_SIZES:
+        return f"group: {size} ranks; the fused kernels take {list(NPU_WORLD_SIZES)}"
+    if kind == "mm_reduce_scatter" and size > NPU_MM_REDUCE_SCATTER_MAX_RANKS:
+        return (f"group: {size} ranks; npu_mm_reduce_scatter_base fails above {NPU_MM_REDUCE_SCATTER_MAX_RANKS} "
+                "(vllm-ascend stops there too), so the pair stays unfused")
+    return None
+
+
+def soc_version() -> int | None:
+    try:
+        import torch_npu
+        return int(torch_npu.npu.getsoc_version())
+    except Exception:  # no torch_npu (the stand-ins): the A2/A3 default
+        return None
 
 
 def _npu_op(kind: str):
@@ -229,8 +277,9 @@ def _npu_refuse(site: Site) -> str | None:
     if groups.hcom_name(site.c10d_name) is None:
         return (f"group: no HCCL communicator name recorded for {site.c10d_name} (recorded at worker start by "
                 "fxpasses.topology.prepare_process_groups with lowering: auto)")
-    if site.size not in NPU_WORLD_SIZES:
-        return f"group: {site.size} ranks; the fused kernels take {list(NPU_WORLD_SIZES)}"
+    refused = npu_group_refusal(p.kind, site.size)
+    if refused:
+        return refused
     if ops.refused:
         return ops.refused
     xv = gf.val(ops.x)
@@ -261,17 +310,21 @@ def _npu_emit(graph: fx.Graph, site: Site) -> fx.Node:
     p, ops = site.pair, site.pair.ops
     hcom = groups.hcom_name(site.c10d_name)
     w = _k_n_weight(graph, site)
+    mode = npu_comm_mode(soc_version(), os.environ)
     if p.kind == "mm_all_reduce":
-        return call(graph, _npu_op(p.kind), (ops.x, w, hcom), {"reduce_op": "sum", "bias": ops.bias}, like=p.matmul)
+        return call(graph, _npu_op(p.kind), (ops.x, w, hcom), {"reduce_op": "sum", "bias": ops.bias, "comm_mode": mode},
+                    like=p.matmul)
     if p.kind == "mm_reduce_scatter":
         x = _x_rows_padded(graph, site, ops.x)
-        kw = {"reduce_op": "sum", "bias": None, "comm_turn": 0, "comm_mode": "aiv"}
+        # output_dtype is `ScalarType?` in op-plugin's schema of this kernel: a torch.dtype (the quantised
+        # kernels' `int?` dtype codes belong to npu_quant_mm_reduce_scatter, which is not emitted)
+        kw = {"reduce_op": "sum", "bias": None, "comm_turn": 0, "comm_mode": mode}
         if ops.quant:
             kw.update(x2_scale=ops.scale, output_dtype=ops.output_dtype or _dtype(site))
         out = call(graph, _npu_op(p.kind), (x, w, hcom, site.size), kw, like=p.matmul)
         return _add_rank0_bias(graph, site, out)
     fused = call(graph, _npu_op(p.kind), (site.ag_input, w, hcom, site.size),
-                 {"bias": None, "gather_index": 0, "gather_output": True, "comm_turn": 0, "comm_mode": "aiv"},
+                 {"bias": None, "gather_index": 0, "gather_output": True, "comm_turn": 0, "comm_mode": mode},
                  like=p.matmul)
     out, gathered = _item(graph, fused, 0), _item(graph, fused, 1)
     if ops.bias is not None:  # a column layer's bias, on every rank (the kernel takes no non-zero bias)

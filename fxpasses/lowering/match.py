@@ -66,7 +66,7 @@ def operands(mm: fx.Node) -> Operands:
             ops.scale = op_forms.arg(mm, "scale")
             ops.pertoken_scale = op_forms.arg(mm, "pertoken_scale")
             ops.offset = op_forms.arg(mm, "offset")
-            ops.output_dtype = op_forms.arg(mm, "output_dtype")
+            ops.output_dtype = op_forms.as_dtype(op_forms.arg(mm, "output_dtype"))  # `int?` in newer op-plugin
             ops.quant = "w8a8_dynamic" if ops.pertoken_scale is not None else "w8a8"
         return ops
     return Operands(name, mm.args[0] if mm.args else None, refused=f"matmul form: {name} is not fused")

@@ -222,6 +222,20 @@ def _functionalized_arg(node: fx.Node, name: str) -> Any:
     return a.default_value if a.has_default_value() else None
 
 
+#: c10 ScalarType codes (c10/core/ScalarType.h, ABI-stable) of the dtypes platform ops are called with:
+#: newer op-plugin kernels type their dtype arguments `int?`, so a traced graph may hold the code
+SCALAR_TYPE_CODES = {1: torch.int8, 3: torch.int32, 5: torch.float16, 6: torch.float32, 7: torch.float64,
+                     15: torch.bfloat16}
+
+
+def as_dtype(v: Any) -> Any:
+    """A dtype argument as a torch.dtype: a ScalarType code decoded, a dtype or None as it is;
+    an unknown code stays an int."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return SCALAR_TYPE_CODES.get(v, v)
+    return v
+
+
 def arg(node: fx.Node, name: str) -> Any:
     """The value of schema argument `name` at `node` (positional or keyword; its default when the
     call left it out); for an auto_functionalized[_v2] node, of the op it wraps."""

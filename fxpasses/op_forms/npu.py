@@ -1,9 +1,19 @@
 """Ascend NPU op forms: the custom ops vllm-ascend and torch_npu put into traced graphs.
 
 Data only (interpreted by `fxpasses.op_forms`). Schemas as read from the sources (vllm-ascend
-2026-08 `vllm_ascend/ops/register_custom_ops.py`, `ops/linear.py`, `csrc/torch_binding.cpp`;
-torch_npu's op-plugin `op_plugin/config/op_plugin_functions.yaml`); argument names below are the
-schemas' own. The TP all-reduce and vLLM's reduce_scatter / all_gather ops
+main of 2026-08-22 `vllm_ascend/ops/register_custom_ops.py`, `ops/linear.py`, `csrc/torch_binding.cpp`,
+`ops/triton/...`; torch_npu's op-plugin `op_plugin/config/op_plugin_functions.yaml` of 2026-08-21);
+argument names below are the schemas' own.
+
+vllm-ascend's `GraphFusionPassManager` runs its default fusions before any pass added under its key
+(fxpasses among them), in this order, each on by default in `ascend_compilation_config`:
+`fuse_norm_quant` (AddRMSNormQuantFusionPass: `npu_add_rms_norm` / `_C_ascend.npu_add_rms_norm_bias`
+followed by `vllm.quantize` or `npu_dynamic_quant` -> `npu_add_rms_norm_quant` /
+`npu_add_rms_norm_dynamic_quant`; bf16/fp16 models, not on 310P), `fuse_qknorm_rope`
+(QKNormRopeFusionPass: split + per-head `npu_rms_norm` of q and k + `npu_rotary_embedding` ->
+`vllm.qkv_rmsnorm_rope`; bf16, head size 128), `fuse_muls_add` (MulsAddFusionPass: `x * scale + y`
+-> `vllm.muls_add`, scale the model's `routed_scaling_factor`). So the graph fxpasses receives holds
+their outputs, declared below; `fxpasses.testing.ascend_fusions` re-enacts them on stand-in graphs. The TP all-reduce and vLLM's reduce_scatter / all_gather ops
 (`vllm::all_reduce(Tensor tensor, str group_name)`, ...) are vLLM's and known to
 `fxpasses.graph_forms` already.
 
@@ -54,7 +64,30 @@ FORMS = (
                    "Tensor input_scale, Tensor input_scale_reciprocal, Tensor input_offset) -> Tensor (int8)"),
     TokenWise("npu::npu_dynamic_quant", args=("input",), quantizes=True, channel_args=("smooth_scales",),
               note="npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
-                   "ScalarType? dst_type=None) -> (Tensor, Tensor): int8 values and per-token scale"),
+                   "int? dst_type=None, str quant_mode=\"pertoken\", float dst_type_max=0.0) -> (Tensor, Tensor): "
+                   "int8 values and per-token scale"),
+    # vllm-ascend's default graph fusions (GraphFusionPassManager, run before fxpasses; see the module
+    # docstring): a residual add + RMS norm fused with the next linear's activation quantisation, q/k
+    # norm + rope, and the MoE's scaled add. Token-wise on their token arguments; the quantising ones
+    # output int8 values (and per-token scales) beside the float residual sum
+    TokenWise("npu::npu_add_rms_norm_quant", args=("x1", "x2"), quantizes=True,
+              note="npu_add_rms_norm_quant(Tensor x1, Tensor x2, Tensor gamma, Tensor scales1, Tensor? zero_points1, "
+                   "Tensor? beta=None, Tensor? scales2=None, Tensor? zero_points2=None, *, int axis=-1, "
+                   "float epsilon=1e-06, bool div_mode=True, int? dst_type=None) -> (Tensor, Tensor, Tensor): "
+                   "(int8 y1, y2, x1 + x2); AddRMSNormQuantFusionPass, W8A8 static"),
+    TokenWise("npu::npu_add_rms_norm_dynamic_quant", args=("x1", "x2"), quantizes=True,
+              note="npu_add_rms_norm_dynamic_quant(Tensor x1, Tensor x2, Tensor gamma, *, Tensor? smooth_scale1=None, "
+                   "Tensor? smooth_scale2=None, Tensor? beta=None, float epsilon=1e-6, bool[2]? output_mask=None, "
+                   "int? y_dtype=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor): (int8 y1, y2, x1 + x2, "
+                   "per-token scale1, scale2); AddRMSNormQuantFusionPass, W8A8 dynamic"),
+    TokenWise("vllm::qkv_rmsnorm_rope", args=("input", "positions"), all_args=True,
+              note="vllm-ascend op (split_qkv_rmsnorm_rope, Triton): qkv_rmsnorm_rope(Tensor input, "
+                   "Tensor cos_sin_cache, Tensor positions, Tensor q_weight, Tensor k_weight, SymInt q_hidden_size, "
+                   "SymInt kv_hidden_size, SymInt head_dim, float eps, Tensor? q_bias=None, Tensor? k_bias=None) "
+                   "-> (Tensor, Tensor, Tensor): q, k normed and rotated, v; QKNormRopeFusionPass"),
+    TokenWise("vllm::muls_add", args=("x", "y"),
+              note="vllm-ascend op (Triton): muls_add(Tensor x, Tensor y, float scale) -> Tensor: x * scale + y "
+                   "(the MoE's routed_scaling_factor); MulsAddFusionPass"),
     # matmuls
     Matmul("vllm::unquantized_gemm", x="x", weight="weight", bias="bias", weight_layout="out_in", **_NZ,
            note="vllm-ascend op: unquantized_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor "
@@ -62,7 +95,9 @@ FORMS = (
     Matmul("npu::npu_quant_matmul", x="x1", weight="x2", bias="bias", token_args=("pertoken_scale",),
            weight_layout="in_out", quantized=True, channel_args=("scale",), offset="offset", **_NZ,
            note="npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
-                "Tensor? pertoken_scale=None, Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor; "
+                "Tensor? pertoken_scale=None, Tensor? bias=None, int? output_dtype=None, int? x1_dtype=None, "
+                "int? x2_dtype=None, int? pertoken_scale_dtype=None, int? scale_dtype=None, int[]? group_sizes=None, "
+                "Tensor? y_scale=None) -> Tensor; "
                 "x2 is the int8 weight transposed to [in, out], NZ unless weight_nz_mode=0"),
     # MoE communication (see the module docstring)
     Collective("vllm::maybe_pad_and_reduce", input="x", same_rows="all_reduce", other_rows="reduce_scatter",

@@ -11,8 +11,10 @@ else is the real thing (vLLM's `split_graph`, `pass_context`, `VllmInductorPass`
 * `GraphFusionPassManagerStandin`: `GraphFusionPassManager`'s behaviour: `add()` asserts the pass is
   a `VllmInductorPass` (a bare `assert`, as there), `__call__(gm)` reads the compile range from
   vLLM's pass context, calls every pass that accepts it with the GraphModule, recompiles it and
-  returns it. `configure()` adds none of vllm-ascend's NPU fusion passes (their ops do not exist
-  here). Every call is recorded (range, passes called, collective counts before/after).
+  returns it. `configure()` turns on vllm-ascend's default NPU fusions, which `__call__` runs first,
+  in vllm-ascend's order (`fxpasses.testing.ascend_fusions`; on graphs of vLLM's own layers they
+  find nothing to fuse). Every call is recorded (range, passes called, collective counts
+  before/after).
 * `ascend_compile(gm, example_inputs, manager, compile_range)`: `AscendCompiler.compile` with
   npugraph_ex off (`fusion_pass_compile`): a deep copy of the graph, made to return a tuple, through
   `aot_autograd` (no decompositions: vllm-ascend passes none to it) whose forward compiler runs the
@@ -79,6 +81,7 @@ class GraphFusionPassManagerStandin:
         self.passes: list = []
         self.calls: list[dict[str, Any]] = []
         self.configured_with = None
+        self.fusions: dict[str, Any] | None = None  # ascend_compilation_config once configured
 
     def add(self, pass_) -> None:
         from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -87,21 +90,28 @@ class GraphFusionPassManagerStandin:
         self.passes.append(pass_)
 
     def configure(self, config) -> None:
-        # vllm-ascend appends its NPU fusion passes here (norm+quant, qknorm+rope, muls+add)
+        # vllm-ascend appends its default NPU fusion passes here (norm+quant, qknorm+rope, muls+add), on
+        # unless additional_config["ascend_compilation_config"] turns them off; they run before every
+        # pass added after (`fxpasses.testing.ascend_fusions`)
         self.configured_with = config
+        ac = getattr(config, "additional_config", None) or {}
+        self.fusions = dict(ac.get("ascend_compilation_config") or {}) if isinstance(ac, dict) else {}
 
     def __call__(self, graph: fx.GraphModule) -> fx.GraphModule:
         from vllm.compilation.passes.inductor_pass import get_pass_context
 
         compile_range = get_pass_context().compile_range
         before = _counts(graph.graph)
-        called = []
+        called, fused = [], None
+        if self.fusions is not None:
+            from fxpasses.testing.ascend_fusions import run_default_fusions
+            fused = run_default_fusions(graph.graph, self.fusions)
         for p in self.passes:
             if p.is_applicable_for_range(compile_range):
                 p(graph)
                 called.append(type(p).__name__)
         graph.recompile()
-        self.calls.append({"range": str(compile_range), "called": called, "before": before,
+        self.calls.append({"range": str(compile_range), "fusions": fused, "called": called, "before": before,
                            "after": _counts(graph.graph)})
         return graph
 

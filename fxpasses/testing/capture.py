@@ -20,12 +20,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 class _Hook(CustomGraphPass):
     """Stands where vLLM's pass stands: Inductor's `post_grad_custom_post_pass`."""
 
-    def __init__(self, on_graph):
-        self.on_graph = on_graph
+    def __init__(self, on_graph, pre=None):
+        self.on_graph, self.pre = on_graph, pre
         self.before: fx.GraphModule | None = None
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
+        if self.pre is not None:  # what runs before the pass (a platform's own fusions): part of "before"
+            self.pre(graph)
         gm.recompile()
         self.before = copy.deepcopy(gm)
         if self.on_graph is not None:
@@ -36,8 +38,8 @@ class _Hook(CustomGraphPass):
 
 
 class _Capture:
-    def __init__(self, on_graph: Callable[[fx.GraphModule], fx.GraphModule] | None):
-        self.on_graph = on_graph
+    def __init__(self, on_graph: Callable[[fx.GraphModule], fx.GraphModule] | None, pre=None):
+        self.on_graph, self.pre = on_graph, pre
         self.graphs: list[fx.GraphModule] = []
         self.originals: list[fx.GraphModule] = []
         self.use_original = False  # run the untouched post-grad graphs instead of the rewritten ones
@@ -54,7 +56,7 @@ class _Capture:
             from torch._inductor.fx_passes.post_grad import post_grad_passes
             from torch._inductor.virtualized import V
 
-            hook = _Hook(self.on_graph)
+            hook = _Hook(self.on_graph, self.pre)
             fake_mode = detect_fake_mode(args)
             with V.set_fake_mode(fake_mode), inductor_config.patch(post_grad_custom_post_pass=hook):
                 joint_graph_passes(fgm)
@@ -77,11 +79,12 @@ class _Capture:
 
 
 def compile_with_pass(module: torch.nn.Module, on_graph: Callable[[fx.GraphModule], fx.GraphModule] | None,
-                      *, dynamic: bool = True):
+                      *, dynamic: bool = True, pre: Callable[[fx.Graph], Any] | None = None):
     """torch.compile `module` so that every post-grad graph goes through `on_graph` and then runs
     eagerly (as an fx GraphModule). Returns (compiled_callable, capture) where capture.originals and
-    capture.graphs hold the post-grad graphs before and after `on_graph`."""
-    cap = _Capture(on_graph)
+    capture.graphs hold the post-grad graphs before and after `on_graph`. `pre(graph)` runs first (a
+    platform's passes that precede the pass under test); its result is what `originals` hold."""
+    cap = _Capture(on_graph, pre)
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=cap.backend, dynamic=dynamic, fullgraph=True)
     return compiled, cap

@@ -25,8 +25,9 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 
 
 def capture_key(spec: dict, config: dict, dtype: str, pack: bool, builder: str = "",
-                builder_kwargs: dict | None = None) -> str:
+                builder_kwargs: dict | None = None, ascend_fusions: bool = False) -> str:
     parts = [spec, config, dtype, pack] + ([builder, builder_kwargs or {}] if builder else [])
+    parts += ["ascend_fusions"] if ascend_fusions else []
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -48,11 +49,14 @@ def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
 
 def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", pack: bool = False,
                  first_tokens: int = 7, seed: int = 0, static: bool = False, builder: str = "",
-                 builder_kwargs: dict | None = None) -> dict[str, Any]:
+                 builder_kwargs: dict | None = None, ascend_fusions: bool = False) -> dict[str, Any]:
     """Build the model on this rank, compile it once with the pass, return the report and graphs.
+    `ascend_fusions`: vllm-ascend's default graph fusions run first (`fxpasses.testing.ascend_fusions`,
+    on the NPU-form decoder), as its pass manager runs them before fxpasses; `before` is their result.
     `static=True` compiles for exactly `first_tokens` tokens (no symbolic token count), as vLLM does
     for a compile size. `builder` / `builder_kwargs`: another model than the tiny decoder (`_build`)."""
-    key = capture_key(spec, config, dtype, pack, builder, builder_kwargs) + (f"-static{first_tokens}" if static else "")
+    key = capture_key(spec, config, dtype, pack, builder, builder_kwargs, ascend_fusions) + (
+        f"-static{first_tokens}" if static else "")
     cache = state.setdefault("captures", {})
     if key in cache:
         return cache[key]["summary"]
@@ -62,8 +66,12 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     ctx = TPContext.from_vllm()
     prepare_process_groups(cfg, ctx)  # collective group creation before compiling, not inside it
     reports = []
+    pre = None
+    if ascend_fusions:
+        from fxpasses.testing.ascend_fusions import run_default_fusions
+        pre = run_default_fusions
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
-        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not static)
+        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not static, pre=pre)
     ids0 = _tokens(first_tokens, ds.vocab_size, seed)
     if not static:
         torch._dynamo.mark_dynamic(ids0, 0)

@@ -10,6 +10,10 @@ inferred schema (`SymInt` for int). Ops that already exist in this process (vLLM
 `vllm::all_reduce`, `vllm::reduce_scatter`, `vllm::all_gather`, or an earlier definition) are
 never redefined.
 
+op-plugin types dtype arguments of newer kernels as `int?` (a c10 ScalarType code; torch_npu's
+Python API also takes a torch.dtype there, which the dispatcher turns into that code): the kernels
+below accept either (`as_dtype`).
+
 Reference kernels: RMS norm (rstd in float32, as the NPU kernels return it), SwiGLU = silu(first
 half) * second half along `dim`, rotary embedding in the neox (halves) and GPT-J (interleaved)
 styles over vLLM's cos|sin cache, int8 quantisation with scale reciprocal and offset
@@ -28,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxpasses.op_forms import as_dtype
+
 SEQUENCE_PARALLEL = False
 
 #: op -> schema (after the name), exactly as defined here
@@ -43,9 +49,25 @@ SCHEMAS = {
     "vllm::quantize": ("(Tensor in_tensor, Tensor input_scale, Tensor input_scale_reciprocal, Tensor input_offset)"
                        " -> Tensor"),
     "npu::npu_quant_matmul": ("(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, Tensor? pertoken_scale=None,"
-                              " Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor"),
+                              " Tensor? bias=None, int? output_dtype=None, int? x1_dtype=None, int? x2_dtype=None,"
+                              " int? pertoken_scale_dtype=None, int? scale_dtype=None, int[]? group_sizes=None,"
+                              " Tensor? y_scale=None) -> Tensor"),
     "npu::npu_dynamic_quant": ("(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None,"
-                               " ScalarType? dst_type=None) -> (Tensor, Tensor)"),
+                               " int? dst_type=None, str quant_mode=\"pertoken\", float dst_type_max=0.0)"
+                               " -> (Tensor, Tensor)"),
+    # vllm-ascend's default graph fusions emit these (fxpasses.testing.ascend_fusions)
+    "npu::npu_add_rms_norm_quant": ("(Tensor x1, Tensor x2, Tensor gamma, Tensor scales1, Tensor? zero_points1,"
+                                    " Tensor? beta=None, Tensor? scales2=None, Tensor? zero_points2=None, *,"
+                                    " int axis=-1, float epsilon=1e-06, bool div_mode=True, int? dst_type=None)"
+                                    " -> (Tensor, Tensor, Tensor)"),
+    "npu::npu_add_rms_norm_dynamic_quant": ("(Tensor x1, Tensor x2, Tensor gamma, *, Tensor? smooth_scale1=None,"
+                                            " Tensor? smooth_scale2=None, Tensor? beta=None, float epsilon=1e-6,"
+                                            " bool[2]? output_mask=None, int? y_dtype=None)"
+                                            " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"),
+    "vllm::qkv_rmsnorm_rope": ("(Tensor input, Tensor cos_sin_cache, Tensor positions, Tensor q_weight,"
+                               " Tensor k_weight, SymInt q_hidden_size, SymInt kv_hidden_size, SymInt head_dim,"
+                               " float eps, Tensor? q_bias=None, Tensor? k_bias=None) -> (Tensor, Tensor, Tensor)"),
+    "vllm::muls_add": "(Tensor x, Tensor y, float scale) -> Tensor",
     "vllm::maybe_pad_and_reduce": "(Tensor x) -> Tensor",
     "vllm::maybe_all_gather_and_maybe_unpad": "(Tensor x) -> Tensor",
 }
@@ -146,7 +168,10 @@ def quantize_fake(in_tensor, input_scale, input_scale_reciprocal, input_offset):
     return torch.empty_like(in_tensor, dtype=torch.int8)
 
 
-def quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+def quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, **unused):
+    output_dtype = as_dtype(output_dtype)
+    if any(v is not None for v in unused.values()):
+        raise NotImplementedError(f"the stand-in takes no {sorted(k for k, v in unused.items() if v is not None)}")
     if output_dtype is None or offset is not None:
         raise NotImplementedError("the stand-in dequantises to a floating output_dtype only (no int8 output)")
     acc = x1.to(torch.float64) @ x2.to(torch.float64)          # exact for int8 operands
@@ -160,12 +185,13 @@ def quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, 
     return out.to(output_dtype)
 
 
-def quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
-    return x1.new_empty(list(x1.shape[:-1]) + [x2.shape[-1]], dtype=output_dtype or torch.int8)
+def quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, **unused):
+    return x1.new_empty(list(x1.shape[:-1]) + [x2.shape[-1]], dtype=as_dtype(output_dtype) or torch.int8)
 
 
-def dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None):
-    if group_index is not None or dst_type not in (None, torch.int8):
+def dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None, quant_mode="pertoken",
+                  dst_type_max=0.0):
+    if group_index is not None or as_dtype(dst_type) not in (None, torch.int8) or quant_mode != "pertoken":
         raise NotImplementedError("the stand-in quantises per token to int8 only")
     x = input * smooth_scales.to(input.dtype) if smooth_scales is not None else input
     scale = (x.abs().amax(dim=-1) / 127.0).clamp_min(1e-12).float()
@@ -173,8 +199,77 @@ def dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None)
     return q, scale
 
 
-def dynamic_quant_fake(input, *, smooth_scales=None, group_index=None, dst_type=None):
+def dynamic_quant_fake(input, *, smooth_scales=None, group_index=None, dst_type=None, quant_mode="pertoken",
+                       dst_type_max=0.0):
     return torch.empty_like(input, dtype=torch.int8), input.new_empty(input.shape[:-1], dtype=torch.float32)
+
+
+# ---- the ops vllm-ascend's default graph fusions emit ----------------------------------------------
+
+def add_rms_norm_quant(x1, x2, gamma, scales1, zero_points1, beta=None, scales2=None, zero_points2=None, *,
+                       axis=-1, epsilon=1e-6, div_mode=True, dst_type=None):
+    """(int8 y, unused second quantisation, x1 + x2): y = round(norm / scales1 + zero_points1) (div_mode)."""
+    if scales2 is not None or zero_points2 is not None or not div_mode or as_dtype(dst_type) not in (None, torch.int8):
+        raise NotImplementedError("the stand-in quantises once, in div_mode, to int8")
+    y, _, x = add_rms_norm_bias(x1, x2, gamma, beta, epsilon)
+    q = y / scales1.to(y.dtype)
+    if zero_points1 is not None:
+        q = q + zero_points1.to(y.dtype)
+    q = torch.round(q).clamp(-128, 127).to(torch.int8)
+    return q, torch.zeros_like(q), x
+
+
+def add_rms_norm_quant_fake(x1, x2, gamma, scales1, zero_points1, beta=None, scales2=None, zero_points2=None, *,
+                            axis=-1, epsilon=1e-6, div_mode=True, dst_type=None):
+    return torch.empty_like(x1, dtype=torch.int8), torch.empty_like(x1, dtype=torch.int8), torch.empty_like(x1)
+
+
+def add_rms_norm_dynamic_quant(x1, x2, gamma, *, smooth_scale1=None, smooth_scale2=None, beta=None, epsilon=1e-6,
+                               output_mask=None, y_dtype=None):
+    """(int8 y1, int8 y2, x1 + x2, per-token scale1, scale2); only the first quantisation (output_mask
+    [True, False], as vllm-ascend's fusion asks)."""
+    if smooth_scale2 is not None or (output_mask is not None and output_mask[1]):
+        raise NotImplementedError("the stand-in computes the first quantisation only")
+    y, _, x = add_rms_norm_bias(x1, x2, gamma, beta, epsilon)
+    q, scale = dynamic_quant(y, smooth_scales=smooth_scale1)
+    return q, torch.zeros_like(q), x, scale, torch.zeros_like(scale)
+
+
+def add_rms_norm_dynamic_quant_fake(x1, x2, gamma, *, smooth_scale1=None, smooth_scale2=None, beta=None,
+                                    epsilon=1e-6, output_mask=None, y_dtype=None):
+    q = torch.empty_like(x1, dtype=torch.int8)
+    s = x1.new_empty(x1.shape[:-1], dtype=torch.float32)
+    return q, torch.empty_like(q), torch.empty_like(x1), s, torch.empty_like(s)
+
+
+def qkv_rmsnorm_rope(input, cos_sin_cache, positions, q_weight, k_weight, q_hidden_size, kv_hidden_size, head_dim,
+                     eps, q_bias=None, k_bias=None):
+    """split [q | k | v], RMS norm per head of q and k (+ bias), neox rotary embedding of q and k."""
+    q, k, v = input.split([q_hidden_size, kv_hidden_size, kv_hidden_size], dim=-1)
+    t = input.shape[0]
+    outs = []
+    for x, w, b in ((q, q_weight, q_bias), (k, k_weight, k_bias)):
+        y, _ = rms_norm(x.reshape(t, -1, head_dim), w, eps)
+        if b is not None:
+            y = y + b
+        outs.append(y.reshape(t, -1))
+    q, k = rotary_embedding(positions, outs[0], outs[1], cos_sin_cache, head_dim, head_dim, True)
+    return q, k, v.contiguous()
+
+
+def qkv_rmsnorm_rope_fake(input, cos_sin_cache, positions, q_weight, k_weight, q_hidden_size, kv_hidden_size,
+                          head_dim, eps, q_bias=None, k_bias=None):
+    t = input.shape[0]
+    return (input.new_empty((t, q_hidden_size)), input.new_empty((t, kv_hidden_size)),
+            input.new_empty((t, kv_hidden_size)))
+
+
+def muls_add(x, y, scale):
+    return x * scale + y
+
+
+def muls_add_fake(x, y, scale):
+    return torch.empty_like(x)
 
 
 def _tp():
@@ -235,6 +330,10 @@ KERNELS = {
     "vllm::quantize": (quantize, quantize_fake),
     "npu::npu_quant_matmul": (quant_matmul, quant_matmul_fake),
     "npu::npu_dynamic_quant": (dynamic_quant, dynamic_quant_fake),
+    "npu::npu_add_rms_norm_quant": (add_rms_norm_quant, add_rms_norm_quant_fake),
+    "npu::npu_add_rms_norm_dynamic_quant": (add_rms_norm_dynamic_quant, add_rms_norm_dynamic_quant_fake),
+    "vllm::qkv_rmsnorm_rope": (qkv_rmsnorm_rope, qkv_rmsnorm_rope_fake),
+    "vllm::muls_add": (muls_add, muls_add_fake),
     "vllm::maybe_pad_and_reduce": (maybe_pad_and_reduce, maybe_pad_and_reduce_fake),
     "vllm::maybe_all_gather_and_maybe_unpad": (maybe_all_gather_and_maybe_unpad, maybe_all_gather_and_maybe_unpad_fake),
 }

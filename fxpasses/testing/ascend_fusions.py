@@ -1,0 +1,156 @@
+"""vllm-ascend's default graph fusions, re-enacted on graphs of the NPU stand-in ops (test support).
+
+vllm-ascend's `GraphFusionPassManager.configure` (main of 2026-08-22) appends, in this order and each
+on unless `additional_config["ascend_compilation_config"]` turns it off, the passes that run before
+any pass added under its key (fxpasses):
+
+  fuse_norm_quant   AddRMSNormQuantFusionPass: `npu_add_rms_norm` (or `_C_ascend.npu_add_rms_norm_bias`)
+                    whose normed output feeds only `vllm.quantize` -> `npu_add_rms_norm_quant(x1, x2,
+                    gamma, scale, offset, beta=bias, epsilon=eps)` (its [0] the int8 values, [2] the
+                    residual sum); feeding only `npu_dynamic_quant` -> `npu_add_rms_norm_dynamic_quant(x1,
+                    x2, gamma, epsilon=eps, output_mask=[True, False], beta=bias)` ([0] int8, [3] the
+                    per-token scale, [2] the residual sum)
+  fuse_qknorm_rope  QKNormRopeFusionPass: qkv split, per-head `npu_rms_norm` of q and k, then
+                    `npu_rotary_embedding` -> `vllm.qkv_rmsnorm_rope` (matched in bfloat16 with head
+                    size 128 there; the stand-in decoder has no q/k norm, so nothing matches it here and
+                    this pass is listed for the order only)
+  fuse_muls_add     MulsAddFusionPass: `x * scale + y` (scale the model's routed_scaling_factor, 1.0
+                    by default) -> `vllm.muls_add(x, y, scale)`
+
+`run_default_fusions(graph)` applies them in that order (the dtype and chip guards of the real
+passes are not re-enacted: the stand-in graphs are float64 on purpose) and returns how many each
+replaced. New nodes get their fake values from the stand-ins' fake kernels, so fxpasses reads them
+as it reads any traced node.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxpasses import graph_forms as gf
+from fxpasses.op_forms import arg
+from fxpasses.testing.npu_standin import ensure_npu_standin_ops
+
+#: vllm-ascend's order, with each pass's `ascend_compilation_config` switch
+DEFAULT_ORDER = ("fuse_norm_quant", "fuse_qknorm_rope", "fuse_muls_add")
+_NORMS = ("npu::npu_add_rms_norm", "_C_ascend::npu_add_rms_norm_bias")
+
+
+def _getitems(node: fx.Node) -> dict[int, fx.Node]:
+    """The used outputs of a multi-output node (an unused getitem is dead code, as after DCE)."""
+    return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.users}
+
+
+def _fake(node: fx.Node) -> None:
+    """node.meta["val"] from the op's fake kernel on its inputs' fake values."""
+    def v(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+    args = torch.fx.node.map_aggregate(node.args, v)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, v)
+    if node.target is operator.getitem:
+        node.meta["val"] = args[0][args[1]]
+        return
+    from torch._guards import detect_fake_mode
+    mode = detect_fake_mode([a for a in torch.fx.node.map_aggregate(node.args, v) if isinstance(a, torch.Tensor)])
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def _call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+    n = graph.call_function(target, args, kwargs or {})
+    if like is not None:
+        for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if k in like.meta:
+                n.meta[k] = like.meta[k]
+    _fake(n)
+    return n
+
+
+def fuse_norm_quant(graph: fx.Graph) -> int:
+    ensure_npu_standin_ops()
+    done = 0
+    for norm in list(graph.nodes):
+        if norm.op != "call_function" or gf.op_name(norm) not in _NORMS:
+            continue
+        items = _getitems(norm)
+        if 0 not in items or set(items) - {0, 2} or len(items[0].users) != 1:
+            continue  # the normed output used elsewhere, or rstd used: the pattern does not match
+        quant = next(iter(items[0].users))
+        beta = arg(norm, "beta") if gf.op_name(norm).startswith("_C_ascend") else None
+        x1, x2, gamma, eps = arg(norm, "x1"), arg(norm, "x2"), arg(norm, "gamma"), arg(norm, "epsilon")
+        name = gf.op_name(quant)
+        at = norm.next  # new nodes in creation order right after the norm (its residual's users follow it)
+        if name == "vllm::quantize" and arg(quant, "in_tensor") is items[0]:
+            with graph.inserting_before(at):
+                fused = _call(graph, torch.ops.npu.npu_add_rms_norm_quant.default,
+                              (x1, x2, gamma, arg(quant, "input_scale"), arg(quant, "input_offset")),
+                              {"beta": beta, "epsilon": eps}, like=norm)
+                q = _call(graph, operator.getitem, (fused, 0), like=quant)
+            quant.replace_all_uses_with(q)
+            outs = {2: 2}
+        elif name == "npu::npu_dynamic_quant" and arg(quant, "input") is items[0] \
+                and arg(quant, "smooth_scales") is None and set(_getitems(quant)) <= {0, 1}:
+            with graph.inserting_before(at):
+                fused = _call(graph, torch.ops.npu.npu_add_rms_norm_dynamic_quant.default, (x1, x2, gamma),
+                              {"beta": beta, "epsilon": eps, "output_mask": [True, False]}, like=norm)
+                for i, j in ((0, 0), (1, 3)):
+                    old = _getitems(quant).get(i)
+                    if old is not None:
+                        old.replace_all_uses_with(_call(graph, operator.getitem, (fused, j), like=quant))
+            outs = {2: 2}
+        else:
+            continue
+        for i, j in outs.items():
+            if i in items:
+                with graph.inserting_before(at):
+                    items[i].replace_all_uses_with(_call(graph, operator.getitem, (fused, j), like=norm))
+        dead = [u for u in (*quant.users, *norm.users) if not u.users]
+        for n in [*dead, quant, *items.values(), norm]:
+            if not n.users and n.graph is graph and n in graph.nodes:
+                graph.erase_node(n)
+        done += 1
+    return done
+
+
+def fuse_qknorm_rope(graph: fx.Graph) -> int:
+    """See the module docstring: no stand-in graph has the pattern; nothing is replaced."""
+    return 0
+
+
+def fuse_muls_add(graph: fx.Graph, scale: float = 1.0) -> int:
+    ensure_npu_standin_ops()
+    done = 0
+    for add in list(graph.nodes):
+        if add.target is not torch.ops.aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+            continue
+        mul, y = add.args
+        if not (isinstance(mul, fx.Node) and mul.target is torch.ops.aten.mul.Tensor and len(mul.users) == 1
+                and isinstance(mul.args[0], fx.Node) and mul.args[1] == scale and isinstance(y, fx.Node)):
+            continue
+        xv, yv = mul.args[0].meta.get("val"), y.meta.get("val")
+        if not (isinstance(xv, torch.Tensor) and isinstance(yv, torch.Tensor) and xv.shape == yv.shape):
+            continue
+        with graph.inserting_before(add):
+            fused = _call(graph, torch.ops.vllm.muls_add.default, (mul.args[0], y, float(scale)), like=add)
+        add.replace_all_uses_with(fused)
+        graph.erase_node(add)
+        graph.erase_node(mul)
+        done += 1
+    return done
+
+
+def run_default_fusions(graph: fx.Graph, ascend_compilation_config: dict[str, Any] | None = None,
+                        routed_scaling_factor: float = 1.0) -> dict[str, int]:
+    """vllm-ascend's default fusions in its order; {switch: replacements} for the ones switched on."""
+    cfg = ascend_compilation_config or {}
+    passes = {"fuse_norm_quant": fuse_norm_quant, "fuse_qknorm_rope": fuse_qknorm_rope,
+              "fuse_muls_add": lambda g: fuse_muls_add(g, routed_scaling_factor)}
+    out = {}
+    for switch in DEFAULT_ORDER:
+        if cfg.get(switch, True):
+            out[switch] = passes[switch](graph)
+    graph.lint()
+    return out
