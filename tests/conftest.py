@@ -33,6 +33,7 @@ def pytest_configure(config):
 # piece-boundary test stays: it kills a mutant), CLI runs on ranks, wheel builds and fresh-process
 # cache loads.
 HEAVY = [
+    "test_html_report.py::test_the_page_renders_in_headless_chromium",  # Chromium, installed for tier 2
     "test_bad_input.py::test_cli_says_so_when_nothing_was_rewritten",
     "test_batch_of_one.py::*",
     "test_cpu_amx_forms_standin.py::*[[]packed-*",

@@ -284,3 +284,40 @@ def test_check_page_charts_the_advisor_with_each_strategys_crossover(dumps, tmp_
             and (t := _first_from_which(by_hand["vanilla"], vals)) is not None}
     assert want and _crossovers(section[:section.index("</svg>")]) == want  # FlashComm2 pays from some count
     assert advisor_series(tmp_path / "nowhere", 4, None) == {}  # no checkpoint here: no chart, no error
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0")
+
+
+def test_the_page_renders_in_headless_chromium(page, tmp_path):
+    """Debian's Chromium (installed by tools/test.sh for the second tier) renders the page: a
+    screenshot that is not blank, the DOM it built holds every site table and both charts, and its
+    log has no script error or blocked load."""
+    import subprocess
+
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is missing: tools/test.sh installs Debian's package (apt-get install chromium)"
+    text, p = page
+    html_file = tmp_path / "report.html"
+    html_file.write_text(text)
+    shot = tmp_path / "shot.png"
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    r = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000", html_file.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1280, 2000)
+    pixels = list(img.getdata())
+    not_white = sum(1 for px in pixels if px != (255, 255, 255)) / len(pixels)
+    assert not_white > 0.02 and len(set(pixels)) > 20, (not_white, len(set(pixels)))
+    errors = [line for line in r.stderr.splitlines()
+              if re.search(r"Uncaught|CONSOLE\(\d+\).*[Ee]rror|net::ERR_|Refused to", line)]
+    assert not errors, errors
+    dom = subprocess.run([*common, "--dump-dom", html_file.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count('class="sites"') == len(p.site_prefixes) == len(RUNS)
+    assert '<svg class="bytes"' in dom.stdout and '<svg class="time"' in dom.stdout
