@@ -224,9 +224,11 @@ def fmt_num(x, digits: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------
 # the chart
 # ------------------------------------------------------------------------------------------------
-def bar_chart(rows: list[tuple[str, float, float]], title: str) -> str:
+def bar_chart(rows: list[tuple[str, float, float]], title: str, kind: str = "bytes") -> str:
     """Horizontal bars in inline SVG: per row (label, before, after) one grey bar before and one
-    blue bar after, on one scale."""
+    blue bar after, on one scale. `kind`: the svg's class and the bars' first class ("bar" for the
+    page's bytes chart, "lbar" for a graph's bytes per layer)."""
+    bar = "bar" if kind == "bytes" else "lbar"
     label_w, bar_w, row_h, top = 230, 420, 30, 24
     top_val = max([v for _, b, a in rows for v in (b, a)] + [1])
     parts = [f'<text x="0" y="14">{esc(title)}</text>',
@@ -239,11 +241,11 @@ def bar_chart(rows: list[tuple[str, float, float]], title: str) -> str:
         parts.append(f'<text x="0" y="{y + 16}">{esc(label)}</text>')
         for j, (side, v) in enumerate((("before", before), ("after", after))):
             w = bar_w * v / top_val
-            parts.append(f'<rect class="bar {side}" data-row="{esc(label)}" x="{label_w}" y="{y + j * 12}" '
+            parts.append(f'<rect class="{bar} {side}" data-row="{esc(label)}" x="{label_w}" y="{y + j * 12}" '
                          f'width="{w:.1f}" height="11"><title>{esc(label)} {side}: {esc(fmt_bytes(v))}</title></rect>'
                          f'<text x="{label_w + w + 4:.1f}" y="{y + j * 12 + 10}">{esc(fmt_bytes(v))}</text>')
     height = top + len(rows) * row_h + 4
-    return (f'<svg class="bytes" width="{label_w + bar_w + 90}" height="{height}" role="img" '
+    return (f'<svg class="{kind}" width="{label_w + bar_w + 90}" height="{height}" role="img" '
             f'aria-label="{esc(title)}">{"".join(parts)}</svg>')
 
 
@@ -319,6 +321,18 @@ def advisor_series(model_dir: str | Path, tp: int, link_costs: dict | None,
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return {}
     return out
+
+
+def layer_bytes_section(rep: dict) -> str:
+    """Bytes each rank sends per step, per decoder layer ("pre" / "post": outside the layers),
+    before and after the rewrite."""
+    step = rep.get("bytes_per_step") or {}
+    layers = step.get("layers") or {}
+    if not layers:
+        return ""
+    rows = [((f"layer {k}" if str(k).isdigit() else str(k)), float(b), float(a)) for k, (b, a) in layers.items()]
+    return (f"<details><summary>Bytes per layer (at {esc(step.get('tokens'))} tokens)</summary>"
+            + bar_chart(rows, "bytes sent per step per rank, per layer", kind="layer-bytes") + "</details>")
 
 
 def graph_bytes(g: GraphDump) -> tuple[float, float] | None:
@@ -427,7 +441,8 @@ def code_section(g: GraphDump) -> str:
 def graph_section(g: GraphDump) -> str:
     rep = g.report
     return (f'<section id="{esc(g.anchor)}"><h3>{esc(g.label)}: {esc(rep.get("diff") or rep.get("reason") or "")}'
-            f"</h3>{graph_facts(rep)}{collectives_table(rep)}{token_gate_section(rep.get('token_gate'))}"
+            f"</h3>{graph_facts(rep)}{collectives_table(rep)}{layer_bytes_section(rep)}"
+            f"{token_gate_section(rep.get('token_gate'))}"
             f"{site_table(rep, g.anchor)}{lowering_section(rep)}{code_section(g)}</section>")
 
 

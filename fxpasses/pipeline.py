@@ -166,7 +166,9 @@ def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: 
     report.extra["bytes_per_step"] = {"tokens": tokens, "before": b0, "after": b1,
                                       "ratio": round(b1 / b0, 4) if b0 else None,
                                       "grew": {k: [v0["layers"].get(k, 0), v] for k, v in v1["layers"].items()
-                                               if v > v0["layers"].get(k, 0)}}
+                                               if v > v0["layers"].get(k, 0)},
+                                      "layers": {k: [v0["layers"].get(k, 0), v1["layers"].get(k, 0)]
+                                                 for k in dict.fromkeys([*v0["layers"], *v1["layers"]])}}
     if b1 <= b0:
         return None
     grew = [f"{'layer ' if k.isdigit() else ''}{k} {v0['layers'].get(k, 0):.0f} -> {v:.0f}"

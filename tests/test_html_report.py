@@ -321,3 +321,26 @@ def test_the_page_renders_in_headless_chromium(page, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count('class="sites"') == len(p.site_prefixes) == len(RUNS)
     assert '<svg class="bytes"' in dom.stdout and '<svg class="time"' in dom.stdout
+
+
+def test_bytes_per_layer_add_up_and_are_drawn_per_graph(dumps, page):
+    """Each report's bytes per layer sum to its per-step totals, and its section draws one bar pair
+    per layer on that graph's own scale."""
+    folder, _ = dumps
+    text, _ = page
+    for tag, rep in reports(folder).items():
+        step = rep["bytes_per_step"]
+        layers = step["layers"]
+        assert {"0", "1"} <= set(layers)
+        assert sum(b for b, _ in layers.values()) == pytest.approx(step["before"])
+        assert sum(a for _, a in layers.values()) == pytest.approx(step["after"])
+        section = text[text.index(f'id="rank0-{tag}"'):]
+        section = section[:section.index("</section>")]
+        bars = [(a["class"].split()[1], a["data-row"], float(a["width"])) for t, a in Page(section).tags
+                if t == "rect" and (a.get("class") or "").startswith("lbar ")]
+        labels = [f"layer {k}" if k.isdigit() else k for k in layers]
+        assert [r for side, r, _ in bars if side == "before"] == labels
+        top = max(max(b, a) for b, a in layers.values())
+        for (side, row, w) in bars:
+            b, a = layers[row.removeprefix("layer ")]
+            assert w == pytest.approx(420 * (b if side == "before" else a) / top, abs=0.1)
