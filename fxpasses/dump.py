@@ -1,7 +1,10 @@
-"""Before/after artifacts of a pass run: graph code files and the site report per rank, plus
+"""Before/after artifacts of a pass run: graph code files and the site report per rank, the dump
+directory's HTML page (`fxpasses.html_report`, rewritten after each graph with every rank's dumps
+there at that moment; `fxpasses report DIR` renders it again once the run is over), plus
 `torch._logging.trace_structured` artifacts so TORCH_TRACE + tlparse show both graphs."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +12,9 @@ import torch.fx as fx
 from torch._logging import trace_structured
 
 from fxpasses.report import PassReport
+
+log = logging.getLogger("fxpasses")
+PAGE = "report.html"
 
 
 def graph_text(gm: fx.GraphModule) -> str:
@@ -69,7 +75,22 @@ def write_dumps(dump_dir: str | os.PathLike, report: PassReport, before: str, af
     (out / f"{tag}.site_report.json").write_text(report.to_json())
     (out / "site_report.json").write_text(report.to_json())  # the latest graph of this rank
     (out / "site_report.txt").write_text(report.to_text() + "\n")
+    refresh_page(dump_dir)
     return out
+
+
+def refresh_page(dump_dir: str | os.PathLike) -> None:
+    """{dump_dir}/report.html with every rank's dumps there now, replaced atomically (ranks write
+    theirs concurrently). Never raises: a page is a convenience, the pass goes on without it."""
+    target = Path(dump_dir) / PAGE
+    tmp = target.with_name(f".{PAGE}.{os.getpid()}")
+    try:
+        from fxpasses import html_report
+        html_report.write_report(dump_dir, out=tmp)
+        os.replace(tmp, target)
+    except Exception as e:  # e.g. another rank's report half written at this moment
+        log.debug("fxpasses: %s not refreshed: %s", target, e)
+        tmp.unlink(missing_ok=True)
 
 
 def emit_lowered(graph: fx.Graph, report: PassReport, config) -> None:
@@ -84,3 +105,4 @@ def emit_lowered(graph: fx.Graph, report: PassReport, config) -> None:
         (out / "lowered.after.py").write_text(graph_text(graph.owning_module))
     (out / "site_report.json").write_text(report.to_json())
     (out / "site_report.txt").write_text(report.to_text() + "\n")
+    refresh_page(config.dump_dir)

@@ -206,11 +206,14 @@ def test_exit_2_and_the_fix_when_the_folder_has_no_dumps(tmp_path, capsys):
 def test_out_is_respected_and_the_default_is_dir_report_html(dumps, tmp_path):
     folder, _ = dumps
     out = tmp_path / "sub" / "page.html"
+    kept = folder / "report.html"
+    (tmp_path / "pass_page.html").write_bytes(kept.read_bytes())  # the pass's own page, put back below
+    kept.write_text("the page before")
     assert main(["report", str(folder), "--out", str(out)]) == 0
-    assert out.is_file() and not (folder / "report.html").exists()
+    assert out.is_file() and kept.read_text() == "the page before"
     assert main(["report", str(folder)]) == 0
-    assert (folder / "report.html").read_text() == out.read_text()
-    (folder / "report.html").unlink()
+    assert kept.read_text() == out.read_text()
+    kept.write_bytes((tmp_path / "pass_page.html").read_bytes())
 
 
 def _polylines(text: str) -> dict[str, list[tuple[float, float]]]:
@@ -344,3 +347,11 @@ def test_bytes_per_layer_add_up_and_are_drawn_per_graph(dumps, page):
         for (side, row, w) in bars:
             b, a = layers[row.removeprefix("layer ")]
             assert w == pytest.approx(420 * (b if side == "before" else a) / top, abs=0.1)
+
+
+def test_the_pass_keeps_a_page_in_its_dump_dir(dumps):
+    """The vLLM pass's dump directory gets its page from the pass itself, with every graph dumped."""
+    folder, _ = dumps
+    page = Page((folder / "report.html").read_text())
+    assert page.site_prefixes.keys() == {f"rank0-{t}" for t in RUNS}
+    assert not list(folder.glob(".report.html.*"))  # written atomically, nothing left behind
