@@ -372,38 +372,79 @@ def test_npu_decoder_matches_original_per_rank_standin(pools, case):
 # vllm-ascend's default fusions run first (fxpasses.testing.ascend_fusions): the norms at the reduce
 # sites are fused with the next linear's quantisation; FlashComm1 still shards them and gathers int8
 # id: (tp, quant, strategies, config extras, collectives after: as many as without the fusions, so the
-# dynamic scheme's int8 values and scales still travel in one gather)
+# dynamic scheme's int8 values and scales still travel in one gather; model extras, the fused op)
 _FC1_AFTER = dict(all_reduce=0, reduce_scatter=5, all_gather=5, all_to_all=0)
-FUSED_CASES = {"tp2-w8a8-fc1": (2, "w8a8", FC1, {}, _FC1_AFTER), "tp4-w8a8-fc1": (4, "w8a8", FC1, {}, _FC1_AFTER),
-               "tp2-w8a8dyn-fc1+fc2-nd": (2, "w8a8_dynamic", FC12, ND,
-                                          dict(all_reduce=0, reduce_scatter=3, all_gather=5, all_to_all=2)),
-               "tp4-w8a8dyn-fc1": (4, "w8a8_dynamic", FC1, {}, _FC1_AFTER)}
-FUSED_OPS = {"w8a8": "npu::npu_add_rms_norm_quant", "w8a8_dynamic": "npu::npu_add_rms_norm_dynamic_quant"}
+_FC12_ND_AFTER = dict(all_reduce=0, reduce_scatter=3, all_gather=5, all_to_all=2)
+_NQ = {"w8a8": "npu::npu_add_rms_norm_quant", "w8a8_dynamic": "npu::npu_add_rms_norm_dynamic_quant"}
+FUSED_CASES = {
+    "tp2-w8a8-fc1": (2, "w8a8", FC1, {}, _FC1_AFTER, {}, _NQ["w8a8"]),
+    "tp4-w8a8-fc1": (4, "w8a8", FC1, {}, _FC1_AFTER, {}, _NQ["w8a8"]),
+    "tp2-w8a8dyn-fc1+fc2-nd": (2, "w8a8_dynamic", FC12, ND, _FC12_ND_AFTER, {}, _NQ["w8a8_dynamic"]),
+    "tp4-w8a8dyn-fc1": (4, "w8a8_dynamic", FC1, {}, _FC1_AFTER, {}, _NQ["w8a8_dynamic"]),
+    # Qwen3-style q/k norms: fuse_qknorm_rope's vllm.qkv_rmsnorm_rope after the qkv_proj
+    "tp2-float-qknorm-fc1+fc2-nd": (2, "none", FC12, ND, _FC12_ND_AFTER, dict(FLOAT, qk_norm=True),
+                                    "vllm::qkv_rmsnorm_rope"),
+    "tp2-w8a8dyn-qknorm-fc1": (2, "w8a8_dynamic", FC1, {}, _FC1_AFTER, dict(qk_norm=True), "vllm::qkv_rmsnorm_rope"),
+}
 
 
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_npu_decoder_after_vllm_ascends_default_fusions_standin(pools, case):
-    """What fxpasses receives on vllm-ascend: the fused norm+quant ops at every residual norm feeding
-    a quantised linear. FlashComm1 replaces every all-reduce, runs the fused op on the token shards
-    and gathers its int8 output (fewer bytes than the all-reduces: a float gather would send as
-    many), the same on every rank; every rank's output equals the fused original's (float64)."""
-    tp, quant, strategies, cfg, after = FUSED_CASES[case]
+    """What fxpasses receives on vllm-ascend: its default fusions' ops (fused norm + quantisation at
+    every residual norm feeding a quantised linear, q/k norm + rope after qkv_proj). The strategies
+    rewrite every all-reduce as without the fusions, with the same collectives (int8 gathered where
+    the fused op quantises: fewer bytes than the all-reduces), the same on every rank; every rank's
+    output equals the fused original's (float64)."""
+    tp, quant, strategies, cfg, after, extra, fused = FUSED_CASES[case]
     pool = pools.get(tp, "vllm")
-    summaries = pool.run(rank_capture, bundled_spec(num_hidden_layers=2), {"strategies": list(strategies), **cfg},
-                         "float64", False, builder=BUILDER, builder_kwargs={"quant": quant}, ascend_fusions=True)
+    summaries = pool.run(rank_capture, bundled_spec(num_hidden_layers=2, **extra),
+                         {"strategies": list(strategies), **cfg}, "float64", False, builder=BUILDER,
+                         builder_kwargs={"quant": quant}, ascend_fusions=True)
     for s in summaries:
         rep = s["report"]
-        assert s["before"].count(f"torch.ops.{FUSED_OPS[quant].replace('::', '.')}.default(") >= 3, s["before"]
+        assert s["before"].count(f"torch.ops.{fused.replace('::', '.')}.default(") >= 2, s["before"]
+        if extra.get("qk_norm"):
+            assert "torch.ops.vllm.npu_rotary_embedding.default(" not in s["before"]  # every rope was fused
         assert rep["applied"], rep["reason"]
         assert rep["collectives_before"]["all_reduce"] == 5 and rep["collectives_after"] == after
-        assert rep["bytes_per_step"]["after"] < rep["bytes_per_step"]["before"]
-        norms = [x for x in rep["sites"] if x["kind"] == "reduce" or x["prefix"].endswith(("o_proj", "down_proj"))]
-        assert norms and all(x["status"] in ("rewritten", "untouched") for x in norms)
+        if quant == "none":
+            assert rep["bytes_per_step"]["after"] <= rep["bytes_per_step"]["before"]
+        else:
+            assert rep["bytes_per_step"]["after"] < rep["bytes_per_step"]["before"]
     assert len({s["report"]["fingerprint_digest"] for s in summaries}) == 1
     tokens = _tokens(tp)
     for rank, results in enumerate(pool.run(rank_compare, summaries[0]["key"], tokens)):
         assert [r["T"] for r in results] == tokens
         assert all(r["shape_ok"] and r["rel"] <= 1e-10 for r in results), (rank, results)
+
+
+def test_qknorm_rope_fusion_keeps_values_standin():
+    """fuse_qknorm_rope on split -> per-head npu_rms_norm of q and k -> neox rope: one
+    vllm.qkv_rmsnorm_rope, no rope or norm left, the same q, k and v; a GPT-J rope is not fused."""
+    from fxpasses.testing.ascend_fusions import fuse_qknorm_rope
+
+    T, hd, nq, nkv = 5, 8, 4, 2
+
+    def f(qkv, pos, cache, gq, gk, neox: bool):
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q, _ = torch.ops.npu.npu_rms_norm(q.reshape(T, nq, hd), gq, 1e-6)
+        k, _ = torch.ops.npu.npu_rms_norm(k.reshape(T, nkv, hd), gk, 1e-6)
+        q, k = torch.ops.vllm.npu_rotary_embedding(pos, q.reshape(T, nq * hd), k.reshape(T, nkv * hd), cache, hd, hd,
+                                                   neox)
+        return q, k, v * 1.5
+
+    args = (torch.randn(T, (nq + 2 * nkv) * hd, dtype=torch.float64), torch.arange(T), torch.randn(16, hd,
+            dtype=torch.float64), torch.rand(hd, dtype=torch.float64) + 0.5, torch.rand(hd, dtype=torch.float64) + 0.5)
+    for neox, n in ((True, 1), (False, 0)):
+        gm = make_fx(lambda *a: f(*a, neox), tracing_mode="symbolic")(*args)
+        want = gm(*args)
+        assert fuse_qknorm_rope(gm.graph) == n
+        gm.graph.lint()
+        gm.recompile()
+        names = [gf.op_name(x) for x in gm.graph.nodes if x.op == "call_function"]
+        assert ("vllm::qkv_rmsnorm_rope" in names) == bool(n)
+        assert ("vllm::npu_rotary_embedding" in names) != bool(n) and ("npu::npu_rms_norm" in names) != bool(n)
+        assert all(torch.equal(a, b) for a, b in zip(gm(*args), want, strict=True))
 
 
 def test_fc2_alone_with_nz_weights_leaves_the_graph_standin(pools):

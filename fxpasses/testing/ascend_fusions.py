@@ -11,9 +11,10 @@ any pass added under its key (fxpasses):
                     x2, gamma, epsilon=eps, output_mask=[True, False], beta=bias)` ([0] int8, [3] the
                     per-token scale, [2] the residual sum)
   fuse_qknorm_rope  QKNormRopeFusionPass: qkv split, per-head `npu_rms_norm` of q and k, then
-                    `npu_rotary_embedding` -> `vllm.qkv_rmsnorm_rope` (matched in bfloat16 with head
-                    size 128 there; the stand-in decoder has no q/k norm, so nothing matches it here and
-                    this pass is listed for the order only)
+                    `npu_rotary_embedding` (neox, whole head) -> `vllm.qkv_rmsnorm_rope(qkv, cos_sin_cache,
+                    positions, q_weight, k_weight, q_size, kv_size, head_dim, eps)`, its outputs the
+                    rotated q and k and v (matched in bfloat16 with head size 128 there; any dtype and
+                    head size here)
   fuse_muls_add     MulsAddFusionPass: `x * scale + y` (scale the model's routed_scaling_factor, 1.0
                     by default) -> `vllm.muls_add(x, y, scale)`
 
@@ -115,9 +116,82 @@ def fuse_norm_quant(graph: fx.Graph) -> int:
     return done
 
 
+_VIEWS = ("aten::view", "aten::reshape", "aten::_unsafe_view")
+
+
+def _through_views(n: Any) -> Any:
+    while isinstance(n, fx.Node) and n.op == "call_function" and gf.op_name(n) in _VIEWS and len(n.users) == 1:
+        n = n.args[0]
+    return n
+
+
+def _normed_split(n: Any) -> tuple[fx.Node, fx.Node, int] | None:
+    """(the norm, the split, which chunk) when `n` is (views of) npu_rms_norm's output of (views of)
+    one chunk of a split of the qkv output, the norm used only there."""
+    y = _through_views(n)
+    if not (isinstance(y, fx.Node) and y.target is operator.getitem and y.args[1] == 0):
+        return None
+    norm = y.args[0]
+    if gf.op_name(norm) != "npu::npu_rms_norm" or set(_getitems(norm)) != {0} or len(y.users) != 1:
+        return None
+    chunk = _through_views(arg(norm, "self"))
+    if not (isinstance(chunk, fx.Node) and chunk.target is operator.getitem
+            and gf.op_name(chunk.args[0]) in ("aten::split_with_sizes", "aten::split")):
+        return None
+    return norm, chunk.args[0], chunk.args[1]
+
+
+def _erase_unused(graph: fx.Graph, start: list[fx.Node]) -> None:
+    """Erase `start` and, through their inputs, every node left without a user by that."""
+    work = list(start)
+    while work:
+        n = work.pop()
+        if n.op != "call_function" or n.graph is not graph or n not in set(graph.nodes):
+            continue
+        if any(u.users or u.target is not operator.getitem for u in n.users):
+            continue  # used (an unused getitem of a multi-output node does not count)
+        for u in list(n.users):
+            graph.erase_node(u)
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        work += inputs
+
+
 def fuse_qknorm_rope(graph: fx.Graph) -> int:
-    """See the module docstring: no stand-in graph has the pattern; nothing is replaced."""
-    return 0
+    """split -> per-head npu_rms_norm of q and of k -> npu_rotary_embedding (neox, the whole head
+    rotated) -> `vllm.qkv_rmsnorm_rope` (see the module docstring)."""
+    ensure_npu_standin_ops()
+    done = 0
+    for rope in list(graph.nodes):
+        if rope.op != "call_function" or gf.op_name(rope) != "vllm::npu_rotary_embedding":
+            continue
+        q, k = _normed_split(arg(rope, "query")), _normed_split(arg(rope, "key"))
+        if q is None or k is None or q[1] is not k[1] or (q[2], k[2]) != (0, 1):
+            continue
+        split = q[1]
+        sizes = split.args[1]
+        head = arg(rope, "head_size")
+        if not (isinstance(sizes, (list, tuple)) and len(sizes) == 3 and arg(rope, "is_neox_style") is True
+                and arg(rope, "rotary_dim") == head and arg(rope, "offsets") is None
+                and split.args[2:] in ((-1,), (1,))):
+            continue
+        (qn, _, _), (kn, _, _) = q, k
+        chunks = _getitems(split)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        inputs = [a for a in (split, arg(rope, "cos_sin_cache"), arg(rope, "positions")) if isinstance(a, fx.Node)]
+        at = max(inputs, key=order.__getitem__)  # right after its last input: before every user it takes over
+        with graph.inserting_before(at.next):
+            fused = _call(graph, torch.ops.vllm.qkv_rmsnorm_rope.default,
+                          (split.args[0], arg(rope, "cos_sin_cache"), arg(rope, "positions"), arg(qn, "gamma"),
+                           arg(kn, "gamma"), sizes[0], sizes[1], head, arg(qn, "epsilon")), like=rope)
+            new = [_call(graph, operator.getitem, (fused, i), like=rope) for i in range(3)]
+        for i, old in _getitems(rope).items():
+            old.replace_all_uses_with(new[i])
+        if 2 in chunks:
+            chunks[2].replace_all_uses_with(new[2])
+        _erase_unused(graph, [rope, *([chunks[2]] if 2 in chunks else [])])
+        done += 1
+    return done
 
 
 def fuse_muls_add(graph: fx.Graph, scale: float = 1.0) -> int:

@@ -14,7 +14,8 @@ vllm-ascend's own linear methods do it:
 Norms, activation and rotary embedding are vllm-ascend's forms: `npu.npu_rms_norm` (first layer's
 input norm), `npu.npu_add_rms_norm` (residual add + norm), `_C_ascend.npu_add_rms_norm_bias` (the
 post-attention norm, with a beta), `npu.npu_swiglu`, `vllm.npu_rotary_embedding` (neox or GPT-J
-style) on positions `arange(T)`. With `moe_reduce` the odd layers' MLP ends like vllm-ascend's MoE
+style) on positions `arange(T)`; with the spec's `qk_norm`, per-head `npu.npu_rms_norm`s of q and k
+before it (Qwen3; what vllm-ascend's fuse_qknorm_rope turns into `vllm.qkv_rmsnorm_rope`). With `moe_reduce` the odd layers' MLP ends like vllm-ascend's MoE
 block: `down_proj(reduce_results=False)` then `vllm.maybe_pad_and_reduce` (a TP all-reduce with
 FlashComm off). The ops come from `fxpasses.testing.npu_standin`. Weights are seeded and
 identical on every rank before sharding; quantised weights are per-output-channel int8.
@@ -118,10 +119,19 @@ class NPUAttention(nn.Module):
         self.o_proj = RowParallelLinear(spec.num_attention_heads * spec.head_dim, spec.hidden_size,
                                         bias=spec.o_proj_bias, prefix=f"{prefix}.o_proj")
         self.register_buffer("cos_sin_cache", _cos_sin_cache(spec.head_dim, max_pos), persistent=False)
+        self.qk_norm, self.eps = spec.qk_norm, spec.rms_norm_eps
+        if spec.qk_norm:  # Qwen3's per-head RMS norms of q and k before the rope
+            self.q_norm = nn.Parameter(torch.ones(spec.head_dim), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.ones(spec.head_dim), requires_grad=False)
 
     def forward(self, positions, hidden):
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:  # the ops vllm-ascend's fuse_qknorm_rope matches (with the rope below)
+            t = qkv.shape[0]
+            q, _ = torch.ops.npu.npu_rms_norm(q.reshape(t, self.num_heads, self.head_dim), self.q_norm, self.eps)
+            k, _ = torch.ops.npu.npu_rms_norm(k.reshape(t, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
+            q, k = q.reshape(t, self.q_size), k.reshape(t, self.kv_size)
         q, k = torch.ops.vllm.npu_rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim,
                                                    self.head_dim, self.neox)
         t = q.shape[0]
@@ -220,6 +230,10 @@ def build_npu_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float64, 
             norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
         layer.post_attention_layernorm.bias.data.copy_(rnd(h, scale=0.1))
     model.norm.weight.data.copy_(1.0 + rnd(h, scale=0.1))
+    if spec.qk_norm:  # drawn last: the other weights are the same with or without q/k norms
+        for layer in model.layers:
+            for w in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                w.data.copy_(1.0 + rnd(spec.head_dim, scale=0.1))
 
     for mod in model.modules():
         if hasattr(mod, "quant_method") and hasattr(mod, "weight") and mod.weight.ndim == 2 \
