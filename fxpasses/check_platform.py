@@ -93,10 +93,10 @@ class CheckPlatform:
             return requested, "given by --dtype"
         if requested != "auto":
             return requested, "given by --dtype"
-        stored = str(config.get("torch_dtype") or config.get("dtype") or "")
+        stored = stored_dtype(config)
         if stored in ("float16", "bfloat16"):
             return stored, f"the checkpoint's dtype, which {self.name} kernels take"
-        return "bfloat16", (f"the checkpoint is {stored or 'float32'}; not every vLLM {self.name} attention "
+        return "bfloat16", (f"the checkpoint is {stored}; not every vLLM {self.name} attention "
                             "backend takes float32, so the engines run bfloat16 (--dtype float32 to insist)")
 
     # -- limits ----------------------------------------------------------------------------------
@@ -130,9 +130,14 @@ class CheckPlatform:
                 f"{have / gib:.1f} GiB to give; use a larger --tp, a smaller model, or --dtype bfloat16")
 
 
+def stored_dtype(config: dict) -> str:
+    """The dtype a checkpoint's config.json says its weights are stored in (float32 when it says none)."""
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
 def checkpoint_bytes(model: Path, config: dict, dtype: str) -> float:
     """The checkpoint's weights in `dtype`: its *.safetensors bytes scaled from the stored dtype."""
-    stored = DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
+    stored = DTYPE_BYTES.get(stored_dtype(config), 4)
     return sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * DTYPE_BYTES.get(dtype, 4) / stored
 
 

@@ -146,6 +146,22 @@ def test_npu_comm_mode_follows_the_chip(soc, env, mode):
     assert backends.npu_comm_mode(soc, env) == mode
 
 
+def test_soc_version_is_read_from_torch_npu_standin(monkeypatch):
+    """The chip is torch_npu.npu.get_soc_version() (a stand-in module here), read once per process."""
+    import sys
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "torch_npu", SimpleNamespace(npu=SimpleNamespace(
+        get_soc_version=lambda: calls.append(1) or 260)))
+    backends.soc_version.cache_clear()
+    try:
+        assert backends.soc_version() == 260 and backends.soc_version() == 260 and len(calls) == 1
+        assert backends.npu_comm_mode(backends.soc_version(), {}) == "ai_cpu"
+    finally:
+        backends.soc_version.cache_clear()
+
+
 def test_npu_matmul_reduce_scatter_is_fused_at_most_over_8_ranks():
     """npu_mm_reduce_scatter_base fails at 16 ranks (vllm-ascend #6168); the other kernels take 16 and 32."""
     for size in (2, 4, 8):

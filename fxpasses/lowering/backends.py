@@ -30,6 +30,7 @@ reduce-scatter's input had (the kernels need rows divisible by the group size).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -210,7 +211,7 @@ NPU_WORLD_SIZES = (2, 4, 8, 16, 32)   # A2: 2, 4, 8 (all-mesh); A3: 2 ... 32 (do
 #: npu_mm_reduce_scatter_base does not work at 16 ranks: vllm-ascend fuses it only up to 8 (#6168,
 #: `mmrs_fusion = tp_world_size <= 8` "until it supports tp_size >= 16")
 NPU_MM_REDUCE_SCATTER_MAX_RANKS = 8
-#: Ascend chip families by torch_npu's numeric SOC version (`torch_npu.npu.getsoc_version()`), as
+#: Ascend chip families by torch_npu's numeric SOC version (`torch_npu.npu.get_soc_version()`), as
 #: vllm-ascend's device/hardware.py reads them: (lowest, highest, family)
 NPU_SOC_FAMILIES = ((200, 205, "310P"), (220, 225, "A2"), (250, 255, "A3"), (260, 260, "A5"))
 #: the fused kernels' comm_mode per family (vllm-ascend #12689: newer CANN refuses "aiv" on A5, Ascend
@@ -251,10 +252,12 @@ def npu_group_refusal(kind: str, size: int) -> str | None:
     return None
 
 
+@functools.cache
 def soc_version() -> int | None:
+    """torch_npu's numeric SOC version of this process's NPU (one per process: read once)."""
     try:
         import torch_npu
-        return int(torch_npu.npu.getsoc_version())
+        return int(torch_npu.npu.get_soc_version())
     except Exception:  # no torch_npu (the stand-ins): the A2/A3 default
         return None
 

@@ -55,8 +55,7 @@ def _fake(node: fx.Node) -> None:
         node.meta["val"] = args[0][args[1]]
         return
     from torch._guards import detect_fake_mode
-    mode = detect_fake_mode([a for a in torch.fx.node.map_aggregate(node.args, v) if isinstance(a, torch.Tensor)])
-    with mode:
+    with detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)]):
         node.meta["val"] = node.target(*args, **kwargs)
 
 
@@ -101,17 +100,12 @@ def fuse_norm_quant(graph: fx.Graph) -> int:
                     old = _getitems(quant).get(i)
                     if old is not None:
                         old.replace_all_uses_with(_call(graph, operator.getitem, (fused, j), like=quant))
-            outs = {2: 2}
         else:
             continue
-        for i, j in outs.items():
-            if i in items:
-                with graph.inserting_before(at):
-                    items[i].replace_all_uses_with(_call(graph, operator.getitem, (fused, j), like=norm))
-        dead = [u for u in (*quant.users, *norm.users) if not u.users]
-        for n in [*dead, quant, *items.values(), norm]:
-            if not n.users and n.graph is graph and n in graph.nodes:
-                graph.erase_node(n)
+        if 2 in items:  # the residual sum x1 + x2 is output 2 of the norm and of both fused ops
+            with graph.inserting_before(at):
+                items[2].replace_all_uses_with(_call(graph, operator.getitem, (fused, 2), like=norm))
+        _erase_unused(graph, [quant, items[2]] if 2 in items else [quant])
         done += 1
     return done
 
@@ -143,17 +137,19 @@ def _normed_split(n: Any) -> tuple[fx.Node, fx.Node, int] | None:
 
 def _erase_unused(graph: fx.Graph, start: list[fx.Node]) -> None:
     """Erase `start` and, through their inputs, every node left without a user by that."""
-    work = list(start)
+    work, erased = list(start), set()
     while work:
         n = work.pop()
-        if n.op != "call_function" or n.graph is not graph or n not in set(graph.nodes):
+        if n in erased or n.op != "call_function":
             continue
         if any(u.users or u.target is not operator.getitem for u in n.users):
             continue  # used (an unused getitem of a multi-output node does not count)
         for u in list(n.users):
             graph.erase_node(u)
+            erased.add(u)
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
+        erased.add(n)
         work += inputs
 
 
@@ -171,11 +167,11 @@ def fuse_qknorm_rope(graph: fx.Graph) -> int:
         split = q[1]
         sizes = split.args[1]
         head = arg(rope, "head_size")
+        (qn, _, _), (kn, _, _) = q, k
         if not (isinstance(sizes, (list, tuple)) and len(sizes) == 3 and arg(rope, "is_neox_style") is True
                 and arg(rope, "rotary_dim") == head and arg(rope, "offsets") is None
-                and split.args[2:] in ((-1,), (1,))):
-            continue
-        (qn, _, _), (kn, _, _) = q, k
+                and split.args[2:] in ((-1,), (1,)) and arg(qn, "epsilon") == arg(kn, "epsilon")):
+            continue  # the fused op takes one eps for both norms
         chunks = _getitems(split)
         order = {n: i for i, n in enumerate(graph.nodes)}
         inputs = [a for a in (split, arg(rope, "cos_sin_cache"), arg(rope, "positions")) if isinstance(a, fx.Node)]
