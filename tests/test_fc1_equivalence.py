@@ -4,7 +4,8 @@ gloo process groups.
 
 Shapes and counts run (ci profile; HYPOTHESIS_PROFILE=deep multiplies the examples and sets by 5):
 * TP=2, each all-reduce form (c10d, vllm) x each shape of `helpers.SHAPES[2]` (2 layers, GQA 2, qkv
-  and o_proj bias, q/k norm; 3 layers, 8 heads on 1 replicated kv head, o_proj and MLP bias);
+  and o_proj bias, q/k norm; 3 layers, 8 heads on 1 replicated kv head, o_proj and MLP bias); the
+  fast tier runs c10d x 2 layers and vllm x 3 layers, the second tier the other two;
 * TP=4, vllm form, `helpers.SHAPES[4]` (2 layers, 8 heads on 2 kv heads, all biases, q/k norm);
 * each captured once, then compared for `examples(1)` drawn seeds x TOKEN_SETS (20) token-count
   sets made from the seed: 1, tp - 1, tp, tp + 1, 3 tp + 1 and 3 to 6 counts in 1..300.

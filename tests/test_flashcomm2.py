@@ -6,7 +6,9 @@ Each (tp, K, strategies) case is captured once (the capture is cached in the ran
 `_spec()`: 2 layers, 8 heads on 2 kv heads (GQA 4, heads != tp at TP=4), qkv and o_proj bias, q/k
 norm. The equivalence tests compare each capture on TOKEN_SETS (20) token-count sets made from
 `examples(1)` drawn seeds (1, tp - 1, tp, tp + 1, 3 tp + 1 and 3 to 6 counts in 1..300), the seed also
-choosing the inputs; the TP=2 shape test adds `helpers.SHAPES[2]` at K=1."""
+choosing the inputs; the TP=2 shape test adds `helpers.SHAPES[2]` at K=1. The fast tier compares
+tp2-K1-flashcomm2 and tp4-K2-flashcomm1+flashcomm2 and the shapes with both strategies; the second
+tier the other cases (tests/conftest.py HEAVY)."""
 import pytest
 from hypothesis import given, settings
 

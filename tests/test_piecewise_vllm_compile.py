@@ -159,15 +159,17 @@ def test_piecewise_flashcomm1_shards_the_piece_boundaries(pools, seed, tp):
 
 
 @pytest.mark.parametrize("mutant", [None, "boundary_rows_of_the_next_rank"])
-def test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught_tp4(pools, mutant):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught(pools, tp, mutant):
     """The boundary contract without the pieces' rewrite (the post-grad pass left out: every piece
     keeps its boundary shard and all-gather, as where a piece's rewrite is refused) still
     computes the eager model at every token count, T=1 included; with the shard offset off by one
-    shard (`MUTANTS["boundary_rows_of_the_next_rank"]`: every rank hands the next rank's rows over)
-    the comparison fails at every token count."""
+    shard (`MUTANTS["boundary_rows_of_the_next_rank"]`: every rank hands the next rank's rows over,
+    rows that hold other tokens at TP=2 as at TP=4) the comparison fails at every token count.
+    TP=2 in the fast tier, TP=4 in the second (tests/conftest.py HEAVY)."""
     from fxpasses.testing.piecewise import rank_compare_vllm
 
-    pool = pools(4)
+    pool = pools(tp)
     s = _compile(pool, "piecewise", ["flashcomm1"], mutant=mutant, rewrite_pieces=False)
     assert s[0]["boundaries"]["shard"] is True
     tokens = [1, 5, 9, 23]

@@ -25,11 +25,12 @@ CASES = {"tp2-fc2-K1": (2, "flashcomm2", 1), "tp4-fc1+fc2-K2": (4, "flashcomm1+f
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_flashcomm2_runs_in_the_cpu_engine_with_plain_weights(case, tmp_path, engine_log):
+def test_flashcomm2_runs_in_the_cpu_engine_with_plain_weights(case, tmp_path, engine_log, baseline_cache):
     tp, strategies, k = CASES[case]
+    # the TP=4 baseline is kept for test_vllm_engine_mutant's TP=4 check (same checkpoint and settings)
     res = engine_log(check.run_check(None, tp, strategies, arch="llama", workdir=tmp_path,
                                      env={cpu_plain_weights.ENV: "1"}, config={"flashcomm2_oproj_tp_size": k},
-                                     progress=lambda line: None))
+                                     baseline_cache=baseline_cache, progress=lambda line: None))
     assert res.exit_code == check.EXIT_OK, res.message
     assert res.outputs_equal and (res.tokens_equal or res.dtype != "float32"), res.message
     assert res.max_logprob_diff <= res.tolerance, res.message

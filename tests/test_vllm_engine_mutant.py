@@ -8,16 +8,16 @@ reduce-scatter adds the same two numbers as an all-reduce). The test suite's vLL
 in every process of the engine with the pass (`FXPASSES_TESTING_MUTANT`, `check.run_check(pass_env=)`);
 the baseline engine runs without the pass and is the session's shared run
 (`check.run_check(baseline_cache=)`): at TP=2 the same one `test_check_cli`'s end-to-end check (the
-control without the mutant) compares against. Each run must have rewritten the graph on every rank,
-so the verdict is the mutant's, not a failed rewrite. (TP=4 has no engine control here: three TP=4
-engines took 6 minutes of the 90 CI allows; FlashComm1 at TP=4 is proven equal per rank on real vLLM
-layers in the fast tier, `test_fc1_equivalence.py`.)
+control without the mutant) compares against; at TP=4 the one of `test_vllm_engine_flashcomm2`'s TP=4
+case, whose plain weights (`FXPASSES_CPU_PLAIN_WEIGHTS=1`, in both engines) this check takes too, and
+whose FlashComm1+FlashComm2 run equal to it is the control. Each run must have rewritten the graph
+on every rank, so the verdict is the mutant's, not a failed rewrite.
 """
 from __future__ import annotations
 
 import pytest
 
-from fxpasses import check
+from fxpasses import check, cpu_plain_weights
 from fxpasses.testing import mutants
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
@@ -26,8 +26,9 @@ MUTANT = "reduce_scatter_rows_of_the_next_rank"
 
 
 def _check(tp, workdir, baseline_cache):
+    env = {cpu_plain_weights.ENV: "1"} if tp == 4 else None   # the TP=4 baseline shared with FlashComm2's
     return check.run_check(None, tp, "flashcomm1", arch="llama", workdir=workdir, baseline_cache=baseline_cache,
-                           pass_env={mutants.ENV: MUTANT}, progress=lambda line: None)
+                           env=env, pass_env={mutants.ENV: MUTANT}, progress=lambda line: None)
 
 
 def _caught(res, tp):

@@ -491,7 +491,7 @@ def one_rank_decides_differently():
 
 
 @mutant("piece boundaries: every rank hands the next rank's rows of a boundary value over",
-        "test_piecewise_vllm_compile.py::test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught_tp4")
+        "test_piecewise_vllm_compile.py::test_piecewise_boundary_contract_alone_is_exact_and_its_mutant_is_caught")
 def boundary_rows_of_the_next_rank():
     from fxpasses.testing import piecewise
     cm = piecewise.MUTANTS["boundary_rows_of_the_next_rank"]()
