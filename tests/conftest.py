@@ -66,6 +66,7 @@ HEAVY = [
     "test_int8_on_the_wire.py::test_int8_bytes_against_bf16_standin*",
     "test_int8_on_the_wire.py::test_fc1_gathers_int8_and_equals_float_gather_standin[[]w8a8-2]",
     "test_int8_on_the_wire.py::test_fc2_all_to_all_sends_int8_standin[[]w8a8-tp2]",
+    "test_int8_on_the_wire.py::test_fc2_int8_with_row_bias_standin",
     "test_lowering.py::test_reference_lowering_matches_unfused_tp4*",
     "test_lowering.py::test_reference_lowering_matches_unfused_tp2[[]c10d-*",
     "test_lowering.py::test_reference_lowering_matches_unfused_tp2[[]vllm-flashcomm2]",
