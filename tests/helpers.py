@@ -4,6 +4,8 @@ import dataclasses
 import logging
 import os
 import random
+import subprocess
+import sys
 from fractions import Fraction
 from unittest import mock
 
@@ -162,3 +164,16 @@ def rank_block_flashcomm1(block, module_prefix: str, make_input, tokens):
         args = list(rebind_token_args(cap.first_args, x0, make_input(T, g)))
         outs.append((cap.originals[0](*args)[0], cap.graphs[0](*args)[0]))
     return reports[0], cap, outs
+
+
+def run_python_together(argvs: list[list[str]], cwd, timeout: float = 300, at_once: int = 2) -> list[tuple[int, str]]:
+    """`python ARGV...` for each argv, `at_once` interpreters at a time (this machine kind has 2
+    cores, and the runs are mostly imports); (returncode, stderr) per argv, in order."""
+    out = []
+    for i in range(0, len(argvs), at_once):
+        procs = [subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for argv in argvs[i:i + at_once]]
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            out.append((p.returncode, err))
+    return out

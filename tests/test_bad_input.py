@@ -12,6 +12,7 @@ import pytest
 from fxpasses.config import FxPassesConfig, load_config
 from fxpasses.errors import ConfigError, PatternError
 from fxpasses.testing.models.tiny import DecoderSpec
+from helpers import run_python_together
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,13 +100,10 @@ def test_cli_refuses_bad_input_before_starting_ranks(tmp_path):
         (["dump", "--config", str(cfg)], "lacks"),
         (["demo", "--strategy", "nope"], "unknown strategy 'nope'"),
     ]
-    # the CLI runs are independent: all started at once (the machine's cores share the imports)
-    procs = [(args, expect, subprocess.Popen([sys.executable, "-m", "fxpasses", *args], cwd=REPO,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-             for args, expect in cases]
-    for args, expect, proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (args, proc.returncode, err[-2000:])
+    # the CLI runs are independent: two at a time
+    runs = run_python_together([["-m", "fxpasses", *args] for args, _ in cases], cwd=REPO, timeout=120)
+    for (args, expect), (rc, err) in zip(cases, runs):
+        assert rc == 2, (args, rc, err[-2000:])
         assert expect in err and "Traceback" not in err, (args, err[-2000:])
 
 

@@ -3,11 +3,11 @@ hit a half-initialised module), and every entry module imports first in a fresh 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_python_together
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "fxpasses"
@@ -74,12 +74,6 @@ def test_entry_modules_import_first_in_a_fresh_interpreter():
     """Each entry module imported first in an interpreter of its own, then the strategy registry
     asked: no import order hides a cycle. Two interpreters at a time (this machine kind has 2 cores)."""
     code = "import {m}; import fxpasses.strategies.base as b; assert b.registered_names()"
-    bad = []
-    for i in range(0, len(ENTRY_MODULES), 2):
-        procs = [(m, subprocess.Popen([sys.executable, "-c", code.format(m=m)], cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)) for m in ENTRY_MODULES[i:i + 2]]
-        for m, p in procs:
-            _, err = p.communicate(timeout=300)
-            if p.returncode:
-                bad.append((m, err[-800:]))
+    runs = run_python_together([["-c", code.format(m=m)] for m in ENTRY_MODULES], cwd=REPO)
+    bad = [(m, err[-800:]) for m, (rc, err) in zip(ENTRY_MODULES, runs) if rc]
     assert bad == [], bad
