@@ -6,7 +6,7 @@ then run the original and the rewritten graph on the same inputs and print each 
 and the collective counts. Exit status: 0 rewritten and equal, 1 outputs (or collective sequences)
 differ, 2 bad input, 3 nothing was rewritten on any rank.
 
-`check` runs vLLM's real CPU engine on a checkpoint without and with the pass (`fxpasses.check`):
+`check` runs vLLM's real CPU engine on a checkpoint without and with the pass (`fxpasses.commands.check`):
 the same codes, and 4 when the pass makes each rank send more bytes per step.
 
 `report DIR` writes one self-contained HTML page of a run's dumps (`fxpasses.html_report`).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError, FxPassesError
-from fxpasses.strategies.base import TP_GRAPHS
+from fxpasses.strategies.tp_family import TP_GRAPHS
 
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}
 
@@ -52,7 +52,7 @@ def refuse_engine_only_config(config_path: str) -> None:
     found = [f"{k}={cfg[k]}" for k in _ENGINE_ONLY_KEYS if cfg.get(k)]
     if not found:
         return
-    from fxpasses.tiny_checkpoints import CONFIG_CLASSES
+    from fxpasses.commands.tiny_checkpoints import CONFIG_CLASSES
     what = "an MLA" if any(k.startswith(("kv_lora", "q_lora")) for k in found) else "an MoE"
     mt = cfg.get("model_type")
     arch = f"--arch {mt}" if mt in CONFIG_CLASSES else "--arch qwen3_moe|qwen2_moe|deepseek_v2"
@@ -121,8 +121,8 @@ def run_dump(config_path: str | None, tp: int, strategy: str, tokens: list[int],
 
 
 def _add_check_parser(sub) -> None:
-    from fxpasses.check import BYTES_AT, ENGINE_TIMEOUT_S, MAX_TOKENS, PROMPT_LENS, TOLERANCE
-    from fxpasses.tiny_checkpoints import QUANTS, known_archs
+    from fxpasses.commands.check import BYTES_AT, ENGINE_TIMEOUT_S, MAX_TOKENS, PROMPT_LENS, TOLERANCE
+    from fxpasses.commands.tiny_checkpoints import QUANTS, known_archs
 
     c = sub.add_parser("check", help="vLLM's CPU engine without and with the pass on a checkpoint: same "
                                      "tokens? sites, bytes per step, compile times",
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             return html_report.main(args)
         if args.cmd == "check":
-            from fxpasses import check
+            from fxpasses.commands import check
             return check.main(args)
         return run_dump(getattr(args, "config", None), args.tp, args.strategy, args.tokens, args.out,
                         args.dtype, args.allreduce_form, args.layers, args.patterns,

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
+from fxpasses import op_forms
 from fxpasses.lowering.match import FUSED_COLLECTIVES
 from fxpasses.lowering.match import ONE_TIME as LOWERING_ONE_TIME
 
@@ -184,8 +185,6 @@ def _fused_volume(node: fx.Node, name: str, layer: str, site: str, group_sizes, 
     """A fused matmul + collective (`fxpasses.lowering`) counts as the collective inside it: the
     bytes its pair's collective moved (`FUSED_COLLECTIVES` says which tensor they are measured on);
     `fxpasses::rank0_bias` is a one-time transfer of one bias vector."""
-    from fxpasses import op_forms
-
     if name in LOWERING_ONE_TIME:
         garg, sarg = LOWERING_ONE_TIME[name]
         n = int(op_forms.arg(node, sarg))

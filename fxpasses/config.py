@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from fxpasses import ascend_switches, link_costs, op_forms
 from fxpasses.errors import ConfigError
 from fxpasses.patterns_loader import load_patterns
-from fxpasses.strategies import base as strategy_registry
+from fxpasses.strategies import registry as strategy_registry
 
 log = logging.getLogger("fxpasses")
 
@@ -35,7 +35,7 @@ INT8_COMM_MODES = ("auto", "off")
 
 @dataclass(frozen=True)
 class FxPassesConfig:
-    """What to rewrite and how. See README "Configuration" for each key."""
+    """What to rewrite and how. See docs/configuration.md for each key."""
 
     strategies: tuple[str, ...] = ()
     flashcomm2_oproj_tp_size: int = 1      # K of FlashComm2 (1 <= K < tp, K | tp)

@@ -9,7 +9,7 @@ vLLM's CPU backend chooses kernels from the CPU's capabilities when it loads a m
 
 so on such a CPU a DeepSeek-style or W8A8 checkpoint cannot start in float32, and every other model
 can. `needs_half_precision` answers for one checkpoint from facts every process has (its config.json
-and this CPU); `fxpasses.check_platform` turns that into the dtype `fxpasses check --dtype auto` and
+and this CPU); `fxpasses.commands.check_platform` turns that into the dtype `fxpasses check --dtype auto` and
 the engine tests run: float32 wherever vLLM's kernels accept it (the tightest comparison), bfloat16
 where they do not.
 `describe()` is the line the test log and `fxpasses check` print.

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch.fx as fx
 from torch._logging import trace_structured
 
+from fxpasses import html_report
 from fxpasses.report import PassReport
+
 
 log = logging.getLogger("fxpasses")
 PAGE = "report.html"
@@ -85,7 +87,6 @@ def refresh_page(dump_dir: str | os.PathLike) -> None:
     target = Path(dump_dir) / PAGE
     tmp = target.with_name(f".{PAGE}.{os.getpid()}")
     try:
-        from fxpasses import html_report
         html_report.write_report(dump_dir, out=tmp)
         os.replace(tmp, target)
     except Exception as e:  # e.g. another rank's report half written at this moment

@@ -180,6 +180,41 @@ def module_stack_last(node: fx.Node) -> tuple[str, Any] | None:
     return module_path(path), cls
 
 
+_DYNAMO_SEGMENTS = {"cell_contents", "G"}
+
+
+def normalise_prefix(path: str) -> str:
+    """The vLLM prefix a Dynamo module path stands for.
+
+    A layer reached through vLLM's forward context (`...no_compile_layers.<prefix>`) is named by
+    what follows the last `no_compile_layers`; closure cells (`__closure__.<i>.cell_contents`),
+    other dunder attributes (`__import_vllm_dot_forward_context`) and the globals root `G` are
+    dropped."""
+    if "no_compile_layers." in path:
+        path = path.rsplit("no_compile_layers.", 1)[1]
+    out: list[str] = []
+    skip_index = False
+    for seg in path.split("."):
+        if skip_index and seg.isdigit():
+            skip_index = False
+            continue
+        skip_index = seg == "__closure__"
+        if seg.startswith("__") or seg in _DYNAMO_SEGMENTS or seg == "_forward_context":
+            continue
+        out.append(seg)
+    return ".".join(out)
+
+
+def layer_prefix(module_prefix: str, path: str) -> str:
+    """The vLLM layer prefix of a module path read from `nn_module_stack` in a graph compiled under
+    `module_prefix` (vLLM compiles "model"); a path through vLLM's forward context is absolute."""
+    absolute = "no_compile_layers." in path  # vLLM's forward context is keyed by the full prefix
+    path = normalise_prefix(path)
+    if absolute:
+        return path
+    return f"{module_prefix}.{path}" if module_prefix and path else (path or module_prefix)
+
+
 def class_names(cls: Any) -> list[str]:
     """The class's name followed by its base classes' names (strings work too)."""
     if isinstance(cls, type):

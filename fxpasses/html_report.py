@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fxpasses import advisor
+from fxpasses import link_costs as lc
 from fxpasses.errors import ConfigError
+
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")  # as fxpasses.report.KINDS
 REPORT_SUFFIX = ".site_report.json"
@@ -308,8 +311,6 @@ def advisor_series(model_dir: str | Path, tp: int, link_costs: dict | None,
     """fxpasses.advisor's modelled communication time per layer against token count, per strategy,
     for the checkpoint in `model_dir` (its config.json) at `tp`, with the run's link costs (else the
     platform's fixed ones); {} when the checkpoint or its shape cannot be read here."""
-    from fxpasses import advisor, link_costs as lc
-
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         dims = advisor.dims_from_config(cfg)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fxpasses.errors import PatternError
-from fxpasses.strategies import base as strategy_registry
-from fxpasses.strategies.base import SITE_KINDS
+from fxpasses.strategies import registry as strategy_registry
+from fxpasses.site_records import SITE_KINDS
 
 _STRATEGY_FIELDS = ("row", "column", "embedding", "moe", "reduce", "exclude")
 

@@ -30,7 +30,7 @@ with the platform's link costs) finds FlashComm1 no slower from 1 token to max_n
 Otherwise the boundaries stay replicated and each piece decides per range as before; the reason is
 logged and kept in `LAST_DECISION`.
 
-The seam (`install`): vLLM has no hook before `split_graph`, so this module wraps
+The seam (`fxpasses.split_seam.install`): vLLM has no hook before `split_graph`, so this module wraps
 `vllm.compilation.backends.split_graph`, after checking that the installed vLLM calls it from
 `VllmBackend.__call__` with the signature this code was written against; where it does not, the seam
 is not installed and a warning says that pieces keep replicated boundaries. The minimal upstream hook
@@ -42,7 +42,6 @@ registers it (`fxpasses.runtime_ops`), and the plugin loads `fxpasses` in every 
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import operator
 from dataclasses import dataclass
@@ -50,6 +49,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
+
+from fxpasses import graph_forms as gf
+from fxpasses import link_costs, token_gate
+
 
 log = logging.getLogger("fxpasses")
 
@@ -113,8 +116,6 @@ def boundary_decision(cfg, tp: int, *, max_tokens: int | None, hidden: int | Non
     if not (max_tokens and hidden and dtype_bytes):
         return Decision(False, "min_tokens=auto: the model's hidden size, dtype or max_num_batched_tokens is "
                                "unknown before the split")
-    from fxpasses import link_costs, token_gate
-
     costs = link_costs.resolve(cfg.link_costs)
     n = token_gate.analytic_min_tokens("flashcomm1", max_tokens=max_tokens, tp=tp, hidden=hidden,
                                        attn_out=hidden, dtype_bytes=dtype_bytes, costs=costs)
@@ -325,46 +326,7 @@ def shard_boundaries(graph: fx.GraphModule, is_split, tp: int, rank: int, group_
     return len(values)
 
 
-def carries_contract(graph: fx.Graph) -> bool:
-    """Does this (post-grad) piece hand a sharded boundary value over, or gather one it received?"""
-    from fxpasses import graph_forms as gf
-
-    for n in graph.nodes:
-        if gf.op_name(n) == SHARD_OP:
-            return True
-        if gf.collective_kind(n) == "all_gather":
-            x = gf.collective_input(n)
-            if isinstance(x, fx.Node) and x.op == "placeholder":
-                return True
-    return False
-
-
-# ---- the seam in vLLM's backend --------------------------------------------------------------------
-_ORIGINAL = None
-
-
-def _fxpasses_pass(backend) -> Any:
-    """The fxpasses pass this compilation runs: among the post-grad / platform passes of the backend's
-    compilation config (else the current vLLM config's), looking inside chains (`passes`) and the
-    vllm-ascend route's wrapper (`inner`); None when there is none."""
-    from fxpasses.vllm_pass import FxPassesInductorPass, find_vllm_config
-
-    cc = getattr(backend, "compilation_config", None)
-    if cc is None:
-        cc = getattr(find_vllm_config(), "compilation_config", None)
-    icc = getattr(cc, "inductor_compile_config", None) or {}
-    todo = list(icc.values()) if isinstance(icc, dict) else []
-    while todo:
-        p = todo.pop(0)
-        if isinstance(p, FxPassesInductorPass):
-            return p
-        todo.extend(getattr(p, "passes", None) or [])
-        if getattr(p, "inner", None) is not None:
-            todo.append(p.inner)
-    return None
-
-
-def _model_facts(graph: fx.GraphModule, T) -> tuple[int | None, int | None]:
+def model_facts(graph: fx.GraphModule, T) -> tuple[int | None, int | None]:
     """(hidden, dtype bytes) of the residual stream: the widest floating [T, H] activation."""
     best = None
     for n in graph.graph.nodes:
@@ -376,94 +338,13 @@ def _model_facts(graph: fx.GraphModule, T) -> tuple[int | None, int | None]:
     return best or (None, None)
 
 
-def _decide_and_shard(backend, graph: fx.GraphModule, splitting_ops: list[str]) -> Decision:
-    from vllm.compilation.backends import should_split
-
-    from fxpasses.context import TPContext
-    from fxpasses.logs import bridge_logging
-    from fxpasses.vllm_pass import find_vllm_config
-
-    bridge_logging()
-    pass_ = _fxpasses_pass(backend)
-    if pass_ is None or not splitting_ops:
-        return Decision(False, "no fxpasses pass or no splitting ops")
-    cfg = pass_.resolve_config()
-    ctx = TPContext.from_vllm()
-    T = token_count_of(graph.graph)
-    hidden, dtype_bytes = _model_facts(graph, T) if T is not None else (None, None)
-    vc = getattr(backend, "vllm_config", None) or find_vllm_config()
-    max_tokens = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
-    d = boundary_decision(cfg, ctx.tp, max_tokens=max_tokens, hidden=hidden, dtype_bytes=dtype_bytes)
-    if not d.shard:
-        return d
-    if ctx.tp_group is None or not ctx.tp_group.vllm_name:
-        return Decision(False, "the TP group has no vLLM name for vllm.all_gather")
-    try:
-        count = shard_boundaries(graph, lambda n: should_split(n, splitting_ops), ctx.tp, ctx.rank,
-                                 ctx.tp_group.vllm_name)
-    except Exception as e:  # the graph may be half rewritten: never compile that
-        raise BoundaryError(f"fxpasses: sharding the piece boundaries failed on TP rank {ctx.rank} "
-                            f"({type(e).__name__}: {e}); set min_tokens to auto or >= 2 in the fxpasses config "
-                            "to keep them replicated") from e
-    return Decision(bool(count), d.reason if count else "no token tensor crosses a piece boundary", count)
-
-
-def split_graph_with_boundaries(graph, splitting_ops, *args, **kwargs):
-    """`split_graph`, after the boundary contract was applied to the graph where it is decided."""
-    global LAST_DECISION
-    import sys
-
-    backend = sys._getframe(1).f_locals.get("self")
-    try:
-        d = _decide_and_shard(backend, graph, list(splitting_ops or []))
-    except BoundaryError:
-        raise
-    except Exception as e:  # deciding failed before the graph was touched: today's per-piece behaviour
-        d = Decision(False, f"the boundary decision failed ({type(e).__name__}: {e})")
-        log.warning("fxpasses: %s; piece boundaries stay replicated", d.reason)
-    LAST_DECISION = d
-    if d.shard:
-        log.info("fxpasses: %d token tensors cross vLLM's piece boundaries sharded over the TP group (%s)",
-                 d.boundaries, d.reason)
-    else:
-        log.info("fxpasses: piece boundaries stay replicated: %s", d.reason)
-    return _ORIGINAL(graph, splitting_ops, *args, **kwargs)
-
-
-def seam_problem() -> str | None:
-    """Why the installed vLLM does not offer the seam this module wraps, or None."""
-    try:
-        from vllm.compilation import backends
-    except Exception as e:  # no vLLM
-        return f"vllm.compilation.backends cannot be imported ({type(e).__name__})"
-    fn = getattr(backends, "split_graph", None)
-    if fn is None:
-        return "vllm.compilation.backends.split_graph is missing"
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    if params[:2] != ["graph", "splitting_ops"]:
-        return f"vllm.compilation.backends.split_graph takes {params}, not (graph, splitting_ops)"
-    try:
-        src = inspect.getsource(backends.VllmBackend.__call__)
-    except (OSError, TypeError):
-        return "the source of VllmBackend.__call__ is not readable"
-    if "split_graph(" not in src:
-        return "VllmBackend.__call__ no longer calls split_graph"
-    return None
-
-
-def install() -> bool:
-    """Wrap vLLM's `split_graph` (once per process); False, with a warning, where the seam is missing."""
-    global _ORIGINAL
-    problem = seam_problem()
-    if problem:
-        log.warning("fxpasses: %s; FlashComm1 keeps replicated piece boundaries in VLLM_COMPILE mode", problem)
-        return False
-    from vllm.compilation import backends
-
-    if getattr(backends.split_graph, "_fxpasses_seam", False):
-        return True
-    _ORIGINAL = backends.split_graph
-    split_graph_with_boundaries._fxpasses_seam = True  # type: ignore[attr-defined]
-    split_graph_with_boundaries.__wrapped__ = _ORIGINAL  # type: ignore[attr-defined]
-    backends.split_graph = split_graph_with_boundaries
-    return True
+def carries_contract(graph: fx.Graph) -> bool:
+    """Does this (post-grad) piece hand a sharded boundary value over, or gather one it received?"""
+    for n in graph.nodes:
+        if gf.op_name(n) == SHARD_OP:
+            return True
+        if gf.collective_kind(n) == "all_gather":
+            x = gf.collective_input(n)
+            if isinstance(x, fx.Node) and x.op == "placeholder":
+                return True
+    return False

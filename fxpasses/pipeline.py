@@ -10,7 +10,7 @@ rewrite the cost model finds slower over the token range vLLM runs the graph at 
 (`_slower`, `fxpasses.token_gate`). A graph that
 keeps its original form after planning (nothing owned, every site skipped, the rewrite abandoned)
 still gets its site report and before-graph in the dump directory. Which strategies exist and
-what kind of graph they rewrite comes from the strategy registry (`fxpasses.strategies.base`).
+what kind of graph they rewrite comes from the strategy registry (`fxpasses.strategies.registry`).
 Last, whatever graph stays (rewritten or not) is lowered: matmul + collective pairs become fused
 kernels where the platform has them (`fxpasses.lowering`, the `lowering` key).
 """
@@ -32,11 +32,12 @@ from fxpasses.errors import FxPassesError, ModelledSlowerError, RewriteError, Wi
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
 from fxpasses.graph_mode import WHOLE_BY_CALLER, GraphMode
 from fxpasses.patterns_loader import PatternSet, load_patterns
-from fxpasses.plan import SitePlan, SiteStatus, plan_sites
+from fxpasses.plan import plan_sites
+from fxpasses.site_records import SitePlan, SiteStatus
 from fxpasses.report import PassReport, collective_counts
 from fxpasses.rewriter import LayoutRewriter
 from fxpasses.sites import find_sites
-from fxpasses.strategies import base as strategies
+from fxpasses.strategies import registry as strategies
 from fxpasses.verify import output_signature, verify
 
 log = logging.getLogger("fxpasses")

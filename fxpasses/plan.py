@@ -1,7 +1,7 @@
 """Decide which strategy owns which site: pattern sets + configuration + strategy precedence.
 
 For each site, the enabled strategies that own its kind are tried from the highest precedence down
-(`fxpasses.strategies.base.by_precedence`; with the built-in strategies: row site MLP-TP > OTP >
+(`fxpasses.strategies.registry.by_precedence`; with the built-in strategies: row site MLP-TP > OTP >
 FlashComm2 > FlashComm1, column site MLP-TP > FlashComm1, embedding and reduce sites FlashComm1);
 the first whose pattern table matches the prefix owns the site, the others that match are its
 fallbacks: when the owner's precheck refuses the site for a reason of its own (FlashComm2: packed
@@ -11,59 +11,13 @@ owning strategy or the reason it has none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING
-
+from fxpasses.config import FxPassesConfig
 from fxpasses.patterns_loader import PatternSet
-from fxpasses.sites import Site
-from fxpasses.strategies.base import by_precedence
-
-if TYPE_CHECKING:  # pragma: no cover - types only
-    from fxpasses.config import FxPassesConfig
+from fxpasses.site_records import Site, SitePlan, SiteStatus
+from fxpasses.strategies.registry import by_precedence
 
 
-class SiteStatus(StrEnum):
-    PLANNED = "planned"        # owned by a strategy, not rewritten yet
-    REWRITTEN = "rewritten"
-    SKIPPED = "skipped"        # owned, but the strategy (or the pipeline) could not rewrite it
-    UNTOUCHED = "untouched"    # no enabled strategy owns it
-
-
-@dataclass
-class SitePlan:
-    site: Site
-    strategy: str | None
-    reason: str = ""
-    status: SiteStatus = SiteStatus.PLANNED
-    fallbacks: list[str] = field(default_factory=list)  # next strategies that want it, in order
-
-    def hand_over(self, why: str) -> bool:
-        """The owner cannot rewrite this site for a reason of its own (`why`): the next strategy that
-        wants it takes it. False when there is none (the caller skips it)."""
-        if not self.fallbacks:
-            return False
-        prev, self.strategy = self.strategy, self.fallbacks.pop(0)
-        self.reason = f"{prev} skipped it: {why}; "
-        return True
-
-    def skip(self, reason: str) -> None:
-        self.status, self.reason = SiteStatus.SKIPPED, reason
-
-    def leave(self, reason: str) -> None:
-        """Nothing of this site's own needs rewriting (e.g. its partial sum is reduced elsewhere)."""
-        self.status, self.reason = SiteStatus.UNTOUCHED, reason
-
-    def done(self, how: str) -> None:
-        self.status, self.reason = SiteStatus.REWRITTEN, (self.reason if self.strategy and
-                                                          self.reason.endswith("; ") else "") + how
-
-    def to_dict(self) -> dict:
-        return {**self.site.describe(), "strategy": self.strategy, "status": str(self.status),
-                "reason": self.reason}
-
-
-def plan_sites(sites: list[Site], config: "FxPassesConfig", patterns: PatternSet,
+def plan_sites(sites: list[Site], config: FxPassesConfig, patterns: PatternSet,
                left_out: dict[str, str] | None = None) -> list[SitePlan]:
     """One plan per site. `left_out`: enabled strategies the pipeline dropped for this graph, with
     why (a site they would own says so, never "no enabled strategy matches")."""

@@ -34,7 +34,7 @@ The key is `vllm.platforms.current_platform.pass_key` (default `"post_grad_custo
 It also wraps vLLM's `initialize_model_parallel`, so that in every worker, right after vLLM has
 created its own groups (worker start, before any graph is compiled or loaded from a cache), the
 process groups the configured strategies need beyond TP are created
-(`fxpasses.topology.prepare_process_groups`): no group is ever created inside a compilation, and a
+(`fxpasses.worker_groups.prepare_process_groups`): no group is ever created inside a compilation, and a
 compiled graph from an earlier run finds the groups it names. Under `min_tokens: auto` the same hook
 then measures the TP group's link costs (`fxpasses.link_calibration`, one agreeing all-reduce at the
 end), unless the config fixes them. Importing fxpasses (which the entry
@@ -250,7 +250,7 @@ def prepare_groups_at_worker_start(vllm_config=None, env: Mapping[str, str] | No
     """Create the process groups every configured strategy needs, on this worker, now (outside any
     compilation). Returns the configurations acted on."""
     from fxpasses.context import TPContext
-    from fxpasses.topology import prepare_process_groups
+    from fxpasses.worker_groups import prepare_process_groups
 
     if vllm_config is None:
         from vllm.config import get_current_vllm_config_or_none
@@ -324,7 +324,7 @@ def _warn_if_pieces(vllm_config, cfg, key: str) -> None:
     (then it is kept only per piece; the warning names the settings that span the layers)."""
     from fxpasses import piece_boundaries
     from fxpasses.graph_mode import graph_mode_of
-    from fxpasses.strategies import base as strategy_registry
+    from fxpasses.strategies import registry as strategy_registry
 
     mode = graph_mode_of(vllm_config, key)
     spanning = [n for n in cfg.strategies if strategy_registry.get(n).spans_layers]
@@ -368,8 +368,8 @@ def register() -> None:
 
     fxpasses.vllm_pass_instance = vllm_pass_instance  # the string route's target (see vllm_pass)
     bridge_logging()
-    from fxpasses import cpu_plain_weights, piece_boundaries
-    piece_boundaries.install()  # FlashComm1 across vLLM's piece boundaries (a no-op unless it applies)
+    from fxpasses import cpu_plain_weights, split_seam
+    split_seam.install()  # FlashComm1 across vLLM's piece boundaries (a no-op unless it applies)
     if cpu_plain_weights.requested():  # opt-in: CPU graphs with visible weights, as on CUDA / NPU
         cpu_plain_weights.install()
 

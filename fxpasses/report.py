@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxpasses import graph_forms as gf
-from fxpasses.plan import SiteStatus
+from fxpasses.lowering.lower import text_lines
+from fxpasses.site_records import SiteStatus
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
@@ -94,6 +95,5 @@ class PassReport:
         for p in self.sites:
             lines.append(f"  {p.site.prefix:<{w}} {p.site.layer_class:<28} {str(p.strategy or '-'):<11} "
                          f"{p.status:<9} {p.reason}")
-        from fxpasses.lowering.lower import text_lines
         lines.extend(text_lines(self.extra.get("lowering")))  # fused kernels per pair, or why not
         return "\n".join(lines)

@@ -12,14 +12,12 @@ A reduce site is an all-reduce that no layer site contains: the one that ends an
 `reduce_results=False` partials. It is named after the module the all-reduce was traced in, so
 every all-reduce of a graph belongs to exactly one site and has its line in the site report.
 
-Prefixes are normalised: Dynamo's paths through globals and closures
+Prefixes are normalised (`fxpasses.graph_forms.layer_prefix`): Dynamo's paths through globals and closures
 (`G.__import_vllm_dot_forward_context._forward_context.no_compile_layers.<prefix>...`,
 `....__closure__.0.cell_contents....`) become the vLLM prefix they stand for.
 Analysis only: nothing here mutates the graph.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -27,29 +25,7 @@ import torch.fx as fx
 from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.patterns_loader import PatternSet
-
-
-@dataclass
-class Site:
-    prefix: str                         # vLLM layer prefix, e.g. "model.layers.0.self_attn.o_proj"
-    layer_class: str
-    kind: str                           # row | column | embedding | replicated | moe | reduce
-    nodes: list[fx.Node] = field(default_factory=list)
-    matmul: fx.Node | None = None       # mm/addmm/linear/onednn_mm (auto_functionalized), a platform
-                                        # matmul (fxpasses.op_forms) or embedding
-    input: fx.Node | None = None        # activation entering the layer
-    weight: fx.Node | None = None       # visible weight (placeholder) or None when packed/hidden
-    bias: fx.Node | None = None
-    all_reduce: gf.AllReduce | None = None
-
-    @property
-    def weight_visible(self) -> bool:
-        return self.weight is not None
-
-    def describe(self) -> dict:
-        return {"prefix": self.prefix, "class": self.layer_class, "kind": self.kind,
-                "matmul": self.matmul.name if self.matmul is not None else None,
-                "all_reduce": (self.all_reduce.form if self.all_reduce else None)}
+from fxpasses.site_records import Site
 
 
 def _strip_view(n: fx.Node | None) -> fx.Node | None:
@@ -77,39 +53,6 @@ def _matmul_operands(mm: fx.Node):
     if name.startswith("_C::"):
         return mm.args[1] if len(mm.args) > 1 else None, None, None
     return (mm.args[0] if mm.args else None), None, None
-
-
-_DYNAMO_SEGMENTS = {"cell_contents", "G"}
-
-
-def normalise_prefix(path: str) -> str:
-    """The vLLM prefix a Dynamo module path stands for.
-
-    A layer reached through vLLM's forward context (`...no_compile_layers.<prefix>`) is named by
-    what follows the last `no_compile_layers`; closure cells (`__closure__.<i>.cell_contents`),
-    other dunder attributes (`__import_vllm_dot_forward_context`) and the globals root `G` are
-    dropped."""
-    if "no_compile_layers." in path:
-        path = path.rsplit("no_compile_layers.", 1)[1]
-    out: list[str] = []
-    skip_index = False
-    for seg in path.split("."):
-        if skip_index and seg.isdigit():
-            skip_index = False
-            continue
-        skip_index = seg == "__closure__"
-        if seg.startswith("__") or seg in _DYNAMO_SEGMENTS or seg == "_forward_context":
-            continue
-        out.append(seg)
-    return ".".join(out)
-
-
-def _prefix(module_prefix: str, path: str) -> str:
-    absolute = "no_compile_layers." in path  # vLLM's forward context is keyed by the full prefix
-    path = normalise_prefix(path)
-    if absolute:
-        return path
-    return f"{module_prefix}.{path}" if module_prefix and path else (path or module_prefix)
 
 
 def _reads_parameter(n) -> bool:
@@ -149,7 +92,7 @@ def find_sites(graph: fx.Graph, patterns: PatternSet, module_prefix: str = "") -
             continue
         path, cls = last
         names = gf.class_names(cls)
-        prefix = _prefix(module_prefix, path)
+        prefix = gf.layer_prefix(module_prefix, path)
         kind = patterns.kind_of(names, prefix)
         if kind is None:
             continue
@@ -191,6 +134,6 @@ def _reduce_sites(graph: fx.Graph, claimed: set[fx.Node], module_prefix: str) ->
             continue
         last = gf.module_stack_last(node)
         path, cls = last if last is not None else (f"<graph>.{node.name}", "graph")
-        out.append(Site(_prefix(module_prefix, path), gf.class_names(cls)[0], "reduce", nodes=list(ar.nodes),
+        out.append(Site(gf.layer_prefix(module_prefix, path), gf.class_names(cls)[0], "reduce", nodes=list(ar.nodes),
                         input=ar.input, all_reduce=ar))
     return out

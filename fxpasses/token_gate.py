@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from fxpasses import comm_volume
 from fxpasses import graph_forms as gf
+from fxpasses.advisor import AdvisorError, dims_from_config
 from fxpasses.link_costs import LinkCosts
 
 @dataclass
@@ -183,8 +184,6 @@ def model_min_tokens(strategies: tuple[str, ...], hf_config: dict, *, tp: int, d
                      costs: LinkCosts, k: int = 1) -> tuple[int | None, str]:
     """(N, why) for a decoder's HF config: `analytic_min_tokens` of the enabled layout, None when it
     does not pay up to `max_tokens` or has no layer model (DP-attention layouts are not gated)."""
-    from fxpasses.advisor import AdvisorError, dims_from_config
-
     name = "+".join(strategies)
     if name not in ("flashcomm1", "flashcomm2", "flashcomm1+flashcomm2"):
         return None, f"{name} is not gated by token count"

@@ -19,7 +19,7 @@ across K ranks, K | world, 0 = the world size):
   strided {i, i + world/K, ...} with `layout="strided"`.
 
 Pure functions give the rank lists. Groups are created outside compilation, on every rank, by
-`prepare_process_groups(config, ctx)` (the vLLM plugin calls it right after vLLM's own groups, at
+`fxpasses.worker_groups.prepare_process_groups(config, ctx)` (the vLLM plugin calls it right after vLLM's own groups, at
 worker start; the harness before capturing), with local synchronisation and names derived from
 their rank lists, so a graph compiled by an earlier process finds them. Inside a compilation the
 strategies only look them up.
@@ -140,7 +140,7 @@ def group_name(ranks, desc: str, backend=None, create: bool = False) -> str:
         return _BY_RANKS[key]
     if not create:
         raise RewriteError(f"the {desc} process group {list(key)} does not exist; it is created outside "
-                           "compilation: call fxpasses.topology.prepare_process_groups(config, ctx) on every "
+                           "compilation: call fxpasses.worker_groups.prepare_process_groups(config, ctx) on every "
                            "rank before compiling (the vLLM plugin does it at worker start)")
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -223,21 +223,3 @@ def dp_group(ctx: TPContext, kind: str, k: int, layout: str = "consecutive", cre
 def cached_flashcomm2_groups() -> dict[tuple, FlashComm2Groups]:
     """The FlashComm2 groups this process created, by (tp, K, world, TP ranks)."""
     return dict(_FC2_CACHE)
-
-
-def prepare_process_groups(config, ctx: TPContext) -> None:
-    """Create every process group `config` will need on this rank, now, outside any compilation:
-    each enabled strategy's `prepare_groups`, in canonical strategy order (the same on every rank).
-
-    The passes create them lazily on first use, which is correct when every rank compiles the same
-    graphs in the same order (vLLM's workers do), but it puts a collective (`new_group`) inside the
-    compiler. Callers that can, call this first on every rank: the harness does before capturing.
-    It also records what the lowering's platform kernels need about those groups
-    (`fxpasses.lowering.groups.prepare`: HCCL names on NPU, symmetric memory on CUDA)."""
-    from fxpasses.strategies import base
-
-    for name in config.strategies:
-        base.get(name).prepare_groups(config, ctx, create=True)
-    from fxpasses.lowering import groups as lowering_groups
-
-    lowering_groups.prepare(config, ctx)  # HCCL names / symmetric memory for the fused kernels

@@ -20,7 +20,7 @@ contents, tp/rank/world, fxpasses source), so neither Inductor's FX graph cache 
 compile cache can serve a graph rewritten under another configuration. A cache *hit* does not run
 the pass again (the cached graph already is the rewritten one), so no new dumps appear then.
 
-Three ways to register (README "Using it with vLLM"):
+Three ways to register (docs/deployment.md, "Using it with vLLM"):
   * `compilation_config={"inductor_compile_config": {"post_grad_custom_post_pass": FxPassesInductorPass()}}`
   * `compilation_config={"inductor_passes": {"post_grad_custom_post_pass": "fxpasses.vllm_pass_instance"}}`
   * the `vllm.general_plugins` entry point `fxpasses.plugin:register` (automatic once configured).

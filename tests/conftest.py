@@ -152,13 +152,13 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def baseline_cache(tmp_path_factory):
     """One baseline engine run per (checkpoint content, engine settings) for the whole session:
-    `fxpasses.check.run_check(baseline_cache=...)` reuses it in every test that compares against it."""
+    `fxpasses.commands.check.run_check(baseline_cache=...)` reuses it in every test that compares against it."""
     return tmp_path_factory.mktemp("baseline_runs")
 
 
 @pytest.fixture
 def engine_log(request):
-    """engine_log(res): record an `fxpasses.check` result's dtype and vLLM kernels for the summary."""
+    """engine_log(res): record an `fxpasses.commands.check` result's dtype and vLLM kernels for the summary."""
     def log(res):
         _ENGINE_RUNS.append(f"{request.node.nodeid}: dtype {res.dtype}, cpu {res.cpu}, kernels "
                             f"{', '.join(res.kernels) or '(none recorded)'}"

@@ -52,7 +52,7 @@ def model_config(tmp_path_factory):
     import transformers
     from vllm.config import ModelConfig
 
-    from fxpasses.tiny_checkpoints import config_kwargs
+    from fxpasses.commands.tiny_checkpoints import config_kwargs
 
     d = tmp_path_factory.mktemp("tiny_llama_config")
     transformers.LlamaConfig(**config_kwargs("llama")).save_pretrained(d)

@@ -5,7 +5,8 @@ given up as a whole only when nothing would be left or the rounds are spent."""
 from fxpasses.config import FxPassesConfig
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.pipeline import BACK_OFF_ROUNDS, BackOff, _back_off_costly_sites
-from fxpasses.plan import SiteStatus, plan_sites
+from fxpasses.plan import plan_sites
+from fxpasses.site_records import SiteStatus
 from fxpasses.report import PassReport
 from fxpasses.sites import Site
 

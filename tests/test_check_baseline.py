@@ -1,10 +1,10 @@
-"""`fxpasses.check_baseline`: a kept baseline run is found again for the same checkpoint content and
+"""`fxpasses.commands.check_baseline`: a kept baseline run is found again for the same checkpoint content and
 engine settings, wherever the checkpoint was written, and never for another checkpoint or setting
 (no engine: the reuse inside real engine runs is tests/test_vllm_engine_mutant.py's)."""
 import json
 
-from fxpasses import check, check_baseline
-from fxpasses.tiny_checkpoints import make_tiny_model
+from fxpasses.commands import check, check_baseline
+from fxpasses.commands.tiny_checkpoints import make_tiny_model
 
 
 def _spec(model, **kw):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fxpasses import check, cli
-from fxpasses import tiny_checkpoints as tc
+from fxpasses import cli
+from fxpasses.commands import check
+from fxpasses.commands import tiny_checkpoints as tc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,7 @@ def _result(**kw) -> check.CheckResult:
 @pytest.mark.parametrize("kw, code, words", [
     ({}, 0, "EQUAL"),
     ({"tokens_equal": False, "outputs_equal": False, "first_divergence": "prompt 0"}, 1, "greedy tokens diverged"),
-    # a flip at a near-tie (fxpasses.greedy_compare) is equal, and the verdict says so
+    # a flip at a near-tie (fxpasses.commands.greedy_compare) is equal, and the verdict says so
     ({"tokens_equal": False, "near_ties": ["prompt 3 (4 tokens) at generated token 3"]}, 0, "near-tie"),
     ({"max_logprob_diff": 0.5}, 1, "logprobs differ"),
     ({"rewritten": 0, "applied_ranks": [], "sites": [], "reasons": ["the graph has no linear sites"]}, 3,

@@ -1,4 +1,4 @@
-"""`fxpasses check` per platform (fxpasses.check_platform): the dtype chosen for every architecture x
+"""`fxpasses check` per platform (fxpasses.commands.check_platform): the dtype chosen for every architecture x
 quantisation the check lists, on every CPU kernel family vLLM's CPU backend distinguishes and on an
 accelerator; CPU-only settings only on CPU; refusals before any engine, naming the flag that works.
 
@@ -12,9 +12,10 @@ import json
 
 import pytest
 
-from fxpasses import check, cpu_kernels
-from fxpasses import tiny_checkpoints as tc
-from fxpasses.check_platform import CheckPlatform
+from fxpasses import cpu_kernels
+from fxpasses.commands import check
+from fxpasses.commands import tiny_checkpoints as tc
+from fxpasses.commands.check_platform import CheckPlatform
 from fxpasses.errors import ConfigError
 
 CPUS = {

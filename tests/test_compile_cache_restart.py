@@ -29,7 +29,7 @@ def rank_compile_and_compare(state, spec, config, cache_dir, tokens, own_tokens)
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
     from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
-    from fxpasses.topology import prepare_process_groups
+    from fxpasses.worker_groups import prepare_process_groups
     from fxpasses.vllm_pass import FxPassesInductorPass
 
     class CountingPass(FxPassesInductorPass):

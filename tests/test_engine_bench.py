@@ -4,10 +4,11 @@ tokens for prefill and generated tokens for decode, a failed engine leaves its s
 bad sizes are refused before any engine starts."""
 import pytest
 
-from fxpasses import check, cpu_kernels, engine_bench
-from fxpasses.check_platform import CheckPlatform
+from fxpasses import cpu_kernels
+from fxpasses.commands import check, engine_bench
+from fxpasses.commands.check_platform import CheckPlatform
 from fxpasses.errors import ConfigError
-from fxpasses.tiny_checkpoints import config_kwargs, scaled_shape
+from fxpasses.commands.tiny_checkpoints import config_kwargs, scaled_shape
 
 
 def _times(pb, pp, db, dp):

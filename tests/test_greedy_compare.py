@@ -1,8 +1,8 @@
-"""`fxpasses.greedy_compare`: a flipped greedy token is accepted only at a near-tie (each run's token
+"""`fxpasses.commands.greedy_compare`: a flipped greedy token is accepted only at a near-tie (each run's token
 in the other's top-k, in both runs, as vLLM's check_logprobs_close); logprobs are compared over
 prompts and the common prefix of each sequence only, and must agree within the tolerance there.
 Hand-made outputs with hand-computed expectations."""
-from fxpasses.greedy_compare import compare
+from fxpasses.commands.greedy_compare import compare
 
 TOL = 0.05
 

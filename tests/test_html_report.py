@@ -12,10 +12,10 @@ import pytest
 from torch._dispatch.python import enable_python_dispatcher
 
 from fxpasses import graph_forms as gf
-from fxpasses.check import CheckResult
+from fxpasses.commands.check import CheckResult
 from fxpasses.cli import main
 from fxpasses.config import FxPassesConfig
-from fxpasses.engine_bench import summarise
+from fxpasses.commands.engine_bench import summarise
 from fxpasses.pipeline import run_passes
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
 

@@ -1,6 +1,6 @@
 """No collective and no process-group creation inside a compilation: the pass rewrites with every
 torch.distributed collective (and `new_group`) raising, once the groups a configuration needs were
-created beforehand (`topology.prepare_process_groups`, as the harness and the vLLM plugin do).
+created beforehand (`worker_groups.prepare_process_groups`, as the harness and the vLLM plugin do).
 Runs in this process on torch's fake process group (8 ranks, this one rank 0) and synthetic
 post-grad graphs, so decisions can only come from facts the rank has locally; the same runs check
 the structure at TP=8 (FlashComm2 up to K=4): collectives per site, their groups and sizes."""
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch._dispatch.python import enable_python_dispatcher
 
-from fxpasses import topology
+from fxpasses import worker_groups
 from fxpasses.config import FxPassesConfig
 from fxpasses.pipeline import run_passes
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
@@ -39,7 +39,7 @@ def fake_world():
 def test_pass_rewrites_with_collectives_raising(fake_world, strategies, k, monkeypatch):
     cfg = FxPassesConfig(strategies=strategies, flashcomm2_oproj_tp_size=k, strict=True)
     ctx = tp_context(TP)
-    topology.prepare_process_groups(cfg, ctx)  # before "compiling": may create groups
+    worker_groups.prepare_process_groups(cfg, ctx)  # before "compiling": may create groups
     calls: list[str] = []
 
     def forbid(name):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxpasses import piece_boundaries as pb
+from fxpasses import split_seam
 from fxpasses.config import FxPassesConfig
 from helpers import examples
 
@@ -154,11 +155,11 @@ def test_the_seam_matches_this_vllm_and_installs_once():
     pytest.importorskip("vllm")
     from vllm.compilation import backends
 
-    assert pb.seam_problem() is None
+    assert split_seam.seam_problem() is None
     original = backends.split_graph
     try:
-        assert pb.install() and pb.install()
-        assert backends.split_graph is pb.split_graph_with_boundaries
+        assert split_seam.install() and split_seam.install()
+        assert backends.split_graph is split_seam.split_graph_with_boundaries
         assert backends.split_graph.__wrapped__ is (getattr(original, "__wrapped__", None) or original)
     finally:
         backends.split_graph = original

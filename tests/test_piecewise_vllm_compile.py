@@ -1,7 +1,7 @@
 """The pass inside vLLM's own VLLM_COMPILE path (VllmBackend, split_graph, PiecewiseBackend per piece
 and compile range, PostGradPassManager), as CUDA runs it, on real gloo ranks with vLLM's layers.
 
-Semantics per graph mode (README "Deployment"): in FX-split pieces FlashComm2 works per piece;
+Semantics per graph mode (docs/deployment.md, "Deployment"): in FX-split pieces FlashComm2 works per piece;
 FlashComm1 forced at every token count shards the residual across the piece boundaries
 (`fxpasses.piece_boundaries`) and the pieces together equal the whole-graph rewrite; with a gate
 that leaves some range alone the boundaries stay replicated and a piece is kept only where it moves

@@ -4,7 +4,8 @@ never "no enabled strategy matches" while one is enabled (the W8A8 bfloat16 run 
 FlashComm1 was dropped for its bytes and FlashComm2 went on alone)."""
 from fxpasses.config import FxPassesConfig
 from fxpasses.patterns_loader import load_patterns
-from fxpasses.plan import SiteStatus, plan_sites
+from fxpasses.plan import plan_sites
+from fxpasses.site_records import SiteStatus
 from fxpasses.sites import Site
 
 SITES = [Site("model.layers.0.self_attn.qkv_proj", "QKVParallelLinear", "column"),

@@ -52,17 +52,17 @@ def test_sites_match_vllm_prefixes(pools, form, pack):
     ("model.layers.3.self_attn.o_proj", "model.layers.3.self_attn.o_proj"),
 ])
 def test_mangled_prefixes_are_normalised(raw, expected):
-    from fxpasses.sites import normalise_prefix
+    from fxpasses.graph_forms import normalise_prefix
     assert normalise_prefix(raw) == expected
 
 
 def test_default_patterns_own_rows_by_class_and_name_the_override():
     from fxpasses.config import FxPassesConfig
     from fxpasses.patterns_loader import load_patterns
-    from fxpasses.strategies import base
+    from fxpasses.strategies import registry
 
     ps = load_patterns("default")
-    fc1, fc2 = ps.for_strategy(base.get("flashcomm1")), ps.for_strategy(base.get("flashcomm2"))
+    fc1, fc2 = ps.for_strategy(registry.get("flashcomm1")), ps.for_strategy(registry.get("flashcomm2"))
     for name in ("attention.dense", "mlp.dense_4h_to_h", "attn.c_proj", "mlp.c_proj", "self_attn.out_proj",
                  "mlp.fc2", "mlp.w2", "block.o_proj"):
         assert fc1.matches("row", f"model.layers.0.{name}"), name
@@ -132,7 +132,7 @@ def test_a_batch_of_one_layout_is_sharded_along_its_token_dim():
 
 
 def test_a_layer_reached_through_the_forward_context_keeps_its_full_prefix():
-    from fxpasses.sites import _prefix
+    from fxpasses.graph_forms import layer_prefix as _prefix
     raw = "G.__import_vllm_dot_forward_context._forward_context.no_compile_layers.model.layers.0.mlp.experts.gate"
     assert _prefix("model", raw) == "model.layers.0.mlp.experts.gate"
     assert _prefix("model", "layers.0.mlp.gate") == "model.layers.0.mlp.gate"

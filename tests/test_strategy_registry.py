@@ -11,21 +11,23 @@ from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 from fxpasses.patterns_loader import parse_pattern_dict
 from fxpasses.pipeline import run_passes
-from fxpasses.plan import SiteStatus
 from fxpasses.report import collective_counts
-from fxpasses.strategies import base
+from fxpasses.site_records import SiteStatus
+from fxpasses.strategies import interface, registry
+from fxpasses.strategies.tp_family import TP_GRAPHS
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
 
 TINY = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
 
 
-class ScatterRows(base.Strategy):
+class ScatterRows(interface.Strategy):
     """A toy: the all-reduces of row layers and the embedding become pad + reduce_scatter (Shard0
     then flows onward). (Scattering o_proj alone would gather before every down_proj and move more
     bytes than the original graph, which the pipeline refuses.)"""
 
     name = "toy_scatter_oproj"
     aliases = ("toy",)
+    family = TP_GRAPHS
     site_kinds = frozenset({"row", "embedding"})
     precedence = 5  # below FlashComm1: it only owns what nothing else wants
     default_patterns = {"row": ["*"], "embedding": ["*"]}
@@ -47,17 +49,17 @@ class ScatterRows(base.Strategy):
 
 @pytest.fixture
 def toy():
-    s = base.register(ScatterRows())
+    s = registry.register(ScatterRows())
     yield s
-    base.unregister(s.name)
+    registry.unregister(s.name)
 
 
 def test_builtin_strategies_come_from_their_modules():
-    names = base.registered_names()
+    names = registry.registered_names()
     assert names[:4] == ["flashcomm1", "flashcomm2", "otp", "mlp_tp"]  # ascending precedence
-    assert base.get("sp").name == "flashcomm1" and base.get("fc2").name == "flashcomm2"
-    assert [s.name for s in base.by_precedence("row", set(names))][:4] == ["mlp_tp", "otp", "flashcomm2", "flashcomm1"]
-    assert [s.name for s in base.by_precedence("column", set(names))] == ["mlp_tp", "flashcomm1"]
+    assert registry.get("sp").name == "flashcomm1" and registry.get("fc2").name == "flashcomm2"
+    assert [s.name for s in registry.by_precedence("row", set(names))][:4] == ["mlp_tp", "otp", "flashcomm2", "flashcomm1"]
+    assert [s.name for s in registry.by_precedence("column", set(names))] == ["mlp_tp", "flashcomm1"]
 
 
 def test_a_toy_strategy_is_parsed_planned_and_rewritten_without_core_edits(toy):
@@ -94,10 +96,10 @@ def test_pattern_files_may_name_registered_strategies_only(toy):
     ps = parse_pattern_dict({"classes": {"row": ["RowParallelLinear"]}, "toy_scatter_oproj": {"row": ["dense"]}},
                             "test")
     assert ps.for_strategy(toy).row == ["dense"]
-    base.unregister(toy.name)
+    registry.unregister(toy.name)
     with pytest.raises(Exception, match="unknown key"):
         parse_pattern_dict({"classes": {}, "toy_scatter_oproj": {"row": ["dense"]}}, "test")
-    base.register(toy)
+    registry.register(toy)
 
 
 def test_registration_refuses_clashing_aliases_and_unknown_kinds(toy):
@@ -111,8 +113,15 @@ def test_registration_refuses_clashing_aliases_and_unknown_kinds(toy):
         site_kinds = frozenset({"rows"})
 
     with pytest.raises(ConfigError, match="alias 'toy' already names"):
-        base.register(Clash())
+        registry.register(Clash())
     with pytest.raises(ConfigError, match="unknown site kind"):
-        base.register(BadKind())
+        registry.register(BadKind())
+
+    class NoFamily(interface.Strategy):
+        name = "no_family"
+        site_kinds = frozenset({"row"})
+
+    with pytest.raises(ConfigError, match="set `family`"):
+        registry.register(NoFamily())
     with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
         FxPassesConfig(strategies=("nope",))

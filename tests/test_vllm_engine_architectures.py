@@ -1,6 +1,6 @@
 """FlashComm1 in the real vLLM CPU engine at TP=2 on the architectures it exists for, each a tiny
-random checkpoint made from transformers' config classes (`fxpasses.tiny_checkpoints`, nothing
-downloaded), run without and with the pass in their own processes by `fxpasses.check.run_check`:
+random checkpoint made from transformers' config classes (`fxpasses.commands.tiny_checkpoints`, nothing
+downloaded), run without and with the pass in their own processes by `fxpasses.commands.check.run_check`:
 
   qwen2_moe    routed experts (4, top-2) and vLLM's gated shared expert summed into the routed output
                before one all-reduce: the block's all-reduce becomes a reduce-scatter, its input is
@@ -30,7 +30,7 @@ import json
 
 import pytest
 
-from fxpasses import check
+from fxpasses.commands import check
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from fxpasses import check
+from fxpasses.commands import check
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 
@@ -44,7 +44,7 @@ def test_auto_leaves_the_cpu_engine_alone_and_says_why(tmp_path, engine_log):
         # a time refusal is the whole graph's: no per-layer back-off (that answers bytes only)
         assert not r.get("backed_off") and not any("backed off" in s["reason"] for s in r["sites"]), r["sites"]
     # the bench ran in both engines: every workload timed REPEATS times per side, ratio = pass / baseline
-    from fxpasses import engine_bench
+    from fxpasses.commands import engine_bench
 
     assert set(res.bench) == set(engine_bench.WORKLOADS), res.bench
     for kind, row in res.bench.items():

@@ -17,7 +17,8 @@ import json
 
 import pytest
 
-from fxpasses import check, comm_volume, cpu_plain_weights
+from fxpasses import comm_volume, cpu_plain_weights
+from fxpasses.commands import check
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from fxpasses import check, cpu_plain_weights
+from fxpasses import cpu_plain_weights
+from fxpasses.commands import check
 from fxpasses.testing import mutants
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)

@@ -20,7 +20,8 @@ import json
 
 import pytest
 
-from fxpasses import check, comm_volume
+from fxpasses import comm_volume
+from fxpasses.commands import check
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 

@@ -1,7 +1,7 @@
 """int8 on the wire in vLLM CPU's own W8A8 path, end to end in the real engine at TP=2.
 
 The checkpoint is a tiny random Llama written as compressed-tensors W8A8 ("int-quantized": int8
-weights with a scale per output channel; `fxpasses.tiny_checkpoints`, `quant=`). vLLM's CPU engine
+weights with a scale per output channel; `fxpasses.commands.tiny_checkpoints`, `quant=`). vLLM's CPU engine
 serves it with its own int8 kernels: `_C.dynamic_scaled_int8_quant` (per-token scales) or
 `_C.static_scaled_int8_quant` (one per-tensor scale), then `_C.onednn_scaled_mm` with the weight
 packed by oneDNN. `fxpasses check` runs the engine without and with the pass.
@@ -32,8 +32,8 @@ from __future__ import annotations
 import pytest
 
 from fxpasses import cpu_kernels
-from fxpasses.check import EXIT_OK, TOLERANCE, run_check
-from fxpasses.tiny_checkpoints import DEFAULT_SHAPE, make_tiny_model
+from fxpasses.commands.check import EXIT_OK, TOLERANCE, run_check
+from fxpasses.commands.tiny_checkpoints import DEFAULT_SHAPE, make_tiny_model
 
 pytestmark = pytest.mark.engine  # starts vLLM engines: the second tier (tools/test.sh)
 

@@ -26,7 +26,7 @@ from fxpasses.testing.synthetic_graphs import MODELS, build_graph, tp_context  #
 
 
 def available_strategies() -> list[str]:
-    from fxpasses.strategies.base import registered_names
+    from fxpasses.strategies.registry import registered_names
     return list(registered_names())
 
 

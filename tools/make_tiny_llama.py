@@ -6,7 +6,7 @@ smallest that the vLLM CPU attention backend accepts at TP=2 (head_dim >= 32).
 
     python tools/make_tiny_llama.py OUT_DIR [--model-type llama|qwen3_moe|deepseek_v2|...] [--dtype float32]
 
-The builder is `fxpasses.tiny_checkpoints.make_tiny_model` (`fxpasses check --arch` and the engine
+The builder is `fxpasses.commands.tiny_checkpoints.make_tiny_model` (`fxpasses check --arch` and the engine
 tests use it).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fxpasses.tiny_checkpoints import CONFIG_CLASSES, DEFAULT_SHAPE, make_tiny_model  # noqa: E402
+from fxpasses.commands.tiny_checkpoints import CONFIG_CLASSES, DEFAULT_SHAPE, make_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ in one process) on a tiny random MoE checkpoint, greedy, a few prompts per rank.
 also sets FXPASSES_CONFIG for those strategies. Prints, per rank, the generated tokens or the
 exception that stopped it (its last lines), and exits 0 only if every rank generated.
 
-The result on vLLM 0.32's CPU backend is in README.md ("OTP and MLP-TP in an engine").
+The result on vLLM 0.32's CPU backend is in docs/limits.md ("OTP and MLP-TP in an engine").
 """
 from __future__ import annotations
 
@@ -57,12 +57,12 @@ def _rank(rank: int, dp: int, port: int, model: str, cfg: str | None, out: str) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="qwen3_moe", help="tiny MoE checkpoint (fxpasses.tiny_checkpoints)")
+    ap.add_argument("--arch", default="qwen3_moe", help="tiny MoE checkpoint (fxpasses.commands.tiny_checkpoints)")
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--with-pass", default=None, metavar="STRATEGIES", help="e.g. otp+mlp_tp")
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args(argv)
-    from fxpasses import tiny_checkpoints as tc
+    from fxpasses.commands import tiny_checkpoints as tc
     work = Path(tempfile.mkdtemp(prefix="fxpasses-dp-probe-"))
     model = str(tc.make_tiny_model(work / args.arch, args.arch))
     cfg = json.dumps({"strategies": args.with_pass.split("+"), "min_tokens": 0}) if args.with_pass else None

@@ -10,6 +10,6 @@ Modules, each owning one thing:
 * `backends`  the backends as records (reference, npu, cuda): ops, refusals, emission;
 * `lower`     the step itself (backend choice from the `lowering` key, surgery, per-site record).
 
-See README "Lowering". The package imports nothing itself: `fxpasses.runtime_ops` imports `ops`
+See docs/deployment.md ("Lowering"). The package imports nothing itself: `fxpasses.runtime_ops` imports `ops`
 at `import fxpasses`, and the step is `fxpasses.lowering.lower` (imported by the pipeline).
 """

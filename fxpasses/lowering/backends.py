@@ -279,7 +279,7 @@ def _npu_refuse(site: Site) -> str | None:
                 "a model in one communication domain, so only TP's pairs are fused")
     if groups.hcom_name(site.c10d_name) is None:
         return (f"group: no HCCL communicator name recorded for {site.c10d_name} (recorded at worker start by "
-                "fxpasses.topology.prepare_process_groups with lowering: auto)")
+                "fxpasses.worker_groups.prepare_process_groups with lowering: auto)")
     refused = npu_group_refusal(p.kind, site.size)
     if refused:
         return refused
@@ -361,7 +361,7 @@ def _cuda_refuse(site: Site) -> str | None:
         return f"backend unavailable: torch.ops.symm_mem.{name} is not registered in this torch"
     if not groups.symm_mem_enabled(site.c10d_name):
         return (f"group: symmetric memory is not enabled for {site.c10d_name} (enable_symm_mem_for_group runs at "
-                "worker start, fxpasses.topology.prepare_process_groups with lowering: auto, on NCCL groups)")
+                "worker start, fxpasses.worker_groups.prepare_process_groups with lowering: auto, on NCCL groups)")
     if ops.refused:
         return ops.refused
     if ops.quant:

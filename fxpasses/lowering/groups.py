@@ -1,7 +1,7 @@
 """What the platform backends need to know about a process group, found outside compilation.
 
-Owns two registries filled at worker start (`prepare(config, ctx)`, called by
-`fxpasses.topology.prepare_process_groups`, which the vLLM plugin calls right after vLLM's groups
+Owns two registries filled at worker start (`prepare(config, ctx, groups)`, called by
+`fxpasses.worker_groups.prepare_process_groups`, which the vLLM plugin calls right after vLLM's groups
 exist and the harness before capturing) and read, never filled, inside a compilation:
 
 * the HCCL communicator name of a group (`npu` backend): torch_npu's fused kernels take the
@@ -64,24 +64,9 @@ def clear() -> None:
     _SYMM.clear()
 
 
-def _groups(config, ctx):
-    """(c10d name, vLLM name) of every group a rewritten graph may fuse over: TP, and the groups the
-    enabled strategies created (FlashComm2's ODP/OTP)."""
-    out = []
-    if ctx.tp_group is not None:
-        out.append((ctx.tp_group.c10d_name, ctx.tp_group.vllm_name))
-    from fxpasses import topology
-
-    for g in topology.cached_flashcomm2_groups().values():
-        for ref in (g.odp, g.otp):
-            if ref is not None and (ref.c10d_name, ref.vllm_name) not in out:
-                out.append((ref.c10d_name, ref.vllm_name))
-    return out
-
-
-def prepare(config, ctx) -> None:
-    """Record the HCCL names (npu) or enable symmetric memory (cuda) for the groups `config` may fuse
-    over, on this rank, now (worker start). Nothing on CPU, nothing with `lowering: off` or
+def prepare(config, ctx, groups) -> None:
+    """Record the HCCL names (npu) or enable symmetric memory (cuda) for `groups`, the (c10d name,
+    vLLM name) of every group `config` may fuse over, on this rank, now (worker start). Nothing on CPU, nothing with `lowering: off` or
     `reference`. A failure is logged and leaves the group unregistered (its sites are then refused
     with that reason)."""
     mode = getattr(config, "lowering", "off")
@@ -93,7 +78,7 @@ def prepare(config, ctx) -> None:
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    for c10d_name, vllm_name in _groups(config, ctx):
+    for c10d_name, vllm_name in groups:
         try:
             pg = _resolve_process_group(c10d_name)
             if plat == "npu":

@@ -18,7 +18,7 @@ from fxpasses import graph_forms as gf
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
 from fxpasses.lowering import groups
 from fxpasses.lowering.backends import BACKENDS, Backend, Site, call
-from fxpasses.lowering.match import Pair, find_pairs
+from fxpasses.lowering.match import FUSED_COLLECTIVES, Pair, find_pairs
 
 log = logging.getLogger("fxpasses")
 aten = torch.ops.aten
@@ -45,10 +45,8 @@ def choose(mode: str) -> tuple[Backend | None, str]:
 
 
 def _prefix(node: fx.Node, module_prefix: str) -> str:
-    from fxpasses.sites import _prefix as site_prefix
-
     st = gf.module_stack_last(node)
-    return site_prefix(module_prefix, st[0]) if st else node.name
+    return gf.layer_prefix(module_prefix, st[0]) if st else node.name
 
 
 def _site(pair: Pair, ctx, module_prefix: str, weight_format: str = "unknown") -> Site | str:
@@ -98,8 +96,6 @@ def _erase(graph: fx.Graph, pair: Pair) -> None:
 def _tag_fused(graph: fx.Graph, before: set, site: Site) -> None:
     """Tag the fused kernel node(s) this pair added like fxpasses' collectives (comm_volume reads the
     group size there for kernels that do not state it)."""
-    from fxpasses.lowering.match import FUSED_COLLECTIVES
-
     for n in graph.nodes:
         if n not in before and gf.op_name(n) in FUSED_COLLECTIVES:
             n.meta["fxpasses"] = {"collective": site.pair.collective, "fused": gf.op_name(n),

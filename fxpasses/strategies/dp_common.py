@@ -33,8 +33,10 @@ from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses import topology
 from fxpasses.context import GroupRef, TPContext
+from fxpasses.rewriter import packable
 from fxpasses.sites import Site
-from fxpasses.strategies.base import GraphFamily, Strategy
+from fxpasses.strategies import registry
+from fxpasses.strategies.interface import GraphFamily, Strategy
 
 aten = torch.ops.aten
 
@@ -92,8 +94,6 @@ def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = 
     or None; from facts every rank's graph shares. `shard_token_scale`: the rewrite quantises the
     site's input per rank over a feature shard (MLP-TP's down_proj), so a per-token scale differs
     per rank and an integer bias (added to the accumulator, then scaled) would take rank 0's."""
-    from fxpasses.rewriter import packable
-
     mm, w = site.matmul, site.weight
     form = quantized_in_out(mm)
     op = gf.op_name(mm)
@@ -230,9 +230,8 @@ class _DPAttentionGraphs(GraphFamily):
 
     def rewriter_group(self, ctx, config):
         """The first enabled strategy's group (created beforehand by `prepare_process_groups`)."""
-        from fxpasses.strategies import base
 
-        groups = [base.get(n).prepare_groups(config, ctx) for n in config.strategies]
+        groups = [registry.get(n).prepare_groups(config, ctx) for n in config.strategies]
         first = next(g for g in groups if g is not None)
         return first.ref, first.rank
 

@@ -29,14 +29,17 @@ from __future__ import annotations
 from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.context import TPContext
-from fxpasses.plan import SitePlan, SiteStatus
+from fxpasses.site_records import SitePlan, SiteStatus
 from fxpasses.rewriter import LayoutRewriter
-from fxpasses.strategies.base import Strategy, register
+from fxpasses.strategies.interface import Strategy
+from fxpasses.strategies.registry import register
+from fxpasses.strategies.tp_family import TP_GRAPHS
 
 
 class FlashComm1(Strategy):
     name = "flashcomm1"
     aliases = ("sp", "fc1", "sequence_parallel")
+    family = TP_GRAPHS
     site_kinds = frozenset({"row", "column", "embedding", "reduce"})
     precedence = 10
     spans_layers = True

@@ -54,9 +54,11 @@ from fxpasses import runtime_ops  # noqa: F401  (registers the odp_weight op thi
 from fxpasses import topology
 from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, RewriteError
-from fxpasses.plan import SitePlan
+from fxpasses.site_records import SitePlan
 from fxpasses.rewriter import LayoutRewriter, pack_int8_scales
-from fxpasses.strategies.base import Strategy, register
+from fxpasses.strategies.interface import Strategy
+from fxpasses.strategies.registry import register
+from fxpasses.strategies.tp_family import TP_GRAPHS
 
 aten = torch.ops.aten
 
@@ -65,6 +67,7 @@ aten = torch.ops.aten
 class FlashComm2(Strategy):
     name = "flashcomm2"
     aliases = ("fc2",)
+    family = TP_GRAPHS
     site_kinds = frozenset({"row"})
     precedence = 20
 

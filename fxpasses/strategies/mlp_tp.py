@@ -73,11 +73,11 @@ import torch.fx as fx
 from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.context import TPContext
-from fxpasses.plan import SitePlan
+from fxpasses.site_records import SitePlan
 from fxpasses.rewriter import LayoutRewriter, pack_int8_scales, unpack_int8_scales
 from fxpasses.sites import Site
 from fxpasses.strategies import dp_common as dc
-from fxpasses.strategies.base import register
+from fxpasses.strategies.registry import register
 from fxpasses.strategies.mlp_activation import Analysis, Region, analyse
 
 NAME = "mlp_tp"

@@ -43,10 +43,10 @@ import torch.fx as fx
 from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses.context import TPContext
-from fxpasses.plan import SitePlan
+from fxpasses.site_records import SitePlan
 from fxpasses.rewriter import LayoutRewriter, scale_columns, unpack_int8_scales
 from fxpasses.strategies import dp_common as dc
-from fxpasses.strategies.base import register
+from fxpasses.strategies.registry import register
 
 NAME = "otp"
 aten = torch.ops.aten

@@ -71,12 +71,12 @@ def _environ(env: dict[str, str]):
 
 def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, env) -> dict[str, Any]:
 
-    from fxpasses import piece_boundaries
+    from fxpasses import piece_boundaries, split_seam
     from fxpasses.ascend_pass import FxPassesAscendPass
     from fxpasses.testing.piecewise import RecordingPass
     from fxpasses.context import TPContext
     from fxpasses.testing.ascend_standin import AscendStandinBackend, GraphFusionPassManagerStandin
-    from fxpasses.topology import prepare_process_groups
+    from fxpasses.worker_groups import prepare_process_groups
 
     if graph_mode not in GRAPH_MODES:
         raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
@@ -90,7 +90,7 @@ def _ascend_compile(state, spec, config, graph_mode, dtype, first_tokens, seed, 
     pass_ = FxPassesAscendPass(vc, inner=RecordingPass(**config))
     # where vllm-ascend's platform finds it (the plugin puts it there); the piece-boundary seam reads it
     vc.compilation_config.inductor_compile_config["graph_fusion_manager"] = pass_
-    piece_boundaries.install()
+    split_seam.install()
     prepare_process_groups(pass_.resolve_config(), TPContext.from_vllm())  # at start-up, not in the compile
     manager = GraphFusionPassManagerStandin()
     manager.configure(vc)

@@ -16,7 +16,7 @@ import torch
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.dump import graph_text
-from fxpasses.topology import prepare_process_groups
+from fxpasses.worker_groups import prepare_process_groups
 from fxpasses.pipeline import run_passes
 from fxpasses.testing.capture import compile_with_pass, rebind_token_args
 from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder

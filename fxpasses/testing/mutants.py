@@ -252,8 +252,8 @@ def all_gather_in_float32():
 @mutant("a layer whose weight is sharded but that no strategy rewrites is fed this rank's token shard",
         EXCLUDED)
 def unrewritten_sharded_layer_sees_shards():
-    from fxpasses.strategies import base
-    base._TPGraphs.rank_local_values = lambda self, plans: []   # no TP-sharded matmul is marked
+    from fxpasses.strategies import tp_family
+    tp_family._TPGraphs.rank_local_values = lambda self, plans: []   # no TP-sharded matmul is marked
 
 
 @mutant("the token dim of [1, T, H] values is read as dim 0", BATCH1)

@@ -107,10 +107,10 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     (`min_tokens: 0`) unless `config` names another `min_tokens`: these compiles check the rewrite."""
     from vllm.compilation.backends import VllmBackend
 
-    from fxpasses import piece_boundaries
+    from fxpasses import piece_boundaries, split_seam
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
-    from fxpasses.topology import prepare_process_groups
+    from fxpasses.worker_groups import prepare_process_groups
 
     config = {"min_tokens": 0, **config}
     key = f"vllm-{graph_mode}-{sorted(spec.items())}-{sorted(config.items())}-{dtype}-{endpoints}-{mutant}-{rewrite_pieces}"
@@ -122,7 +122,7 @@ def rank_compile_vllm(state: dict, spec: dict, config: dict, graph_mode: str = "
     torch._inductor.config.fx_graph_cache = False
     ds = DecoderSpec(**{**spec, "splitting_attention": True})
     prepare_process_groups(FxPassesConfig.from_dict(config), TPContext.from_vllm())  # at start-up
-    piece_boundaries.install()  # as the plugin does in every vLLM process
+    split_seam.install()  # as the plugin does in every vLLM process
     model = build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)
     pass_ = RecordingPass(rewrite_pieces, **config)
     vc = vllm_compile_config(pass_, graph_mode, endpoints)

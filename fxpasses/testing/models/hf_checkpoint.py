@@ -1,6 +1,6 @@
-"""Re-export of `fxpasses.tiny_checkpoints` (the tiny random-weight HF checkpoint maker moved into
+"""Re-export of `fxpasses.commands.tiny_checkpoints` (the tiny random-weight HF checkpoint maker moved into
 the core, since `fxpasses check --arch` uses it); kept so existing imports keep working."""
-from fxpasses.tiny_checkpoints import (  # noqa: F401
+from fxpasses.commands.tiny_checkpoints import (  # noqa: F401
     CONFIG_CLASSES,
     DEFAULT_SHAPE,
     FAMILY_SHAPE,

@@ -2,7 +2,7 @@
 
 `detect()` asks vLLM which platform this process would run on (`current_platform.device_type`, the
 same answer the engines get) and how many devices it sees. `CheckPlatform` then owns everything the
-check does differently per platform, so that `fxpasses.check` itself is platform-neutral:
+check does differently per platform, so that `fxpasses.commands.check` itself is platform-neutral:
 
   cpu             environment: VLLM_CPU_OMP_THREADS_BIND (the ranks split over the cores, or taking
                   turns on them when there are fewer cores than ranks; a given bind naming `tp` ranks

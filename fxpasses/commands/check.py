@@ -1,13 +1,13 @@
 """`fxpasses check`: greedy generation in vLLM's real engine without and with the pass, on one
 checkpoint (a Hugging Face directory, or a tiny random one made for a named architecture).
 
-Each engine runs in its own subprocess (`python -m fxpasses.check --worker SPEC.json`) with its own
+Each engine runs in its own subprocess (`python -m fxpasses.commands.check --worker SPEC.json`) with its own
 environment: a fresh VLLM_CACHE_ROOT (no cache serves the other run's graph), the platform's own
-settings (`fxpasses.check_platform`: VLLM_CPU_OMP_THREADS_BIND on CPU, nothing CPU-specific on CUDA or
+settings (`fxpasses.commands.check_platform`: VLLM_CPU_OMP_THREADS_BIND on CPU, nothing CPU-specific on CUDA or
 NPU, where the same comparison runs that platform's engine), and for the pass run FXPASSES_CONFIG with a dump_dir. The pass run registers `MeasuringPass` (the
 vLLM pass, which also measures the bytes each rank sends per step with `fxpasses.comm_volume` on the
 graph before and after the rewrite). `run_check` compares the two runs (tokens, chosen-token and
-prompt logprobs, a flipped token only at a near-tie: `fxpasses.greedy_compare`), reads the site reports and timings and returns a `CheckResult`; `format_report`
+prompt logprobs, a flipped token only at a near-tie: `fxpasses.commands.greedy_compare`), reads the site reports and timings and returns a `CheckResult`; `format_report`
 prints it. Exit codes: 0 equal and rewritten, 1 outputs differ (or the pass run failed), 2 bad input
 (or the baseline engine cannot run the model), 3 nothing rewritten, 4 the pass moves more bytes.
 """
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fxpasses import greedy_compare
-from fxpasses.check_platform import CheckPlatform
+from fxpasses.commands import greedy_compare
+from fxpasses.commands.check_platform import CheckPlatform
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 
@@ -58,9 +58,9 @@ class CheckResult:
     max_logprob_diff: float = float("nan")
     tolerance: float = 0.0
     first_divergence: str = ""           # which prompt diverged first, "" when none
-    near_ties: list[str] = field(default_factory=list)   # divergences at near-ties (fxpasses.greedy_compare)
+    near_ties: list[str] = field(default_factory=list)   # divergences at near-ties (fxpasses.commands.greedy_compare)
     outputs_equal: bool = False          # tokens identical, or diverging only at near-ties
-    dtype: str = ""                      # the engines' dtype (--dtype auto: fxpasses.check_platform)
+    dtype: str = ""                      # the engines' dtype (--dtype auto: fxpasses.commands.check_platform)
     cpu: str = ""                        # this CPU's kernel family, or the accelerator platform's name
     kernels: list[str] = field(default_factory=list)     # vLLM's custom ops in rank 0's traced graphs
     sites: list[dict] = field(default_factory=list)      # rank 0's site table (every graph)
@@ -73,7 +73,7 @@ class CheckResult:
     one_time_bytes_after: int = 0        # e.g. FlashComm2's one-time o_proj weight gather
     int8_bytes_after: dict = field(default_factory=dict)  # {T: of bytes_after, those sent as int8}
     bytes_source: str = ""               # "graph" (comm_volume) or why only counts are shown
-    bench: dict = field(default_factory=dict)            # --bench: fxpasses.engine_bench.summarise
+    bench: dict = field(default_factory=dict)            # --bench: fxpasses.commands.engine_bench.summarise
     compile_s: dict = field(default_factory=dict)        # {"baseline": s, "pass": s} (vLLM's log)
     compile_what: str = ""               # which log line compile_s comes from
     engine_start_s: dict = field(default_factory=dict)   # {"baseline": s, "pass": s}
@@ -109,9 +109,9 @@ def resolve_model(model: str | None, arch: str | None, workdir: Path,
                   progress: Callable[[str], None] = _progress, quant: str = "none",
                   shape: dict | None = None) -> Path:
     """The checkpoint directory: `model` checked, or a tiny random one made for `arch` (`quant`:
-    W8A8 in compressed-tensors' int8 format, `fxpasses.tiny_checkpoints.QUANTS`; `shape`: config
+    W8A8 in compressed-tensors' int8 format, `fxpasses.commands.tiny_checkpoints.QUANTS`; `shape`: config
     overrides of its size)."""
-    from fxpasses import tiny_checkpoints as tc
+    from fxpasses.commands import tiny_checkpoints as tc
 
     if quant != "none":
         if arch is None:
@@ -148,7 +148,7 @@ def resolve_model(model: str | None, arch: str | None, workdir: Path,
 def pass_config(strategies: str | list[str], tp: int, dump_dir: str | None = None,
                 **extra: Any) -> FxPassesConfig:
     """The FxPassesConfig of the pass run, validated for `tp` (ConfigError names the fix)."""
-    from fxpasses.strategies.base import TP_GRAPHS
+    from fxpasses.strategies.tp_family import TP_GRAPHS
 
     names = parse_strategies(strategies)
     if not names:
@@ -172,7 +172,7 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------
 # the measuring pass (created on first use: its base class imports vLLM; PEP 562 so that pickling it
-# into vLLM's worker processes finds it as fxpasses.check.MeasuringPass)
+# into vLLM's worker processes finds it as fxpasses.commands.check.MeasuringPass)
 # ------------------------------------------------------------------------------------------------
 def _make_measuring_pass():
     from fxpasses.vllm_pass import FxPassesInductorPass
@@ -201,7 +201,7 @@ def _make_measuring_pass():
             with open(out / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"before": before, "after": after, "pass_ms": round(pass_ms, 3)}) + "\n")
 
-    MeasuringPass.__module__ = "fxpasses.check"  # also when this file runs as __main__ (the worker)
+    MeasuringPass.__module__ = "fxpasses.commands.check"  # also when this file runs as __main__ (the worker)
     MeasuringPass.__qualname__ = "MeasuringPass"
     return MeasuringPass
 
@@ -244,7 +244,7 @@ def run_engine(spec: dict) -> dict:
     kw["compilation_config"] = dict(spec.get("compilation") or {})
     if spec.get("measure"):
         m = spec["measure"]
-        import fxpasses.check as this  # the importable module (the worker runs as __main__)
+        import fxpasses.commands.check as this  # the importable module (the worker runs as __main__)
         cls = this.MeasuringPass
         kw["compilation_config"]["inductor_compile_config"] = {
             "post_grad_custom_post_pass": cls(m["volume_dir"], m["bytes_at"], spec["tp"])}
@@ -273,7 +273,7 @@ def run_engine(spec: dict) -> dict:
               "logprobs": [chosen(o) for o in outs], "prompt_logprobs": [prompt_lp(o) for o in outs],
               "engine_start_s": round(t_start, 2), "generate_s": round(t_gen, 2)}
     if spec.get("bench"):
-        from fxpasses import engine_bench
+        from fxpasses.commands import engine_bench
         result["bench"] = engine_bench.run_workloads(llm, spec["bench"],
                                                      lambda n, seed: prompt_ids(n, seed, spec["vocab"]))
     return result
@@ -304,7 +304,7 @@ def _baseline(spec: dict, env: dict[str, str] | None, tp: int, run_base: Path, t
               cache: str | os.PathLike | None, progress: Callable[[str], None]) -> tuple[dict | None, str]:
     """(result or None, log text) of the baseline engine: kept in `cache` for the same checkpoint
     content and engine settings (copied into `run_base` as if it had run there), else run and kept."""
-    from fxpasses import check_baseline
+    from fxpasses.commands import check_baseline
 
     k = check_baseline.key(spec, env) if cache else None
     kept = check_baseline.load(cache, k) if k else None
@@ -335,7 +335,7 @@ def _launch(name: str, spec: dict, env: dict, run_dir: Path, timeout_s: float) -
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
         try:
-            proc = subprocess.run([sys.executable, "-m", "fxpasses.check", "--worker", str(spec_file)],
+            proc = subprocess.run([sys.executable, "-m", "fxpasses.commands.check", "--worker", str(spec_file)],
                                   cwd=str(run_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
                                   timeout=timeout_s)
             rc = proc.returncode
@@ -430,18 +430,18 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
     keys (e.g. {"flashcomm2_oproj_tp_size": 2, "patterns": ["my.toml"]}). `quant` (with `arch`): the
-    tiny checkpoint is W8A8 (`fxpasses.tiny_checkpoints.QUANTS`). `platform`: where the engines run
-    (default `fxpasses.check_platform.detect()`, vLLM's own answer): its settings, `dtype` "auto"
+    tiny checkpoint is W8A8 (`fxpasses.commands.tiny_checkpoints.QUANTS`). `platform`: where the engines run
+    (default `fxpasses.commands.check_platform.detect()`, vLLM's own answer): its settings, `dtype` "auto"
     (float32 where vLLM's CPU kernels on this CPU accept it, else bfloat16; the checkpoint's half
     dtype or bfloat16 on an accelerator) and limits. `plain_weights`: vLLM's CPU engine keeps its
     linear weights plain (`fxpasses.cpu_plain_weights`, CPU only). `compilation`: vLLM
     compilation_config keys for both engines; `env`: further environment variables for both;
     `pass_env`: for the engine with the pass only (e.g. a debug setting of the pass).
-    `bench` N > 0: both engines also run `fxpasses.engine_bench`'s workloads, for N rounds of
+    `bench` N > 0: both engines also run `fxpasses.commands.engine_bench`'s workloads, for N rounds of
     alternating engines (the check's own two engines are round 1). `shape` (with `arch`): the tiny
     checkpoint's size, e.g. `tiny_checkpoints.scaled_shape(1024, 4)`. `baseline_cache` DIR: a
     baseline run of the same checkpoint content and engine settings kept there is reused instead of
-    starting the baseline engine, and a new one is kept (`fxpasses.check_baseline`; with `bench`,
+    starting the baseline engine, and a new one is kept (`fxpasses.commands.check_baseline`; with `bench`,
     whose engines must alternate, it is a ConfigError). Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
     workdir = Path(workdir).resolve()
@@ -455,7 +455,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
         raise ConfigError("--baseline-cache with --bench: the bench times fresh engines run alternately, "
                           "so a kept baseline cannot stand in for one; drop --baseline-cache (or --bench)")
     if bench:
-        from fxpasses import engine_bench
+        from fxpasses.commands import engine_bench
         max_model_len = max(max_model_len, engine_bench.max_model_len())
         kv_cache_mb = max(kv_cache_mb, 256)
     if max(tokens) + max_tokens > max_model_len:
@@ -469,7 +469,7 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant, shape)
     hf = json.loads((model / "config.json").read_text())
     if platform is None:  # vLLM's own answer (imports vLLM: after every cheap refusal)
-        from fxpasses import check_platform
+        from fxpasses.commands import check_platform
         platform = check_platform.detect()
     platform.check_options(tp, plain_weights)
     from fxpasses import cpu_plain_weights
@@ -532,9 +532,9 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
 
 def _bench_rounds(n: int, base: dict, got: dict, spec: dict, spec_p: dict, cfg: FxPassesConfig, tp: int,
                   env: dict | None, run_base: Path, run_pass: Path, timeout_s: float, progress) -> dict:
-    """`fxpasses.engine_bench.summarise` over n rounds: round 1 is the check's own two engines, each
+    """`fxpasses.commands.engine_bench.summarise` over n rounds: round 1 is the check's own two engines, each
     further round starts a baseline engine and then a pass engine (fresh caches, same specs)."""
-    from fxpasses import engine_bench
+    from fxpasses.commands import engine_bench
 
     rounds = [{"baseline": base.get("bench"), "pass": got.get("bench")}]
     for r in range(2, n + 1):
@@ -643,7 +643,7 @@ def format_report(res: CheckResult) -> str:
         out.append(f"pass time (rank 0): {res.pass_ms.get('total', 0):.0f} ms wall"
                    + (f" (steps: {parts})" if parts else ""))
     if res.bench:
-        from fxpasses import engine_bench
+        from fxpasses.commands import engine_bench
         out.append("throughput (tokens/s), without -> with the pass:")
         out.extend(engine_bench.format_rows(res.bench))
     if res.logs:
@@ -662,7 +662,7 @@ def main(args) -> int:
     extra["min_tokens"] = args.min_tokens
     if args.lowering is not None:
         extra["lowering"] = args.lowering
-    from fxpasses.tiny_checkpoints import scaled_shape
+    from fxpasses.commands.tiny_checkpoints import scaled_shape
     try:
         shape = scaled_shape(args.hidden, args.layers)
     except ValueError as e:
@@ -685,6 +685,6 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        from fxpasses.check import _worker_main as worker  # run in the importable module, not __main__
+        from fxpasses.commands.check import _worker_main as worker  # run in the importable module, not __main__
         sys.exit(worker(sys.argv))
-    sys.exit("usage: fxpasses check ... (python -m fxpasses.check --worker SPEC.json runs one engine)")
+    sys.exit("usage: fxpasses check ... (python -m fxpasses.commands.check --worker SPEC.json runs one engine)")

@@ -6,7 +6,7 @@ Two workloads run inside each engine, after the check's correctness prompts (`ru
   decode    DECODE.prompts prompts of DECODE.prompt_len tokens, DECODE.generate tokens generated each
 
 Each is run once to warm up (first-touch allocations, the KV cache), then timed `repeats` times in
-that engine; the fastest run counts. The driver (`fxpasses.check.run_check`) starts the engines
+that engine; the fastest run counts. The driver (`fxpasses.commands.check.run_check`) starts the engines
 alternately, baseline then pass, for N rounds, so slow drift of the machine hits both alike;
 `summarise` keeps each side's best over the rounds and states the ratio of the pass engine's
 tokens/s to the baseline's (above 1: the pass is faster). Tokens/s counts prompt tokens for prefill
