@@ -3,6 +3,9 @@ and the pipeline read it. A strategy defined here, in a test module, runs throug
 no edit to the core."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from torch._dispatch.python import enable_python_dispatcher
 
@@ -14,37 +17,23 @@ from fxpasses.pipeline import run_passes
 from fxpasses.report import collective_counts
 from fxpasses.site_records import SiteStatus
 from fxpasses.strategies import interface, registry
-from fxpasses.strategies.tp_family import TP_GRAPHS
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
 
 TINY = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
 
 
-class ScatterRows(interface.Strategy):
-    """A toy: the all-reduces of row layers and the embedding become pad + reduce_scatter (Shard0
-    then flows onward). (Scattering o_proj alone would gather before every down_proj and move more
-    bytes than the original graph, which the pipeline refuses.)"""
+# The worked example of docs/add-a-strategy.md is this module's toy: its code blocks are run here, so
+# the page cannot drift from what the pass accepts.
+DOC = Path(__file__).resolve().parents[1] / "docs" / "add-a-strategy.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
 
-    name = "toy_scatter_oproj"
-    aliases = ("toy",)
-    family = TP_GRAPHS
-    site_kinds = frozenset({"row", "embedding"})
-    precedence = 5  # below FlashComm1: it only owns what nothing else wants
-    default_patterns = {"row": ["*"], "embedding": ["*"]}
 
-    def precheck(self, plan, rw, ctx):
-        ar = plan.site.all_reduce
-        return None if ar is not None and ar.runs_on(ctx.tp_group) else "no TP all-reduce"
+def _run_doc_block(i: int, namespace: dict) -> dict:
+    exec(compile(BLOCKS[i], f"{DOC}, code block {i + 1}", "exec"), namespace)
+    return namespace
 
-    def rewrite(self, rw, plans, ctx):
-        for p in self.mine(plans):
-            why = self.precheck(p, rw, ctx)
-            if why:
-                p.skip(why)
-                continue
-            ar = p.site.all_reduce
-            rw.replace_all_reduce(ar, rw.to_shard0_from_partial(ar.input))
-            p.done("toy: all_reduce -> reduce_scatter")
+
+ScatterRows = _run_doc_block(0, {})["ScatterRows"]
 
 
 @pytest.fixture
@@ -62,13 +51,18 @@ def test_builtin_strategies_come_from_their_modules():
     assert [s.name for s in registry.by_precedence("column", set(names))] == ["mlp_tp", "flashcomm1"]
 
 
-def test_a_toy_strategy_is_parsed_planned_and_rewritten_without_core_edits(toy):
-    assert parse_strategies("toy") == ("toy_scatter_oproj",)
-    cfg = FxPassesConfig(strategies=("toy",))
+def test_the_documented_example_is_parsed_planned_and_rewritten_without_core_edits():
+    """docs/add-a-strategy.md's second block registers the toy and runs the pass, as written."""
+    assert len(BLOCKS) == 2
     with enable_python_dispatcher():
         gm = build_graph(TINY, 4)
         before = collective_counts(gm.graph)
-        rep = run_passes(gm.graph, cfg, tp_context(4))
+        ns = {"ScatterRows": ScatterRows, "graph": gm.graph, "ctx": tp_context(4)}
+        try:
+            rep = _run_doc_block(1, ns)["report"]
+            assert parse_strategies("toy") == ("toy_scatter_oproj",)
+        finally:
+            registry.unregister("toy_scatter_oproj")
     assert rep.applied, rep.reason
     mine = [p for p in rep.sites if p.strategy == "toy_scatter_oproj"]
     assert [p.site.prefix.rsplit(".", 1)[-1] for p in mine] == ["embed_tokens"] + ["o_proj", "down_proj"] * TINY.layers
