@@ -30,6 +30,7 @@ reported per strategy. Bytes are unchanged (the fused kernel sends what its pair
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,25 +239,47 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ks: l
     validate(m, tp, tokens, link, None, dp)
     for k in ks:
         validate(m, tp, tokens, link, k, dp)
-    b, H, D, T = m.dtype_bytes, m.hidden, m.attn_out, tokens
+    out = _tp_estimates(m, tp, tokens, link, ks, quant)
+    if dp > 1:
+        out += _dp_estimates(m, tokens, link, dp, quant)
+    # ties: less weight memory first, then the variant that also shards norms/residual (FlashComm1)
+    out.sort(key=lambda e: (round(e.comm_us_per_layer, 6), e.weight_bytes_per_layer,
+                            0 if "flashcomm1" in e.strategy else 1))
+    return out
+
+
+
+def _layer_weights(m: ModelDims) -> tuple[int, int, int]:
+    """Bytes per layer of the qkv, MLP and o_proj weights, unsharded."""
+    b = m.dtype_bytes
+    return (m.hidden * (m.heads * m.head_dim + 2 * m.kv_heads * m.v_head_dim) * b, 3 * m.hidden * m.intermediate * b,
+            m.hidden * m.attn_out * b)
+
+
+def _variants(quant: str) -> list[tuple[str, str]]:
+    """(wire quantisation, name suffix) of each variant listed: int8 on the wire and `int8_comm: off`."""
+    return [("none", "")] if quant == "none" else [(quant, " int8"), ("none", " (int8_comm off)")]
+
+
+def _estimate(link: "Link | KindLinks", name: str, colls: list, weight: int, why: str) -> Estimate:
+    t = sum(link.collective_us(kd, n, nb) for kd, n, nb in colls)
+    return Estimate(name, t, sum(nb for _, _, nb in colls), weight, colls, why)
+
+
+def _tp_estimates(m: ModelDims, tp: int, T: int, link: "Link | KindLinks", ks: list[int], quant: str) -> list[Estimate]:
+    """Vanilla TP, FlashComm1, and FlashComm2(K) alone and with FlashComm1."""
+    b, H, D = m.dtype_bytes, m.hidden, m.attn_out
     Tp = padded(T, tp)
-    qkv_w = H * (m.heads * m.head_dim + 2 * m.kv_heads * m.v_head_dim) * b
-    mlp_w = 3 * H * m.intermediate * b
-    oproj_w = H * D * b
+    qkv_w, mlp_w, oproj_w = _layer_weights(m)
     base_w = (qkv_w + mlp_w) // tp
-
-    def est(name, colls, weight, why):
-        t = sum(link.collective_us(kd, n, nb) for kd, n, nb in colls)
-        return Estimate(name, t, sum(nb for _, _, nb in colls), weight, colls, why)
-
+    est = functools.partial(_estimate, link)
     out = []
     ar = ("all_reduce", tp, _ring("all_reduce", T * H * b, tp))
     out.append(est("vanilla", [ar, ar], base_w + oproj_w // tp,
                    "2 all-reduces of [T, H] per layer; every rank runs norms on all T rows"))
     rs = ("reduce_scatter", tp, _ring("reduce_scatter", Tp * H * b, tp))
     ag = ("all_gather", tp, _ring("all_gather", Tp * H * b, tp))
-    variants = [("none", "")] if quant == "none" else [(quant, " int8"), ("none", " (int8_comm off)")]
-    for q, tag in variants:
+    for q, tag in _variants(quant):
         agq = _wire("all_gather", tp, Tp, H, b, q)   # the column inputs (qkv_proj, gate_up_proj)
         int8_why = ""
         if q != "none":
@@ -284,29 +307,34 @@ def estimate(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ks: l
             out.append(est(f"flashcomm1+flashcomm2(K={k})" + tag, [*a2a, *otp_rs, *agq, rs, *agq], w,
                            fc2_why + "; the o_proj output chains into FlashComm1's sharded residual"
                            + (int8_why and "; column gathers in int8 as FlashComm1's")))
-    if dp > 1:
-        B = max(T // dp, 1)  # own tokens per DP rank
-        otp_rs = ("reduce_scatter", dp, _ring("reduce_scatter", dp * B * H * b, dp))
-        for q, tag in variants:
-            otp_a2a = _wire("all_to_all", dp, B * dp, D // dp, b, q)  # B rows of K blocks of D/K features
-            why = ("DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
-                   "all_to_all of [B, D] + reduce_scatter [K*B, H]")
-            if q != "none":
-                why += ("; int8 on the wire: the o_proj all_to_all sends [B, D] in int8"
-                        + (" + each token's float32 scale per block (in the same all_to_all)"
-                           if q == "w8a8_dynamic" else "") + _pays(D // dp, dp, link, b, q)
-                        + "; needs plain int8 o_proj weights (weight_format: nd)")
-            out.append(est(f"otp(K={dp})" + tag, [*otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp, why))
-            mlp_ag = _wire("all_gather", dp, dp * B, H, b, q)  # gate_up_proj's input, quantised before it
-            why = "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"
-            if q != "none":
-                why += ("; int8 on the wire: the gate_up_proj all_gather sends [B, H] in int8"
-                        + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
-                        + _pays(H, dp, link, b, q) + "; needs plain int8 MLP weights (weight_format: nd)")
-            out.append(est(f"mlp_tp(K={dp})" + tag, [*mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp, why))
-    # ties: less weight memory first, then the variant that also shards norms/residual (FlashComm1)
-    out.sort(key=lambda e: (round(e.comm_us_per_layer, 6), e.weight_bytes_per_layer,
-                            0 if "flashcomm1" in e.strategy else 1))
+    return out
+
+
+def _dp_estimates(m: ModelDims, T: int, link: "Link | KindLinks", dp: int, quant: str) -> list[Estimate]:
+    """OTP and MLP-TP over dp ranks of DP attention."""
+    b, H, D = m.dtype_bytes, m.hidden, m.attn_out
+    qkv_w, mlp_w, oproj_w = _layer_weights(m)
+    est = functools.partial(_estimate, link)
+    out = []
+    B = max(T // dp, 1)  # own tokens per DP rank
+    otp_rs = ("reduce_scatter", dp, _ring("reduce_scatter", dp * B * H * b, dp))
+    for q, tag in _variants(quant):
+        otp_a2a = _wire("all_to_all", dp, B * dp, D // dp, b, q)  # B rows of K blocks of D/K features
+        why = ("DP attention (TP=1 per rank, weights replicated); o_proj sharded over K ranks: "
+               "all_to_all of [B, D] + reduce_scatter [K*B, H]")
+        if q != "none":
+            why += ("; int8 on the wire: the o_proj all_to_all sends [B, D] in int8"
+                    + (" + each token's float32 scale per block (in the same all_to_all)"
+                       if q == "w8a8_dynamic" else "") + _pays(D // dp, dp, link, b, q)
+                    + "; needs plain int8 o_proj weights (weight_format: nd)")
+        out.append(est(f"otp(K={dp})" + tag, [*otp_a2a, otp_rs], (qkv_w + mlp_w) + oproj_w // dp, why))
+        mlp_ag = _wire("all_gather", dp, dp * B, H, b, q)  # gate_up_proj's input, quantised before it
+        why = "DP attention; dense MLP sharded over K ranks: all_gather [B, H] + reduce_scatter"
+        if q != "none":
+            why += ("; int8 on the wire: the gate_up_proj all_gather sends [B, H] in int8"
+                    + (" + float32 per-token scales (in the same gather)" if q == "w8a8_dynamic" else "")
+                    + _pays(H, dp, link, b, q) + "; needs plain int8 MLP weights (weight_format: nd)")
+        out.append(est(f"mlp_tp(K={dp})" + tag, [*mlp_ag, otp_rs], (qkv_w + oproj_w) + mlp_w // dp, why))
     return out
 
 
@@ -384,13 +412,26 @@ def _layer_pairs(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", s
     return [p for p in pairs if p[1] in kinds]
 
 
-def fused_estimates(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ests: list[Estimate], platform: str,
-                    tflops: float = 300.0, overhead_us: float = 5.0) -> list[FusedEstimate]:
+@dataclass(frozen=True)
+class FusedKernels:
+    """The platform whose fused matmul + collective kernels are estimated, its matmul throughput
+    and each fused kernel's overhead (tiling, kernel set-up)."""
+
+    platform: str
+    tflops: float = 300.0
+    overhead_us: float = 5.0
+
+
+def fused_estimates(m: ModelDims, tp: int, tokens: int, link: "Link | KindLinks", ests: list[Estimate],
+                    kernels: "FusedKernels | str") -> list[FusedEstimate]:
     """What the lowering's fused kernels save per layer for each estimated strategy (float layers; a
     MODEL ESTIMATE): a fused pair pipelines its matmul with its collective, so it costs
     max(comm, matmul) + `overhead_us` (tiling, kernel set-up) instead of comm + matmul. It pays when
     the shorter of the two exceeds the overhead: large token counts (prefill), not latency-bound
-    decode steps. OTP / MLP-TP are not lowered (their pairs run over DP groups)."""
+    decode steps. OTP / MLP-TP are not lowered (their pairs run over DP groups). `kernels`: a
+    `FusedKernels`, or a platform name with the default throughput and overhead."""
+    kernels = kernels if isinstance(kernels, FusedKernels) else FusedKernels(kernels)
+    platform, tflops, overhead_us = kernels.platform, kernels.tflops, kernels.overhead_us
     if platform not in FUSED_KINDS:
         raise AdvisorError(f"fused kernels: platform {platform!r} must be one of {list(FUSED_KINDS)}")
     if not tflops > 0 or overhead_us < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxpasses import graph_forms as gf
 from fxpasses.context import GroupRef
 
 c10d = torch.ops._c10d_functional
@@ -30,8 +31,7 @@ class CommBackend:
 
     @staticmethod
     def _tag(node: fx.Node, what: str, group: GroupRef) -> fx.Node:
-        node.meta["fxpasses"] = {"collective": what, "group": group.label, "group_size": group.size}
-        return node
+        return gf.tag_node(node, collective=what, group=group.label, group_size=group.size)
 
     def _wait(self, graph: fx.Graph, n: fx.Node, what: str, group: GroupRef) -> fx.Node:
         self._tag(n, what, group)

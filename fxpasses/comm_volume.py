@@ -259,10 +259,23 @@ def padded(T: int, n: int) -> int:
     return T + (-T) % n
 
 
-def analytic_layer_collectives(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
-                               k: int = 1, attn_in: int | None = None) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class LayerShape:
+    """What the analytic layer models read of a decoder layer and its deployment (the keyword
+    arguments `analytic_layer_collectives` and `fxpasses.token_gate` take)."""
+
+    tp: int
+    hidden: int
+    attn_out: int
+    dtype_bytes: int
+    k: int = 1
+    attn_in: int | None = None
+
+
+def analytic_layer_collectives(strategy: str, *, T: int, **shape) -> list[tuple[str, int]]:
     """(kind, per-rank send bytes) of every collective one decoder layer runs in the *layout* each
-    strategy produces (the one table the byte totals and the time model read).
+    strategy produces (the one table the byte totals and the time model read); `shape`: the fields
+    of `LayerShape`.
 
     attn_out = D, the o_proj input width over all heads (heads x v_head_dim); k = FlashComm2's K;
     attn_in = the width all-gathered before attention (default H: the normed hidden state feeding
@@ -275,7 +288,8 @@ def analytic_layer_collectives(strategy: str, *, T: int, tp: int, hidden: int, a
                  [T_pad/n, H]; then all_gather [T_pad, H] back to Replicate (alone) ; MLP all_reduce
     flashcomm1+flashcomm2: FlashComm1 with the o_proj rs replaced by FlashComm2's o_proj exchange.
     """
-    b, H, D = dtype_bytes, hidden, attn_out
+    sh = LayerShape(**shape)
+    b, H, D, tp, k, attn_in = sh.dtype_bytes, sh.hidden, sh.attn_out, sh.tp, sh.k, sh.attn_in
     Tp = padded(T, tp)
     n = tp // k
     ring = lambda size, g: (g - 1) * size // g  # noqa: E731  bytes a rank sends for rs/ag/a2a of `size`
@@ -291,13 +305,11 @@ def analytic_layer_collectives(strategy: str, *, T: int, tp: int, hidden: int, a
     return layers[strategy]
 
 
-def analytic_layer_bytes(strategy: str, *, T: int, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
-                         k: int = 1, attn_in: int | None = None) -> dict[str, int]:
+def analytic_layer_bytes(strategy: str, *, T: int, **shape) -> dict[str, int]:
     """Per-rank bytes sent per decoder layer, by collective kind and in total
     (`analytic_layer_collectives` summed)."""
     out: dict[str, int] = {}
-    for kind, nb in analytic_layer_collectives(strategy, T=T, tp=tp, hidden=hidden, attn_out=attn_out,
-                                               dtype_bytes=dtype_bytes, k=k, attn_in=attn_in):
+    for kind, nb in analytic_layer_collectives(strategy, T=T, **shape):
         out[kind] = out.get(kind, 0) + nb
     out["total"] = sum(out.values())
     return out

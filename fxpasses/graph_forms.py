@@ -87,6 +87,19 @@ class AllReduce:
         return self.group_name in (group.c10d_name, group.vllm_name)
 
 
+def is_stored_value(n) -> bool:
+    """A graph input or attribute: a stored weight, scale or bias (never computed in the graph)."""
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
+
+
+def tag_node(node: fx.Node, **fields) -> fx.Node:
+    """Record what fxpasses made of a node it inserted in `meta["fxpasses"]` (its `role`, the
+    `collective` and `group` / `group_size` it communicates over, the `strategy` that made it, ...):
+    the one place those tags are written; `fxpasses.comm_volume` and the reports read them."""
+    node.meta.setdefault("fxpasses", {}).update(fields)
+    return node
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None

@@ -17,25 +17,25 @@ kernels where the platform has them (`fxpasses.lowering`, the `lowering` key).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 import logging
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
 
 from fxpasses import comm_volume, dump, link_costs, token_gate
-from fxpasses.lowering import lower as lowering
 from fxpasses.comm import CommBackend
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.errors import FxPassesError, ModelledSlowerError, RewriteError, WireBytesError
 from fxpasses.graph_copy import copy_graph, replace_graph_contents
 from fxpasses.graph_mode import WHOLE_BY_CALLER, GraphMode
+from fxpasses.lowering import lower as lowering
 from fxpasses.patterns_loader import PatternSet, load_patterns
 from fxpasses.plan import plan_sites
-from fxpasses.site_records import SitePlan, SiteStatus
 from fxpasses.report import PassReport, collective_counts
 from fxpasses.rewriter import LayoutRewriter
+from fxpasses.site_records import SitePlan, SiteStatus
 from fxpasses.sites import find_sites
 from fxpasses.strategies import registry as strategies
 from fxpasses.verify import output_signature, verify
@@ -44,111 +44,140 @@ log = logging.getLogger("fxpasses")
 _graph_ids = itertools.count()
 
 
-def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
-               patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
-               fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
-               token_range: tuple[int, int | None] | None = None) -> PassReport:
+@dataclass(frozen=True)
+class PassOptions:
+    """How one `run_passes` call treats its graph (its keyword arguments).
+
+    `patterns`: the pattern set (default: the configuration's). `tag`: the dump's file stem.
+    `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
+    because Inductor recompiles the module itself after its post-grad passes. `fail_loudly=True`
+    raises when a started rewrite fails instead of keeping the original graph: where the other
+    ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
+    would issue other collectives than its peers. `graph_mode` says whether the graph is the whole
+    model or one piece of vLLM's FX split (`fxpasses.graph_mode`); it is stated in the report, and a
+    piece's inputs and outputs keep their original (replicated) layout either way. `token_range`:
+    the token counts vLLM will run this graph at ([lo, hi], hi None when unknown); with
+    `min_tokens: auto` a rewrite is kept only where `fxpasses.token_gate.judge` says it is no
+    slower over that range (None, library use: the caller chose the graph, it is rewritten)."""
+
+    patterns: PatternSet | None = None
+    tag: str | None = None
+    recompile: bool = True
+    fail_loudly: bool = False
+    graph_mode: GraphMode = WHOLE_BY_CALLER
+    token_range: tuple[int, int | None] | None = None
+
+
+def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, **options) -> PassReport:
     """Rewrite `graph` in place (or leave it untouched and say why in the report), then lower it:
     the graph as it now is, rewritten or not, gets its matmul + collective pairs fused by the
     backend the `lowering` key picks (`fxpasses.lowering`; nothing on CPU unless `reference`), with
-    the record in `report.extra["lowering"]`. See `_run_strategies` for the arguments."""
-    report = _run_strategies(graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile,
-                             fail_loudly=fail_loudly, graph_mode=graph_mode, token_range=token_range)
+    the record in `report.extra["lowering"]`. `options`: the fields of `PassOptions`."""
+    opts = PassOptions(**options)
+    report = _run_strategies(graph, config, ctx, opts)
     if config.lowering != "off":
         with report.timed("lowering"):
             rec = lowering.lower_graph(graph, config.lowering, ctx, module_prefix=config.module_prefix,
                                        weight_format=config.weight_format)
         report.extra["lowering"] = rec
-        if rec["fused"] and graph.owning_module is not None and recompile:
+        if rec["fused"] and graph.owning_module is not None and opts.recompile:
             graph.owning_module.recompile()
         dump.emit_lowered(graph, report, config)
     return report
 
 
-def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, *,
-                    patterns: PatternSet | None = None, tag: str | None = None, recompile: bool = True,
-                    fail_loudly: bool = False, graph_mode: GraphMode = WHOLE_BY_CALLER,
-                    left_out: dict[str, str] | None = None,
-                    token_range: tuple[int, int | None] | None = None,
-                    backed_off: "BackOff | None" = None) -> PassReport:
-    """The rewrite of `run_passes`, without the lowering.
-
-    `recompile=False` skips regenerating the owning module's Python code; the vLLM pass uses it
-    because Inductor recompiles the module itself after its post-grad passes. `fail_loudly=True`
-    raises when a started rewrite fails instead of keeping the original graph: where the other
-    ranks of the group run their rewritten graphs (the vLLM pass), a rank that kept its original
-    would issue other collectives than its peers. `graph_mode` says whether `graph` is the whole
-    model or one piece of vLLM's FX split (`fxpasses.graph_mode`); it is stated in the report, and a
-    piece's inputs and outputs keep their original (replicated) layout either way. `token_range`:
-    the token counts vLLM will run this graph at ([lo, hi], hi None when unknown); with
-    `min_tokens: auto` a rewrite is kept only where `fxpasses.token_gate.judge` says it is no
-    slower over that range (None, library use: the caller chose the graph, it is rewritten).
-    `backed_off`: the sites previous attempts found costly, left as they are (`BackOff`)."""
+def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, opts: PassOptions,
+                    left_out: dict[str, str] | None = None, backed_off: "BackOff | None" = None) -> PassReport:
+    """The rewrite of `run_passes`, without the lowering. `left_out`: enabled strategies an earlier
+    attempt dropped for this graph, with why; `backed_off`: the sites earlier attempts found costly,
+    left as they are (`BackOff`)."""
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
-    report.extra["graph_mode"] = graph_mode.to_dict()
+    report.extra["graph_mode"] = opts.graph_mode.to_dict()
     with report.timed("total"):
         why = _nothing_to_do(config, ctx)
         if why:
             return _finish(report, why)
         work = copy_graph(graph, graph.owning_module)
         with report.timed("find_sites"):
-            patterns = patterns or load_patterns(config.patterns)
-            sites = find_sites(work, patterns, config.module_prefix)
+            opts = replace(opts, patterns=opts.patterns or load_patterns(config.patterns))
+            sites = find_sites(work, opts.patterns, config.module_prefix)
         with report.timed("plan"):
-            report.sites = plans = plan_sites(sites, config, patterns, left_out)
+            report.sites = plans = plan_sites(sites, config, opts.patterns, left_out)
             for p in plans:
                 if backed_off and p.status is SiteStatus.PLANNED and p.site.prefix in backed_off.sites:
                     p.skip(backed_off.sites[p.site.prefix])
         why = _nothing_owned(plans, config, sites)
         if why:
-            return _kept(report, why, graph, config, tag)
+            return _kept(report, why, graph, config, opts.tag)
         try:
-            with report.timed("rewrite"):
-                rw = _rewrite(work, plans, config, ctx)
-            if not any(p.status is SiteStatus.REWRITTEN for p in plans):
-                _enforce_strict(plans, config)
-                return _kept(report, "every owned site was skipped", graph, config, tag)
-            with report.timed("verify"):
-                ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
-                more = _more_bytes(graph, work, config, ctx, report, rw.T, graph_mode)
-                if more:
-                    raise WireBytesError(more)
-                slower = _slower(graph, work, config, ctx, report, token_range)
-                if slower:
-                    raise ModelledSlowerError(slower)
+            rw, ver = _rewrite_and_verify(graph, work, plans, config, ctx, opts, report)
         except WireBytesError as e:
-            retry = None if isinstance(e, ModelledSlowerError) else _back_off_costly_sites(
-                report, plans, config, backed_off or BackOff(), lambda b: _run_strategies(
-                    graph, config, ctx, patterns=patterns, tag=tag, recompile=recompile, fail_loudly=fail_loudly,
-                    graph_mode=graph_mode, left_out=left_out, token_range=token_range, backed_off=b))
-            if retry is not None:
-                return retry
-            rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
-            if not rest or len(rest) == len(config.strategies):
-                return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
-            # the layer-spanning strategy costs the bytes (a piece's boundaries, excluded layers):
-            # the others still pay on their own, decided from the same shapes on every rank
-            dropped = [n for n in config.strategies if n not in rest]
-            retry = _run_strategies(graph, config.replace(strategies=rest), ctx, patterns=patterns, tag=tag,
-                                    recompile=recompile, fail_loudly=fail_loudly, graph_mode=graph_mode,
-                                    left_out={n: str(e) for n in dropped}, token_range=token_range)
-            retry.strategies = list(config.strategies)
-            retry.extra["left_out"] = {n: str(e) for n in dropped}
-            retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")
-            return retry
+            return _refused_for_bytes(e, graph, config, ctx, opts, report, (plans, left_out, backed_off))
         except Exception as e:
-            return _finish(report, _abandon(e, graph, report, plans, config, ctx, fail_loudly, tag))
-        _enforce_strict(plans, config)
-        with report.timed("apply"):
-            before_text = dump.before_text(graph, config)
-            replace_graph_contents(graph, work)
-            if graph.owning_module is not None and recompile:
-                graph.owning_module.recompile()
-        report.record_applied(rw, ver, collective_counts(graph), nodes=len(graph.nodes))
-        dump.emit(graph, report, config, before_text, tag or f"graph{next(_graph_ids)}")
+            return _finish(report, _abandon(e, graph, report, plans, config, ctx, opts))
+        if rw is None:
+            return _kept(report, "every owned site was skipped", graph, config, opts.tag)
+        _commit(graph, work, report, rw, ver, config, opts)
     return _finish(report)
+
+
+def _rewrite_and_verify(graph: fx.Graph, work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig,
+                        ctx: TPContext, opts: PassOptions, report: PassReport):
+    """(rewriter, verification) of the rewritten copy, or (None, None) when every owned site was
+    skipped; WireBytesError when the bytes rule or the token gate refuses it."""
+    with report.timed("rewrite"):
+        rw = _rewrite(work, plans, config, ctx)
+    if not any(p.status is SiteStatus.REWRITTEN for p in plans):
+        _enforce_strict(plans, config)
+        return None, None
+    with report.timed("verify"):
+        ver = verify(graph.owning_module or torch.nn.Module(), rw, output_signature(graph), graph=work)
+        more = _more_bytes(graph, work, config, ctx, report, rw.T, opts.graph_mode)
+        if more:
+            raise WireBytesError(more)
+        slower = _slower(graph, work, config, ctx, report, opts.token_range)
+        if slower:
+            raise ModelledSlowerError(slower)
+    return rw, ver
+
+
+def _refused_for_bytes(e: WireBytesError, graph: fx.Graph, config: FxPassesConfig, ctx: TPContext,
+                       opts: PassOptions, report: PassReport, attempt: tuple) -> PassReport:
+    """The rewrite would send more bytes (or is modelled slower): back off the costly sites and
+    rewrite the rest, else leave out the layer-spanning strategy and let the others rewrite alone,
+    else keep the original graph. `attempt`: (plans, left_out, backed_off) of the refused try."""
+    plans, left_out, backed_off = attempt
+    retry = None if isinstance(e, ModelledSlowerError) else _back_off_costly_sites(
+        report, plans, config, backed_off or BackOff(),
+        lambda b: _run_strategies(graph, config, ctx, opts, left_out, b))
+    if retry is not None:
+        return retry
+    rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
+    if not rest or len(rest) == len(config.strategies):
+        return _finish(report, _abandon(e, graph, report, plans, config, ctx, opts))
+    # the layer-spanning strategy costs the bytes (a piece's boundaries, excluded layers):
+    # the others still pay on their own, decided from the same shapes on every rank
+    dropped = [n for n in config.strategies if n not in rest]
+    retry = _run_strategies(graph, config.replace(strategies=rest), ctx, opts, {n: str(e) for n in dropped})
+    retry.strategies = list(config.strategies)
+    retry.extra["left_out"] = {n: str(e) for n in dropped}
+    retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")
+    return retry
+
+
+def _commit(graph: fx.Graph, work: fx.Graph, report: PassReport, rw: LayoutRewriter, ver,
+            config: FxPassesConfig, opts: PassOptions) -> None:
+    """The verified copy replaces the original graph's contents; the report and dumps say so."""
+    _enforce_strict(report.sites, config)
+    with report.timed("apply"):
+        before_text = dump.before_text(graph, config)
+        replace_graph_contents(graph, work)
+        if graph.owning_module is not None and opts.recompile:
+            graph.owning_module.recompile()
+    report.record_applied(rw, ver, collective_counts(graph), nodes=len(graph.nodes))
+    dump.emit(graph, report, config, before_text, opts.tag or f"graph{next(_graph_ids)}")
 
 
 def _more_bytes(before: fx.Graph, after: fx.Graph, config: FxPassesConfig, ctx: TPContext,
@@ -269,17 +298,18 @@ def _nothing_owned(plans: list[SitePlan], config: FxPassesConfig, sites) -> str 
 def _rewrite(work: fx.Graph, plans: list[SitePlan], config: FxPassesConfig, ctx: TPContext) -> LayoutRewriter:
     """Every enabled strategy rewrites its sites (canonical order), then Shard0 is propagated."""
     family = config.family()
+    enabled = [strategies.get(name) for name in config.strategies]  # resolved once, canonical order
     forms = {p.site.all_reduce.form for p in plans if p.site.all_reduce is not None}
     group, rank = family.rewriter_group(ctx, config)
     rw = LayoutRewriter(work, group, rank, CommBackend.for_forms(forms), family.token_count(plans), config)
     for node in family.rank_local_values(plans):
         rw.mark_rank_local(node)
     _hand_over_refused(plans, rw, ctx)
-    for name in config.strategies:
-        strategies.get(name).rewrite(rw, plans, ctx)
+    for strategy in enabled:
+        strategy.rewrite(rw, plans, ctx)
     rw.propagate()
-    for name in config.strategies:
-        strategies.get(name).after_propagation(rw, plans, ctx)
+    for strategy in enabled:
+        strategy.after_propagation(rw, plans, ctx)
     work.eliminate_dead_code()
     return rw
 
@@ -294,12 +324,12 @@ def _kept(report: PassReport, reason: str, graph: fx.Graph, config: FxPassesConf
 
 
 def _abandon(e: Exception, graph: fx.Graph, report: PassReport, plans: list[SitePlan],
-             config: FxPassesConfig, ctx: TPContext, fail_loudly: bool, tag: str | None) -> str:
+             config: FxPassesConfig, ctx: TPContext, opts: PassOptions) -> str:
     """Keep the original graph (or raise, see `_failed`); either way the dump directory gets the
     site report and the before-graph. A bytes refusal is the same on every rank (it is read off
     shapes every rank shares), so it never needs to fail loudly."""
     try:
-        reason = _failed(e, plans, config, ctx, fail_loudly and not isinstance(e, WireBytesError))
+        reason = _failed(e, plans, config, ctx, opts.fail_loudly and not isinstance(e, WireBytesError))
     except Exception as loud:
         report.reason = str(loud)
         raise
@@ -307,7 +337,7 @@ def _abandon(e: Exception, graph: fx.Graph, report: PassReport, plans: list[Site
         report.reason = reason
         return reason
     finally:
-        dump.emit_abandoned(graph, report, config, tag or f"graph{next(_graph_ids)}")
+        dump.emit_abandoned(graph, report, config, opts.tag or f"graph{next(_graph_ids)}")
 
 
 def _hand_over_refused(plans: list[SitePlan], rw: LayoutRewriter, ctx: TPContext) -> None:

@@ -177,9 +177,7 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
             _install(icc, key, adopted, vllm_config)
         log.info("fxpasses: registered pass under %r bound to the vLLM config (tp=%d): %s", key, tp,
                  ours[0].resolve_config(env).key())
-        _warn_if_not_compiled(vllm_config)
-        _warn_if_pieces(vllm_config, ours[0].resolve_config(env), key)
-        add_auto_compile_range(vllm_config, ours[0].resolve_config(env))
+        _after_registering(vllm_config, ours[0].resolve_config(env), key)
         return ours[0]
 
     p = _new_pass(key, vllm_config)
@@ -191,10 +189,16 @@ def configure_vllm_config(vllm_config, env: Mapping[str, str] | None = None) -> 
     _install(icc, key, p, vllm_config)
     log.info("fxpasses: plugin registered the pass (%s) as inductor_compile_config[%r] (tp=%d, world=%d): %s",
              type(p).__name__, key, tp, world, cfg.key())
+    _after_registering(vllm_config, cfg, key)
+    return p
+
+
+def _after_registering(vllm_config, cfg, key: str) -> None:
+    """What start-up says and sets once the pass is registered: warnings for a model that will not be
+    compiled or is compiled in pieces, and `min_tokens: auto`'s compile range."""
     _warn_if_not_compiled(vllm_config)
     _warn_if_pieces(vllm_config, cfg, key)
     add_auto_compile_range(vllm_config, cfg)
-    return p
 
 
 def add_auto_compile_range(vllm_config, cfg) -> int | None:

@@ -72,11 +72,6 @@ def _tensor_valued(node: fx.Node) -> bool:
                                            any(isinstance(x, torch.Tensor) for x in v))
 
 
-def _tag(node: fx.Node, role: str) -> fx.Node:
-    node.meta.setdefault("fxpasses", {})["role"] = role
-    return node
-
-
 class LayoutRewriter:
     def __init__(self, graph: fx.Graph, group: GroupRef, rank_in_group: int, comm: CommBackend,
                  token_count, config):
@@ -175,7 +170,7 @@ class LayoutRewriter:
 
     def _new(self, node: fx.Node, role: str) -> fx.Node:
         self.mark_created(node)
-        return _tag(node, role)
+        return gf.tag_node(node, role=role)
 
     def mark_created(self, node: fx.Node) -> None:
         """Register a node a strategy inserted itself (propagation then leaves it alone)."""

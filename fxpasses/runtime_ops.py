@@ -36,20 +36,11 @@ import torch
 
 from fxpasses.piece_boundaries import boundary_shard as _boundary_shard  # noqa: F401  (fxpasses::boundary_shard)
 from fxpasses.lowering import ops as _lowering_ops  # noqa: F401  (fused reference ops, fxpasses::rank0_bias)
+from fxpasses.lowering.ops import tensor_version
 
 _LOCK = threading.Lock()
 _WEIGHTS: dict[str, tuple[tuple, torch.Tensor]] = {}
 STATS = {"calls": 0, "gathers": 0, "bytes": 0}
-
-
-def _version(t: torch.Tensor | None):
-    if t is None:
-        return None
-    try:
-        v = t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        v = None
-    return (t.data_ptr(), v, tuple(t.shape), t.dtype, str(t.device))
 
 
 def _gather_odp_weight(w: torch.Tensor, bias: torch.Tensor | None, group_name: str,
@@ -73,7 +64,7 @@ def _gather_odp_weight(w: torch.Tensor, bias: torch.Tensor | None, group_name: s
 def odp_weight(w: torch.Tensor, bias: torch.Tensor | None, key: str, group_name: str,
                group_size: int) -> torch.Tensor:
     """See the module docstring."""
-    ident = (_version(w), _version(bias))
+    ident = (tensor_version(w), tensor_version(bias))
     with _LOCK:
         STATS["calls"] += 1
         hit = _WEIGHTS.get(key)
@@ -130,7 +121,7 @@ def odp_quant_blocks(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
                      out_dtype: torch.dtype, key: str, group_name: str,
                      group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See the module docstring."""
-    ident = (_version(w), _version(scale), _version(bias), per_token, out_dtype)
+    ident = (tensor_version(w), tensor_version(scale), tensor_version(bias), per_token, out_dtype)
     with _LOCK:
         STATS["calls"] += 1
         hit = _WEIGHTS.get(key)

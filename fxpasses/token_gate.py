@@ -156,25 +156,24 @@ def _brief(costs: LinkCosts) -> str:
 
 # ---- before any graph exists: the decoder model of the advisor -----------------------------------
 
-def layer_time_us(strategy: str, T: int, *, tp: int, hidden: int, attn_out: int, dtype_bytes: int,
-                  costs: LinkCosts, k: int = 1) -> float:
+def layer_time_us(strategy: str, T: int, *, costs: LinkCosts, **shape) -> float:
     """Modelled µs of one decoder layer's communication and residual-stream ops at T tokens: two
-    add+norms writing two [T, H] tensors each, on T/tp rows where FlashComm1 shards the stream."""
+    add+norms writing two [T, H] tensors each, on T/tp rows where FlashComm1 shards the stream.
+    `shape`: the fields of `fxpasses.comm_volume.LayerShape`."""
+    sh = comm_volume.LayerShape(**shape)
     comm = sum(costs.link(kind).time_us(nb)
-               for kind, nb in comm_volume.analytic_layer_collectives(strategy, T=T, tp=tp, hidden=hidden,
-                                                                      attn_out=attn_out, dtype_bytes=dtype_bytes, k=k))
-    rows = comm_volume.padded(T, tp) // tp if "flashcomm1" in strategy else T
-    return comm + 2 * (2 * 2 * rows * hidden * dtype_bytes) / (costs.memory_gbps * 1e3)
+               for kind, nb in comm_volume.analytic_layer_collectives(strategy, T=T, **shape))
+    rows = comm_volume.padded(T, sh.tp) // sh.tp if "flashcomm1" in strategy else T
+    return comm + 2 * (2 * 2 * rows * sh.hidden * sh.dtype_bytes) / (costs.memory_gbps * 1e3)
 
 
-def analytic_min_tokens(strategy: str, *, max_tokens: int, tp: int, hidden: int, attn_out: int,
-                        dtype_bytes: int, costs: LinkCosts, k: int = 1) -> int | None:
+def analytic_min_tokens(strategy: str, *, max_tokens: int, costs: LinkCosts, **shape) -> int | None:
     """The smallest N such that the layout is no slower than vanilla TP at every T in [N, max_tokens]
-    (None: not even at max_tokens)."""
+    (None: not even at max_tokens); `shape`: the fields of `fxpasses.comm_volume.LayerShape`."""
     n = None
     for T in range(max_tokens, 0, -1):
-        kw = dict(tp=tp, hidden=hidden, attn_out=attn_out, dtype_bytes=dtype_bytes, costs=costs, k=k)
-        if layer_time_us(strategy, T, **kw) > layer_time_us("vanilla", T, **kw) * (1 + 1e-9):
+        if layer_time_us(strategy, T, costs=costs, **shape) > layer_time_us("vanilla", T, costs=costs, **shape) \
+                * (1 + 1e-9):
             break
         n = T
     return n

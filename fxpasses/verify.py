@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxpasses import graph_forms as gf
 from fxpasses import layouts
@@ -56,10 +59,6 @@ def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None, *,
     fake kernel again. Only results that own fresh storage (no aliasing of an input), carry no
     unbacked symbols and come from ops that cannot change their inputs' metadata are memoised;
     everything else runs for real. The result equals a full propagation at a fraction of the cost."""
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch._guards import detect_fake_mode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     graph = graph if graph is not None else gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in phs]
@@ -68,54 +67,54 @@ def fake_propagate(gm: fx.GraphModule, dirty: set[fx.Node] | None = None, *,
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is None:
         raise VerificationError("graph inputs carry no FakeTensorMode; cannot propagate shapes")
-    memo: dict = {}
-
-    class _Prop(FakeTensorProp):
-        executed = 0
-        changed: set = set()
-
-        def __init__(self):
-            torch.fx.Interpreter.__init__(self, gm, graph=graph)
-            self._mode = mode
-            mode.epoch += 1
-            mode.reset_nt_tensor_id_counter()
-            self.seen_subgraphs = set()
-
-        def run_node(self, n):
-            if n.op in ("placeholder", "output") or dirty is None:
-                self.executed += 1
-                return super().run_node(n)
-            stale = n in dirty or any(a in self.changed for a in n.all_input_nodes)
-            if not stale and "val" in n.meta:
-                return n.meta["val"]
-            old = n.meta.get("val", _MISSING)
-            args = _memo_args(n, self.env)
-            key = _memo_key(n, args)
-            hit = memo.get(key) if key is not None else None
-            if hit is not None:
-                # a fresh tensor with the memoised metadata (recorded as is: FakeTensorProp's
-                # detached snapshot only guards against later in-place metadata changes, which
-                # _memo_args rules out by refusing nodes with an aten in-place user)
-                out = old if _same_meta(old, hit) else _fresh_like(hit, mode)
-                n.meta["val"] = out
-            else:
-                out = super().run_node(n)
-                if key is not None:
-                    if key not in memo:
-                        memo[key] = out if _memoisable(args, out) else None
-                    if memo[key] is not None and _same_meta(old, out):
-                        out = n.meta["val"] = old
-            # (a fresh result with the metadata the node had keeps its earlier value: it owns its
-            # storage, and views downstream that were not re-run still alias it)
-            self.executed += 1
-            if old is _MISSING or not _same_meta(old, n.meta.get("val")):
-                self.changed.add(n)
-            return out
-
-    prop = _Prop()
+    prop = _IncrementalProp(gm, graph, mode, dirty)
     with mode, enable_python_dispatcher():
         prop.propagate_dont_convert_inputs(*vals)
     return prop.executed
+
+
+class _IncrementalProp(FakeTensorProp):
+    """FakeTensorProp that re-runs only stale nodes, memoised on (operator, input metadata) (see
+    `fake_propagate`); `dirty` None re-runs every node."""
+
+    def __init__(self, gm: fx.GraphModule, graph: fx.Graph, mode, dirty: set[fx.Node] | None):
+        torch.fx.Interpreter.__init__(self, gm, graph=graph)
+        self._mode = mode
+        mode.epoch += 1
+        mode.reset_nt_tensor_id_counter()
+        self.seen_subgraphs = set()
+        self.dirty, self.memo, self.executed, self.changed = dirty, {}, 0, set()
+
+    def run_node(self, n):
+        if n.op in ("placeholder", "output") or self.dirty is None:
+            self.executed += 1
+            return super().run_node(n)
+        stale = n in self.dirty or any(a in self.changed for a in n.all_input_nodes)
+        if not stale and "val" in n.meta:
+            return n.meta["val"]
+        old = n.meta.get("val", _MISSING)
+        args = _memo_args(n, self.env)
+        key = _memo_key(n, args)
+        hit = self.memo.get(key) if key is not None else None
+        if hit is not None:
+            # a fresh tensor with the memoised metadata (recorded as is: FakeTensorProp's
+            # detached snapshot only guards against later in-place metadata changes, which
+            # _memo_args rules out by refusing nodes with an aten in-place user)
+            out = old if _same_meta(old, hit) else _fresh_like(hit, self._mode)
+            n.meta["val"] = out
+        else:
+            out = super().run_node(n)
+            if key is not None:
+                if key not in self.memo:
+                    self.memo[key] = out if _memoisable(args, out) else None
+                if self.memo[key] is not None and _same_meta(old, out):
+                    out = n.meta["val"] = old
+        # (a fresh result with the metadata the node had keeps its earlier value: it owns its
+        # storage, and views downstream that were not re-run still alias it)
+        self.executed += 1
+        if old is _MISSING or not _same_meta(old, n.meta.get("val")):
+            self.changed.add(n)
+        return out
 
 
 def _meta_key(v):

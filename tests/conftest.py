@@ -21,9 +21,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+# every rank process of the suite's pools activates the mutant named by FXPASSES_TESTING_MUTANT too
+os.environ.setdefault("FXPASSES_RANK_INIT", "fxpasses.testing.mutants:activate_from_env")
+
+
 def pytest_configure(config):
     """FXPASSES_TESTING_MUTANT=<name>: run the suite against a named mutant of the rewrite
-    (`fxpasses.testing.mutants`; the pool workers activate it too)."""
+    (`fxpasses.testing.mutants`; the pool workers activate it too, FXPASSES_RANK_INIT)."""
     from fxpasses.testing.mutants import activate_from_env
 
     activate_from_env()
@@ -103,7 +107,7 @@ class Pools:
         self._pools = {}
 
     def get(self, world: int, form: str = "c10d"):
-        from fxpasses.testing.pool import TPPool
+        from fxpasses.commands.tp_run.pool import TPPool
 
         key = (world, form)
         if key not in self._pools or self._pools[key].broken:  # a pool shut down after a hang is replaced
@@ -125,7 +129,7 @@ def pools():
 @pytest.fixture(scope="session")
 def dp_pools():
     """TP=1 gloo pools (DP-attention ranks), one per world size, for the whole session."""
-    from fxpasses.testing.pool import TPPool
+    from fxpasses.commands.tp_run.pool import TPPool
 
     pools = {}
 

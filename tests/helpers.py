@@ -11,8 +11,8 @@ from unittest import mock
 
 from hypothesis import strategies as st
 
-from fxpasses.testing.harness import rank_capture, rank_compare
-from fxpasses.testing.models.tiny import BUNDLED_CONFIG, DecoderSpec
+from fxpasses.commands.tp_run.harness import rank_capture, rank_compare
+from fxpasses.commands.tp_run.tiny_decoder import BUNDLED_CONFIG, DecoderSpec
 
 
 DEPTH = 5 if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else 1
@@ -49,7 +49,7 @@ def token_sets(seed: int, edges, hi: int = 300, n: int = TOKEN_SETS, size=(3, 6)
 def compare_many(pool, key, seed, edges, hi=300, fn=None, extra=()):
     """Compare original and rewritten graphs on every rank for each of the TOKEN_SETS token-count
     sets made from `seed` (`token_sets`); assert shapes and float64 exactness."""
-    from fxpasses.testing.harness import rank_compare
+    from fxpasses.commands.tp_run.harness import rank_compare
     for tokens in token_sets(seed, edges, hi):
         for rank, results in enumerate(pool.run(fn or rank_compare, key, tokens, *extra)):
             assert [r["T"] for r in results] == tokens
@@ -150,7 +150,7 @@ def rank_block_flashcomm1(block, module_prefix: str, make_input, tokens):
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
     from fxpasses.pipeline import run_passes
-    from fxpasses.testing.capture import compile_with_pass, rebind_token_args
+    from fxpasses.commands.tp_run.capture import compile_with_pass, rebind_token_args
 
     reports = []
     config = FxPassesConfig(strategies=("flashcomm1",), module_prefix=module_prefix)

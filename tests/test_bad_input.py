@@ -11,7 +11,7 @@ import pytest
 
 from fxpasses.config import FxPassesConfig, load_config
 from fxpasses.errors import ConfigError, PatternError
-from fxpasses.testing.models.tiny import DecoderSpec
+from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec
 from helpers import run_python_together
 
 REPO = Path(__file__).resolve().parents[1]

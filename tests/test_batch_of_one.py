@@ -38,7 +38,7 @@ def token_sets(seed: int, tp: int) -> list[list[int]]:
 @settings(max_examples=examples(2))
 @given(seed=st.integers(0, 2**31 - 1))
 def test_flashcomm1_shards_a_batch_of_one_graph_along_dim_1(pools, tp, seed):
-    from fxpasses.testing.harness import rank_compare
+    from fxpasses.commands.tp_run.harness import rank_compare
 
     pool = pools.get(tp, "vllm")
     summaries = capture(pool, bundled_spec(batch_of_one=True, **SHAPES[tp]))

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from fxpasses.testing.pool import TPPool
+from fxpasses.commands.tp_run.pool import TPPool
 from helpers import bundled_spec
 
 pytest.importorskip("vllm")
@@ -28,7 +28,7 @@ def rank_compile_and_compare(state, spec, config, cache_dir, tokens, own_tokens)
 
     from fxpasses.config import FxPassesConfig
     from fxpasses.context import TPContext
-    from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
+    from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, build_tiny_decoder
     from fxpasses.worker_groups import prepare_process_groups
     from fxpasses.vllm_pass import FxPassesInductorPass
 

@@ -37,7 +37,7 @@ def _capture(pools, tp, form, k, strategies, **kw):
 # ---- functions run inside the rank workers ------------------------------------------------------
 
 def rank_compare_seeded(state, key, tokens, seed):
-    from fxpasses.testing.harness import rank_compare
+    from fxpasses.commands.tp_run.harness import rank_compare
     return rank_compare(state, key, tokens, seed=seed)
 
 
@@ -66,8 +66,8 @@ def rank_weight_gathers(state, key, T=5):
     import torch
 
     from fxpasses import runtime_ops as fc2
-    from fxpasses.testing.capture import rebind_token_args
-    from fxpasses.testing.harness import _tokens
+    from fxpasses.commands.tp_run.capture import rebind_token_args
+    from fxpasses.commands.tp_run.harness import _tokens
 
     entry = state["captures"][key]
     cap, ids0, ds = entry["cap"], entry["ids0"], entry["spec"]
@@ -185,7 +185,7 @@ def rank_update_weights_in_place(state, key, T=9):
     import torch
 
     from fxpasses import runtime_ops
-    from fxpasses.testing.harness import compare_outputs, graph_args
+    from fxpasses.commands.tp_run.harness import compare_outputs, graph_args
 
     cap, args = graph_args(state, key, T)
     with torch.no_grad():

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from fxpasses.testing import npu_standin
-from fxpasses.testing.harness import graph_args, rank_capture, rank_compare
+from fxpasses.commands.tp_run.harness import graph_args, rank_capture, rank_compare
 from helpers import bundled_spec
 
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"

@@ -28,7 +28,7 @@ from helpers import SEEDS, bundled_spec, compare_many, edge_counts, examples, sh
 from fxpasses.config import FxPassesConfig
 from fxpasses.errors import ConfigError
 from fxpasses.lowering import backends
-from fxpasses.testing.harness import rank_capture
+from fxpasses.commands.tp_run.harness import rank_capture
 from fxpasses.testing.lowering_standin import rank_lower
 
 AR, RS, AG = "fxpasses::mm_all_reduce", "fxpasses::mm_reduce_scatter", "fxpasses::all_gather_mm"

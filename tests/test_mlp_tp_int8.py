@@ -46,8 +46,8 @@ import torch
 import torch.fx as fx
 from hypothesis import given, settings
 
-from fxpasses.testing.dp_harness import own_tokens, rank_compare_own_tokens
-from fxpasses.testing.harness import graph_args, rank_capture
+from fxpasses.commands.tp_run.dp_harness import own_tokens, rank_compare_own_tokens
+from fxpasses.commands.tp_run.harness import graph_args, rank_capture
 from helpers import SEEDS, bundled_spec, edge_counts, examples, token_sets
 
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"

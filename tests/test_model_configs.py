@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fxpasses.errors import ConfigError
-from fxpasses.testing.models.tiny import DecoderSpec
+from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec
 
 BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256}

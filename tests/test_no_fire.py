@@ -7,7 +7,7 @@ from fxpasses.context import TPContext
 from fxpasses.errors import ConfigError, PatternError
 from fxpasses.patterns_loader import load_patterns
 from fxpasses.pipeline import run_passes
-from fxpasses.testing.capture import compile_with_pass
+from fxpasses.commands.tp_run.capture import compile_with_pass
 
 
 def _capture(fn, *args):

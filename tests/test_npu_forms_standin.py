@@ -19,7 +19,7 @@ from fxpasses import graph_forms as gf
 from fxpasses import op_forms
 from fxpasses import tokenwise as tw
 from fxpasses.testing import npu_standin
-from fxpasses.testing.harness import rank_capture, rank_compare
+from fxpasses.commands.tp_run.harness import rank_capture, rank_compare
 from helpers import bundled_spec
 
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"
@@ -399,7 +399,8 @@ def test_npu_decoder_after_vllm_ascends_default_fusions_standin(pools, case):
     pool = pools.get(tp, "vllm")
     summaries = pool.run(rank_capture, bundled_spec(num_hidden_layers=2, **extra),
                          {"strategies": list(strategies), **cfg}, "float64", False, builder=BUILDER,
-                         builder_kwargs={"quant": quant}, ascend_fusions=True)
+                         builder_kwargs={"quant": quant},
+                         pre_pass="fxpasses.testing.ascend_fusions:run_default_fusions")
     for s in summaries:
         rep = s["report"]
         assert s["before"].count(f"torch.ops.{fused.replace('::', '.')}.default(") >= 2, s["before"]

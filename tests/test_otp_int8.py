@@ -24,8 +24,8 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 
-from fxpasses.testing.dp_harness import rank_compare_own_tokens
-from fxpasses.testing.harness import rank_capture
+from fxpasses.commands.tp_run.dp_harness import rank_compare_own_tokens
+from fxpasses.commands.tp_run.harness import rank_capture
 from helpers import SEEDS, bundled_spec, edge_counts, examples, token_sets
 
 BUILDER = "fxpasses.testing.models.npu_tiny:build_npu_decoder"

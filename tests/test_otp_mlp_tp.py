@@ -13,8 +13,8 @@ from hypothesis import given, settings
 
 from fxpasses.topology import dp_group_ranks
 from fxpasses.errors import ConfigError
-from fxpasses.testing.dp_harness import rank_compare_own_tokens, rank_run_rewritten
-from fxpasses.testing.harness import rank_capture
+from fxpasses.commands.tp_run.dp_harness import rank_compare_own_tokens, rank_run_rewritten
+from fxpasses.commands.tp_run.harness import rank_capture
 from helpers import SEEDS, bundled_spec, compare_many, edge_counts, examples
 
 # id, world, strategies, config extras, spec extras (each case its own explicit, non-minimal shape:

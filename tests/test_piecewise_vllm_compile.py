@@ -32,7 +32,7 @@ PIECE_SETTING = "use_inductor_graph_partition"
 def pools():
     """Pools of this module only: a VllmBackend-compiled model must not meet another module's
     `torch._dynamo.reset()` in the same worker."""
-    from fxpasses.testing.pool import TPPool
+    from fxpasses.commands.tp_run.pool import TPPool
 
     made = {}
 

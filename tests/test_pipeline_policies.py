@@ -11,8 +11,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from fxpasses.config import FxPassesConfig
 from fxpasses.errors import RewriteError, VerificationError
 from fxpasses.pipeline import run_passes
-from fxpasses.testing.harness import rank_capture, rank_compare
-from fxpasses.testing.pool import RankError
+from fxpasses.commands.tp_run.harness import rank_capture, rank_compare
+from fxpasses.commands.tp_run.pool import RankError
 from fxpasses.testing.synthetic_graphs import ModelShape, build_graph, tp_context
 from helpers import bundled_spec, byte_ratio
 
@@ -23,8 +23,8 @@ LLAMA = ModelShape("tiny", 2, 256, 4, 2, 64, 512, 1000)
 def test_min_tokens_on_a_graph_compiled_for_a_fixed_size(pools, T, applied):
     pool = pools.get(2, "c10d")
     spec = bundled_spec(num_hidden_layers=1)
-    summaries = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "min_tokens": 8}, "float64", False, T,
-                         0, True)
+    summaries = pool.run(rank_capture, spec, {"strategies": ["flashcomm1"], "min_tokens": 8}, "float64", False,
+                         first_tokens=T, seed=0, static=True)
     for s in summaries:
         rep = s["report"]
         assert rep["applied"] is applied, rep["reason"]
@@ -142,7 +142,8 @@ def test_a_static_graph_whose_padding_costs_bytes_is_kept_as_it_was(pools, T, ap
     # moved T: more bytes, refused; for T % tp == 0 it moves exactly the same, kept
     pool = pools.get(2, "c10d")
     spec = bundled_spec(num_hidden_layers=1)
-    for s in pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]}, "float64", False, T, 0, True):
+    for s in pool.run(rank_capture, spec, {"strategies": ["flashcomm1"]}, "float64", False, first_tokens=T, seed=0,
+                      static=True):
         rep = s["report"]
         assert rep["applied"] is applied, rep["reason"]
         assert rep["bytes_per_step"]["tokens"] == T

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from fxpasses.testing.pool import RankError, TPPool
+from fxpasses.commands.tp_run.pool import RankError, TPPool
 from helpers import rank_all_reduce_only_on_rank1, rank_id
 
 

@@ -17,8 +17,8 @@ def rank_compile_with_vllm_pass(state, spec, bad_rank):
     import torch
 
     from fxpasses.errors import VerificationError
-    from fxpasses.testing.capture import compile_with_pass
-    from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
+    from fxpasses.commands.tp_run.capture import compile_with_pass
+    from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, build_tiny_decoder
     from fxpasses.vllm_pass import FxPassesInductorPass
 
     vllm_pass = FxPassesInductorPass(strategies=["flashcomm1"], min_tokens=0)  # forced: a rewrite must start

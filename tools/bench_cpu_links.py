@@ -1,7 +1,7 @@
 """Latency and bandwidth of the collectives on vLLM's CPU TP group (gloo, TP=2 on this machine), the
 measurement behind the `cpu` row of `fxpasses/link_costs.py`.
 
-Two ranks (fxpasses.testing.pool.TPPool, vLLM's shared-memory identity) time, per message size,
+Two ranks (fxpasses.commands.tp_run.pool.TPPool, vLLM's shared-memory identity) time, per message size,
 the model's all-reduce through vLLM's TP group and the gloo all-reduce, all-gather and
 reduce-scatter the rewrite inserts (median of 15 after 3 warm-ups). Latency is read at 1 row,
 bandwidth as send bytes per second at the largest size (ring accounting, as fxpasses.comm_volume).
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
-    from fxpasses.testing.pool import TPPool
+    from fxpasses.commands.tp_run.pool import TPPool
 
     pool = TPPool(2, "shm")
     try:

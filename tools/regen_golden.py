@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fxpasses.testing.pool import TPPool  # noqa: E402
+from fxpasses.commands.tp_run.pool import TPPool  # noqa: E402
 from helpers import bundled_spec, capture  # noqa: E402
 from test_fc1_structure import GOLDEN, _normalise  # noqa: E402
 

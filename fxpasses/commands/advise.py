@@ -24,7 +24,7 @@ import os
 import sys
 
 from fxpasses import link_costs
-from fxpasses.advisor import (PRESETS, QUANTS, AdvisorError, KindLinks, Link, estimate,
+from fxpasses.advisor import (PRESETS, QUANTS, AdvisorError, FusedKernels, KindLinks, Link, estimate,
                               fused_estimates, fused_report, load_model, report)
 from fxpasses.errors import ConfigError
 
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         link = (_kind_links(args.platform, args.link_costs) if args.platform or args.link_costs
                 else Link(args.bandwidth, args.latency))
         ests = estimate(m, args.tp, args.tokens, link, ks, args.dp, args.quant)
-        fused = (fused_estimates(m, args.tp, args.tokens, link, ests, args.fused, args.tflops, args.fused_overhead)
+        fused = (fused_estimates(m, args.tp, args.tokens, link, ests,
+                                 FusedKernels(args.fused, args.tflops, args.fused_overhead))
                  if args.fused else None)
     except AdvisorError as e:
         print(f"advisor: error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -415,17 +415,53 @@ def _read_dumps(dump_dir: Path, volume_dir: Path, res: CheckResult) -> None:
                                                           "graph, or the pass did not run)"))
 
 
+@dataclass
+class CheckSpec:
+    """What one check runs: `run_check`'s arguments (see there)."""
+
+    model_dir: str | os.PathLike | None
+    tp: int = 2
+    strategies: str | list[str] = "flashcomm1"
+    tokens: list[int] | tuple[int, ...] = PROMPT_LENS
+    arch: str | None = None
+    workdir: str | os.PathLike = "fxpasses-check"
+    dtype: str = "auto"
+    max_tokens: int = MAX_TOKENS
+    tolerance: float | None = None
+    bytes_at: list[int] | tuple[int, ...] = BYTES_AT
+    config: dict | None = None
+    max_model_len: int = 256
+    kv_cache_mb: int = 64
+    timeout_s: float = ENGINE_TIMEOUT_S
+    progress: Callable[[str], None] = _progress
+    compilation: dict | None = None
+    env: dict[str, str] | None = None
+    quant: str = "none"
+    bench: int = 0
+    shape: dict | None = None
+    baseline_cache: str | os.PathLike | None = None
+    pass_env: dict[str, str] | None = None
+    plain_weights: bool = False
+    platform: CheckPlatform | None = None
+
+
+@dataclass
+class _CheckRun:
+    """One check under way: its spec, the pass configuration, the engines' spec and environment,
+    the work folders and the result being filled."""
+
+    s: CheckSpec
+    cfg: FxPassesConfig
+    spec: dict
+    env: dict
+    lens: list[int]
+    res: CheckResult
+    run_base: Path
+    run_pass: Path
+
+
 def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str | list[str] = "flashcomm1",
-              tokens: list[int] | tuple[int, ...] = PROMPT_LENS, *, arch: str | None = None,
-              workdir: str | os.PathLike = "fxpasses-check", dtype: str = "auto", max_tokens: int = MAX_TOKENS,
-              tolerance: float | None = None, bytes_at: list[int] | tuple[int, ...] = BYTES_AT,
-              config: dict | None = None, max_model_len: int = 256, kv_cache_mb: int = 64,
-              timeout_s: float = ENGINE_TIMEOUT_S, progress: Callable[[str], None] = _progress,
-              compilation: dict | None = None, env: dict[str, str] | None = None,
-              quant: str = "none", bench: int = 0, shape: dict | None = None,
-              baseline_cache: str | os.PathLike | None = None,
-              pass_env: dict[str, str] | None = None, plain_weights: bool = False,
-              platform: CheckPlatform | None = None) -> CheckResult:
+              tokens: list[int] | tuple[int, ...] = PROMPT_LENS, **options) -> CheckResult:
     """Run the baseline and the pass engine on `model_dir` (or a tiny `arch` checkpoint), compare.
 
     Raises ConfigError for bad input before any engine starts. `config`: further FxPassesConfig
@@ -444,85 +480,102 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     starting the baseline engine, and a new one is kept (`fxpasses.commands.check_baseline`; with `bench`,
     whose engines must alternate, it is a ConfigError). Never raises for engine
     failures: the result's exit_code and message say what happened (log paths in `logs`)."""
-    workdir = Path(workdir).resolve()
-    if dtype not in TOLERANCE and dtype != "auto":
-        raise ConfigError(f"--dtype {dtype!r}: use auto or one of {sorted(TOLERANCE)}")
-    if not tokens or min(tokens) < 1:
-        raise ConfigError(f"--tokens must be prompt lengths >= 1, got {list(tokens)}")
-    if bench < 0:
-        raise ConfigError(f"--bench {bench}: give the number of rounds (>= 1), or leave it out")
-    if bench and baseline_cache:
+    s = _refuse_bad_options(CheckSpec(model_dir, tp, strategies, tokens, **options))
+    return _run_engines(_prepare(s))
+
+
+def _refuse_bad_options(s: CheckSpec) -> CheckSpec:
+    """ConfigError for options that cannot run, before anything starts; the spec with room for the
+    bench's workloads when it runs them."""
+    if s.dtype not in TOLERANCE and s.dtype != "auto":
+        raise ConfigError(f"--dtype {s.dtype!r}: use auto or one of {sorted(TOLERANCE)}")
+    if not s.tokens or min(s.tokens) < 1:
+        raise ConfigError(f"--tokens must be prompt lengths >= 1, got {list(s.tokens)}")
+    if s.bench < 0:
+        raise ConfigError(f"--bench {s.bench}: give the number of rounds (>= 1), or leave it out")
+    if s.bench and s.baseline_cache:
         raise ConfigError("--baseline-cache with --bench: the bench times fresh engines run alternately, "
                           "so a kept baseline cannot stand in for one; drop --baseline-cache (or --bench)")
-    if bench:
+    if s.bench:
         from fxpasses.commands import engine_bench
-        max_model_len = max(max_model_len, engine_bench.max_model_len())
-        kv_cache_mb = max(kv_cache_mb, 256)
-    if max(tokens) + max_tokens > max_model_len:
-        raise ConfigError(f"--tokens {max(tokens)} + {max_tokens} generated tokens exceed max_model_len "
-                          f"{max_model_len}; use shorter prompts")
+        s = replace(s, max_model_len=max(s.max_model_len, engine_bench.max_model_len()),
+                    kv_cache_mb=max(s.kv_cache_mb, 256))
+    if max(s.tokens) + s.max_tokens > s.max_model_len:
+        raise ConfigError(f"--tokens {max(s.tokens)} + {s.max_tokens} generated tokens exceed max_model_len "
+                          f"{s.max_model_len}; use shorter prompts")
+    return s
+
+
+def _prepare(s: CheckSpec) -> _CheckRun:
+    """The checkpoint, the platform's settings and dtype, the engines' spec; refusals (ConfigError)
+    that need the checkpoint or the platform happen here, before any engine starts."""
+    workdir = Path(s.workdir).resolve()
     run_base, run_pass = workdir / "baseline", workdir / "pass"
     # the check compares the rewritten model with the original: it forces the rewrite at every token
     # count (min_tokens 0) unless the caller asks for another gate ("auto": a default deployment's)
-    cfg = pass_config(strategies, tp, dump_dir=str(run_pass / "dump"), **{"min_tokens": 0, **(config or {})})
+    cfg = pass_config(s.strategies, s.tp, dump_dir=str(run_pass / "dump"), **{"min_tokens": 0, **(s.config or {})})
     workdir.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(None if model_dir is None else str(model_dir), arch, workdir, progress, quant, shape)
+    model = resolve_model(None if s.model_dir is None else str(s.model_dir), s.arch, workdir, s.progress, s.quant,
+                          s.shape)
     hf = json.loads((model / "config.json").read_text())
+    platform = s.platform
     if platform is None:  # vLLM's own answer (imports vLLM: after every cheap refusal)
         from fxpasses.commands import check_platform
         platform = check_platform.detect()
-    platform.check_options(tp, plain_weights)
+    platform.check_options(s.tp, s.plain_weights)
     from fxpasses import cpu_plain_weights
-    env = {**platform.engine_env(tp, dict(os.environ)),
-           **({cpu_plain_weights.ENV: "1"} if plain_weights else {}), **(env or {})}
-    dtype, why = platform.choose_dtype(hf, dtype)
-    progress(f"      dtype {dtype}: {why} ({platform.describe()})")
-    platform.check_fits(model, hf, dtype, tp, kv_cache_mb)
+    env = {**platform.engine_env(s.tp, dict(os.environ)),
+           **({cpu_plain_weights.ENV: "1"} if s.plain_weights else {}), **(s.env or {})}
+    dtype, why = platform.choose_dtype(hf, s.dtype)
+    s.progress(f"      dtype {dtype}: {why} ({platform.describe()})")
+    platform.check_fits(model, hf, dtype, s.tp, s.kv_cache_mb)
     vocab = int(hf.get("vocab_size") or (hf.get("text_config") or {}).get("vocab_size") or 256)
-    lens = list(tokens) + list(SOLO_LENS)
-    spec = {"model": str(model), "tp": tp, "dtype": dtype, "max_model_len": max_model_len,
-            "kv_cache_mb": kv_cache_mb, "max_tokens": max_tokens, "compilation": compilation or {},
-            "batch": [prompt_ids(n, n, vocab) for n in tokens],
+    spec = {"model": str(model), "tp": s.tp, "dtype": dtype, "max_model_len": s.max_model_len,
+            "kv_cache_mb": s.kv_cache_mb, "max_tokens": s.max_tokens, "compilation": s.compilation or {},
+            "batch": [prompt_ids(n, n, vocab) for n in s.tokens],
             "solo": [prompt_ids(n, 100 + n, vocab) for n in SOLO_LENS], "vocab": vocab}
-    if bench:
+    if s.bench:
+        from fxpasses.commands import engine_bench
         spec["bench"] = engine_bench.spec()
-    tol = TOLERANCE[dtype] if tolerance is None else tolerance
-    res = CheckResult(EXIT_BAD_INPUT, str(model), tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir),
+    tol = TOLERANCE[dtype] if s.tolerance is None else s.tolerance
+    res = CheckResult(EXIT_BAD_INPUT, str(model), s.tp, list(cfg.strategies), tolerance=tol, workdir=str(workdir),
                       dtype=dtype, cpu=platform.family)
     for d in (run_base, run_pass):  # stale dumps / caches would be read as this run's
         if d.exists():
             import shutil
             shutil.rmtree(d)
+    return _CheckRun(s, cfg, spec, env, list(s.tokens) + list(SOLO_LENS), res, run_base, run_pass)
 
-    progress(f"[1/2] baseline engine (no pass), tp={tp}, {model.name} ...")
-    base, log_b = _baseline(spec, env, tp, run_base, timeout_s, baseline_cache, progress)
-    res.logs["baseline"] = str(run_base / "engine.log")
+
+def _run_engines(run: _CheckRun) -> CheckResult:
+    """The baseline engine (or its kept run), the engine with the pass, the bench rounds, the verdict."""
+    s, res, spec, env, tp = run.s, run.res, run.spec, run.env, run.s.tp
+    s.progress(f"[1/2] baseline engine (no pass), tp={tp}, {Path(spec['model']).name} ...")
+    base, log_b = _baseline(spec, env, tp, run.run_base, s.timeout_s, s.baseline_cache, s.progress)
+    res.logs["baseline"] = str(run.run_base / "engine.log")
     if base is None:
         res.message = (f"the baseline engine (without the pass) failed: vLLM cannot run this model here; "
                        f"log {res.logs['baseline']}\n{_tail(log_b)}")
         return res
-
-    progress(f"[2/2] engine with {'+'.join(cfg.strategies)} ...")
-    spec_p = {**spec, "measure": {"volume_dir": str(run_pass / "volume"), "bytes_at": list(bytes_at)}}
-    got, log_p, wall_p = _launch("pass", spec_p, {**_engine_env(run_pass, tp, cfg), **(env or {}), **(pass_env or {})},
-                                 run_pass, timeout_s)
-    res.logs["pass"] = str(run_pass / "engine.log")
+    s.progress(f"[2/2] engine with {'+'.join(run.cfg.strategies)} ...")
+    spec_p = {**spec, "measure": {"volume_dir": str(run.run_pass / "volume"), "bytes_at": list(s.bytes_at)}}
+    got, log_p, wall_p = _launch("pass", spec_p, {**_engine_env(run.run_pass, tp, run.cfg), **env,
+                                                  **(s.pass_env or {})}, run.run_pass, s.timeout_s)
+    res.logs["pass"] = str(run.run_pass / "engine.log")
     (cb, what), (cp, _) = compile_seconds(log_b), compile_seconds(log_p)
     res.compile_s = {"baseline": cb, "pass": cp if got else None}
     res.compile_what = what
     res.engine_start_s = {"baseline": base["engine_start_s"], "pass": got["engine_start_s"] if got else None}
-    _read_dumps(run_pass / "dump", run_pass / "volume", res)
+    _read_dumps(run.run_pass / "dump", run.run_pass / "volume", res)
     if got is None:
         res.exit_code = EXIT_DIFFERENT
         res.message = (f"DIFFERENT: the engine with the pass failed (the baseline ran); log {res.logs['pass']}\n"
                        f"{_tail(log_p)}")
         return res
-    progress(f"      done in {wall_p:.0f} s (engine start {got['engine_start_s']:.1f} s)")
-
-    if bench:
-        res.bench = _bench_rounds(bench, base, got, spec, spec_p, cfg, tp, env, run_base, run_pass, timeout_s,
-                                  progress)
-    cmp = greedy_compare.compare(base, got, lens, tol)
+    s.progress(f"      done in {wall_p:.0f} s (engine start {got['engine_start_s']:.1f} s)")
+    if s.bench:
+        res.bench = _bench_rounds(run, base, got, spec_p)
+    cmp = greedy_compare.compare(base, got, run.lens, res.tolerance)
     res.tokens_equal, res.max_logprob_diff, res.first_divergence = (cmp.tokens_equal, cmp.max_logprob_diff,
                                                                     cmp.divergence_to_report)
     res.near_ties, res.outputs_equal = cmp.near_ties, cmp.outputs_equal
@@ -530,25 +583,26 @@ def run_check(model_dir: str | os.PathLike | None, tp: int = 2, strategies: str 
     return res
 
 
-def _bench_rounds(n: int, base: dict, got: dict, spec: dict, spec_p: dict, cfg: FxPassesConfig, tp: int,
-                  env: dict | None, run_base: Path, run_pass: Path, timeout_s: float, progress) -> dict:
+def _bench_rounds(run: _CheckRun, base: dict, got: dict, spec_p: dict) -> dict:
     """`fxpasses.commands.engine_bench.summarise` over n rounds: round 1 is the check's own two engines, each
     further round starts a baseline engine and then a pass engine (fresh caches, same specs)."""
     from fxpasses.commands import engine_bench
 
+    s, n = run.s, run.s.bench
     rounds = [{"baseline": base.get("bench"), "pass": got.get("bench")}]
     for r in range(2, n + 1):
         row = {}
-        for side, sp, run_dir, fx in (("baseline", spec, run_base, None), ("pass", spec_p, run_pass, cfg)):
+        for side, sp, run_dir, fx in (("baseline", run.spec, run.run_base, None), ("pass", spec_p, run.run_pass,
+                                                                                    run.cfg)):
             d = run_dir / f"bench{r}"
-            progress(f"      bench round {r}/{n}: {side} engine ...")
+            s.progress(f"      bench round {r}/{n}: {side} engine ...")
             out, _, _ = _launch(f"{side} (bench round {r})", {**sp, "measure": None},
-                                {**_engine_env(d, tp, fx), **(env or {})}, d, timeout_s)
+                                {**_engine_env(d, s.tp, fx), **(run.env or {})}, d, s.timeout_s)
             row[side] = out and out.get("bench")
         rounds.append(row)
-    summary = engine_bench.summarise(rounds, spec["bench"]["workloads"])
+    summary = engine_bench.summarise(rounds, run.spec["bench"]["workloads"])
     for line in engine_bench.format_rows(summary):
-        progress("    " + line.strip())
+        s.progress("    " + line.strip())
     return summary
 
 

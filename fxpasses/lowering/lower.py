@@ -98,8 +98,8 @@ def _tag_fused(graph: fx.Graph, before: set, site: Site) -> None:
     group size there for kernels that do not state it)."""
     for n in graph.nodes:
         if n not in before and gf.op_name(n) in FUSED_COLLECTIVES:
-            n.meta["fxpasses"] = {"collective": site.pair.collective, "fused": gf.op_name(n),
-                                  "group": site.c10d_name, "group_size": site.size}
+            gf.tag_node(n, collective=site.pair.collective, fused=gf.op_name(n), group=site.c10d_name,
+                        group_size=site.size)
 
 
 def _apply(graph: fx.Graph, backend: Backend, site: Site) -> fx.Node:

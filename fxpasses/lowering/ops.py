@@ -98,7 +98,11 @@ def _(x, w, bias, group_name, group_size):
     return x.new_empty((rows, w.shape[1])), x.new_empty((rows, *x.shape[1:]))
 
 
-def _version(t: torch.Tensor):
+def tensor_version(t: torch.Tensor | None):
+    """What identifies a stored tensor's current contents: storage, in-place version, shape, dtype,
+    device (None for None); a cache keyed by it misses after an in-place update (a weight reload)."""
+    if t is None:
+        return None
     try:
         v = t._version
     except RuntimeError:  # inference tensors keep no version counter
@@ -114,7 +118,7 @@ def rank0_bias(bias: torch.Tensor | None, like: torch.Tensor, key: str, group_na
     (its version keys the cache)."""
     import torch.distributed as dist
 
-    ident = (_version(like), None if bias is None else _version(bias))
+    ident = (tensor_version(like), tensor_version(bias))
     with _LOCK:
         STATS["rank0_bias_calls"] += 1
         hit = _BIASES.get(key)

@@ -45,9 +45,7 @@ TOKEN_CHECK_STATE = "dp_token_check"  # LayoutRewriter.state() slot: groups alre
 
 
 def tag(node: fx.Node, role: str, strategy: str) -> fx.Node:
-    node.meta.setdefault("fxpasses", {})["role"] = role
-    node.meta["fxpasses"]["strategy"] = strategy
-    return node
+    return gf.tag_node(node, role=role, strategy=strategy)
 
 
 def quantized_in_out(mm: fx.Node) -> op_forms.Matmul | None:
@@ -85,10 +83,6 @@ def dp_precheck(site: Site, ctx: TPContext, weight_format: str = "unknown", quan
     return None
 
 
-def _param(n) -> bool:
-    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
-
-
 def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = False) -> str | None:
     """Why a quantised site (`quantized_in_out`) cannot be rewritten with its int8 input on the wire,
     or None; from facts every rank's graph shares. `shard_token_scale`: the rewrite quantises the
@@ -115,7 +109,7 @@ def quant_site_refusal(site: Site, rw, strategy: str, shard_token_scale: bool = 
         return f"the input has {xv.shape[1]} features, the [in, out] weight {wv.shape[0]} rows"
     scale = op_forms.arg(mm, form.channel_args[0])
     sv = gf.val(scale)
-    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
+    if not (gf.is_stored_value(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.shape[0] == wv.shape[1]):
         return f"the dequant scale {form.channel_args[0]!r} is not a per-output-channel [{wv.shape[1]}] parameter"
     pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
     if pts is not None and not (isinstance(pts, fx.Node) and rw.is_token_major(pts) and packable(x, pts)):

@@ -154,10 +154,6 @@ def _quant_linear(mm: fx.Node) -> op_forms.Matmul | None:
         and len(form.channel_args) == 1 and len(form.token_args) <= 1 else None
 
 
-def _param(n) -> bool:
-    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
-
-
 def _quant_precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str | None:
     """Checks of the quantised (int8 on the wire) form; every one is decided alike on all ranks
     (shapes, dtypes and parameters every rank has; the row bias, on TP rank 0 only, is not asked)."""
@@ -176,11 +172,11 @@ def _quant_precheck(plan: SitePlan, rw: LayoutRewriter, ctx: TPContext) -> str |
     xv, wv, sv = gf.val(x), gf.val(w), gf.val(scale) if isinstance(scale, fx.Node) else None
     if not (isinstance(xv, torch.Tensor) and xv.dim() == 2 and xv.dtype == torch.int8 and rw.is_token_major(x)):
         return "the quantised o_proj input is not an int8 [tokens, features] tensor"
-    if not (_param(w) and isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8):
+    if not (gf.is_stored_value(w) and isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.dtype == torch.int8):
         return "the o_proj weight is not an int8 [D/tp, H] parameter"
     if isinstance(wv.shape[0], torch.SymInt) or not gf.same_size(xv.shape[1], wv.shape[0]):
         return "the input features do not match the weight shard"
-    if not (_param(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1
+    if not (gf.is_stored_value(scale) and isinstance(sv, torch.Tensor) and sv.dim() == 1
             and gf.same_size(sv.shape[0], wv.shape[1])):
         return "the dequant scale is not a per-output-channel [H] parameter"
     if pts is not None:
@@ -267,8 +263,8 @@ def _rewrite_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after: bool
         y = call(aten.view.default, y, [kb, n * dl])          # [T_pad/n, n*D/tp]
         key = f"{site.prefix}|odp={groups.odp.c10d_name}|{','.join(map(str, groups.odp.ranks))}"
         wo = call(torch.ops.fxpasses.odp_weight.default, w, site.bias, key, groups.odp.c10d_name, n)
-        wo.meta["fxpasses"] = {"role": "odp_weight", "weight_collective": "all_gather_once",
-                               "group": groups.odp.label, "group_size": n}
+        gf.tag_node(wo, role="odp_weight", weight_collective="all_gather_once", group=groups.odp.label,
+                    group_size=n)
         wt = call(aten.permute.default, call(aten.slice.Tensor, wo, 1, 0, n * dl), [1, 0])
         bias = call(aten.select.int, wo, 1, n * dl)
         out = call(aten.addmm.default, bias, y, wt)           # [T_pad/n, H], partial over OTP
@@ -352,35 +348,14 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
 
     first = mm.prev
     with g.inserting_before(mm):
-        b = rw.shard_rows()
-        kb = rw.sym(operator.mul, b, k) if k > 1 else b
-        wide = dl + 4 if pts is not None else dl
-        if pts is not None:  # the float32 scale rides in the same all_to_all as 4 int8 columns
-            x = pack_int8_scales(g, x, pts, lambda n, _role: n)                          # [T, D/tp + 4]
-        a2a = rw.comm.all_to_all(g, _send_rows(rw, g, x, k, n, b, kb, wide), groups.odp, kb)
-        a = call(aten.view.default, a2a, [n, kb, wide])             # block p from ODP peer p
-        sp = None
-        if pts is not None:
-            sp = call(aten.clone.default, call(aten.slice.Tensor, a, 2, dl, wide),
-                      memory_format=torch.contiguous_format)
-            sp = call(aten.view.default, call(aten.view.dtype, sp, torch.float32), [n, kb])
-            a = call(aten.clone.default, call(aten.slice.Tensor, a, 2, 0, dl), memory_format=torch.contiguous_format)
+        a, sp = _received_int8(rw, groups, x, pts, dl)
         key = f"{site.prefix}|odp={groups.odp.c10d_name}|{','.join(map(str, groups.odp.ranks))}|int8"
         blocks = call(torch.ops.fxpasses.odp_quant_blocks.default, w, scale, bias, pts is not None, out_dtype,
                       key, groups.odp.c10d_name, n)
-        blocks.meta["fxpasses"] = {"role": "odp_weight", "weight_collective": "all_gather_once",
-                                   "group": groups.odp.label, "group_size": n}
+        gf.tag_node(blocks, role="odp_weight", weight_collective="all_gather_once", group=groups.odp.label,
+                    group_size=n)
         wb, sb, terms = (call(operator.getitem, blocks, i) for i in range(3))
-        out = None
-        for p in range(n):
-            over = {form.x: call(aten.select.int, a, 0, p), form.weight: call(aten.select.int, wb, 0, p),
-                    form.channel_args[0]: call(aten.select.int, sb, 0, p)}
-            if form.bias:
-                over[form.bias] = None
-            if sp is not None:
-                over[form.token_args[0]] = call(aten.select.int, sp, 0, p)
-            o = op_forms.call_like(mm, g, **over)
-            out = o if out is None else call(aten.add.Tensor, out, o)
+        out = _peer_products(mm, form, (a, sp), wb, sb, n)
         biased = call(aten.add.Tensor, out, call(aten.select.int, terms, 0, 0))
         if sp is not None:
             s0 = call(aten.unsqueeze.default, call(aten.select.int, sp, 0, 0), 1)
@@ -391,6 +366,51 @@ def _rewrite_quant_site(rw: LayoutRewriter, plan: SitePlan, groups, gather_after
     if not mm.users:
         g.erase_node(mm)
     return n * (dl * h * wv.element_size() + h * gf.val(scale).element_size())
+
+
+def _received_int8(rw: LayoutRewriter, groups, x: fx.Node, pts: fx.Node | None, dl: int):
+    """The all_to_all of the graph's int8 o_proj input over ODP (dynamic: with its per-token float32
+    scales riding as 4 more int8 columns): (a [n, K*b, D/tp], block p from ODP peer p; sp [n, K*b],
+    peer p's scales, or None)."""
+    g, k, n = rw.graph, groups.k, groups.n
+
+    def call(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
+    b = rw.shard_rows()
+    kb = rw.sym(operator.mul, b, k) if k > 1 else b
+    wide = dl + 4 if pts is not None else dl
+    if pts is not None:  # the float32 scale rides in the same all_to_all as 4 int8 columns
+        x = pack_int8_scales(g, x, pts, lambda node, _role: node)                     # [T, D/tp + 4]
+    a2a = rw.comm.all_to_all(g, _send_rows(rw, g, x, k, n, b, kb, wide), groups.odp, kb)
+    a = call(aten.view.default, a2a, [n, kb, wide])             # block p from ODP peer p
+    if pts is None:
+        return a, None
+    sp = call(aten.clone.default, call(aten.slice.Tensor, a, 2, dl, wide), memory_format=torch.contiguous_format)
+    sp = call(aten.view.default, call(aten.view.dtype, sp, torch.float32), [n, kb])
+    a = call(aten.clone.default, call(aten.slice.Tensor, a, 2, 0, dl), memory_format=torch.contiguous_format)
+    return a, sp
+
+
+def _peer_products(mm: fx.Node, form, received: tuple, wb: fx.Node, sb: fx.Node, n: int) -> fx.Node:
+    """sum over ODP peers p of the o_proj's quantised matmul of chunk a[p] with peer p's int8 weight
+    block W[p] and scales S[p] (and per-token scales s'[p]), as peer p's matmul in the original graph."""
+    g, (a, sp) = mm.graph, received
+
+    def call(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
+    out = None
+    for p in range(n):
+        over = {form.x: call(aten.select.int, a, 0, p), form.weight: call(aten.select.int, wb, 0, p),
+                form.channel_args[0]: call(aten.select.int, sb, 0, p)}
+        if form.bias:
+            over[form.bias] = None
+        if sp is not None:
+            over[form.token_args[0]] = call(aten.select.int, sp, 0, p)
+        o = op_forms.call_like(mm, g, **over)
+        out = o if out is None else call(aten.add.Tensor, out, o)
+    return out
 
 
 STRATEGY = register(FlashComm2())

@@ -30,13 +30,13 @@ and implements
 * `prepare_groups(config, ctx, create)`: the process groups beyond TP it needs
   (`fxpasses.topology`); `fxpasses.worker_groups` calls it with `create=True` at worker start, the
   rewrite looks them up (`create=False`) - never a group created inside a compilation;
-* `precheck(plan, rw, ctx)`: the reason one planned site cannot be rewritten, or None; the pipeline
-  asks it for every site the strategy owns before any rewrite, and hands a refused site to its
-  next fallback;
+* `precheck(plan, rw, ctx)`: the reason one planned site cannot be rewritten, or None. Before any
+  rewrite the pipeline asks it about each owned site that has a fallback and hands a refused one to
+  the next strategy that wants it; `rewrite` asks it about the rest and skips a refused site;
 * `after_propagation(rw, plans, ctx)`: correct plans whose outcome the propagation walk decides.
 
-The pipeline (`fxpasses.pipeline`) calls, per graph: `precheck` for each owned site, `rewrite`
-once per enabled strategy in ascending precedence, then propagation, `after_propagation`, the
+The pipeline (`fxpasses.pipeline`) calls, per graph: `precheck` for each owned site with a
+fallback, `rewrite` once per enabled strategy in ascending precedence, then propagation, `after_propagation`, the
 bytes rule and verification; the rewrite is kept or dropped as a whole.
 
 The annotations name types of modules above this one (`fxpasses.config.FxPassesConfig`,

@@ -173,103 +173,116 @@ class MLPTP(dc.DPAttentionStrategy):
         if not pairs:
             return
         grp = self.prepare_groups(rw.config, ctx)
-        k, s, g = grp.k, grp.rank, rw.graph
-        checked = rw.state(dc.TOKEN_CHECK_STATE).setdefault("groups", set())
-        T = rw.token_count_node()
-        state = rw.state(NAME)
-        kT = state.get("kT")
-        if kT is None:
-            # K*T, defined right after T so every re-shaped buffer of the activation can use it
-            anchor = T if isinstance(T, fx.Node) else None
-            if anchor is None:
-                kT = T * k
-            else:
-                where = anchor.next
-                while where.op == "placeholder":
-                    where = where.next
-                with g.inserting_before(where):
-                    kT = dc.tag(dc.mul_node(g, T, k), "tokens_times_k", NAME)
-            state["kT"] = kT
+        kT = _tokens_times_k(rw, grp.k)
         done_sites = []
-        group = list(grp.ref.ranks)
         for cp, rp in pairs:
-            why, analysis = _check_pair(cp, rp, rw, ctx, k, kT)
+            why, analysis = _check_pair(cp, rp, rw, ctx, grp.k, kT)
             if why:
                 for p in (cp, rp):
                     p.skip(why)
                 continue
-            M, h = analysis.M, analysis.h
-            ml = M // k
-            lo, hi = s * ml, (s + 1) * ml
-            cs, rs = cp.site, rp.site
-            gu, dn = cs.matmul, rs.matmul
-            quant = dc.quantized_in_out(gu) is not None
-            where = f"MLP TP at {cs.prefix}"
-
-            def halves(t: fx.Node, dim: int, width: int, role: str) -> fx.Node:
-                """This rank's features of each of the width // M halves of t along dim, side by side."""
-                parts = [dc.tag(g.call_function(aten.slice.Tensor, (t, dim, j * M + lo, j * M + hi)), role, NAME)
-                         for j in range(width // M)]
-                return parts[0] if len(parts) == 1 else dc.tag(g.call_function(aten.cat.default, (parts, dim)),
-                                                               role, NAME)
-
-            with g.inserting_before(gu):
-                if quant:
-                    new_gu, wire = _quant_gate_up(rw, g, cs, grp, checked, where, halves, M * h)
-                else:
-                    xin = dc.maybe_check_tokens(g, cs.input, grp.ref, rw.config, checked, where, NAME)
-                    gathered = rw.comm.all_gather(g, xin, grp.ref)
-                    w = halves(cs.weight, 0, M * h, "weight_slice")
-                    b = halves(cs.bias, 0, M * h, "bias_slice") if cs.bias is not None else None
-                    new_gu = dc.emit_matmul(g, gathered, w, b, NAME)
-            gu.replace_all_uses_with(new_gu)
-            g.erase_node(gu)
-            for node, pos, value in analysis.edits:
-                args = list(node.args)
-                args[pos] = value
-                node.args = tuple(args)
-            for node, name, vec in analysis.channel_slices:
-                with g.inserting_before(node):
-                    op_forms.set_arg(node, name, halves(vec, 0, int(gf.val(vec).shape[0]), "channel_slice"))
-            with g.inserting_before(dn):
-                if quant:
-                    form = dc.quantized_in_out(dn)
-                    wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 0, lo, hi)), "weight_slice", NAME)
-                    over = {form.weight: wd}
-                    if form.bias:
-                        over[form.bias] = rs.bias if s == 0 else None
-                    o = dc.tag(op_forms.call_like(dn, g, **over), "matmul", NAME)
-                else:
-                    wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 1, lo, hi)), "weight_slice", NAME)
-                    o = dc.emit_matmul(g, rs.input, wd, rs.bias if s == 0 else None, NAME)
-                y = rw.comm.reduce_scatter(g, o, grp.ref)
-            dn.replace_all_uses_with(y)
-            g.erase_node(dn)
-            if quant:
-                cp.done(f"{wire} over MLP-TP group {group} + int8 weight columns [{lo}, {hi}) of each of {h} "
-                        "half(s), with their dequant scales" + (" and bias" if cs.bias is not None else ""))
-                how = ("its input quantised per token over this rank's I/K features, as vLLM's TP does per shard"
-                       if _token_scale(o) is not None else
-                       "its input quantisation's per-channel vectors sliced to this rank's I/K channels"
-                       if analysis.channel_slices else "its input quantisation unchanged on this rank's I/K features")
-                rp.done(f"int8 weight rows [{lo}, {hi}) + reduce_scatter over {group}"
-                        + (" (bias on group rank 0)" if rs.bias is not None else "") + f"; {how}")
-            else:
-                cp.done(f"all_gather over MLP-TP group {group} + gate/up rows [{lo}, {hi}) of each of {h} half(s)")
-                rp.done(f"columns [{lo}, {hi}) + reduce_scatter over {group}"
-                        + (" (bias on group rank 0)" if rs.bias is not None else ""))
-            done_sites += [(cs.prefix, dc.nbytes(dc.weight_val(cs))), (rs.prefix, dc.nbytes(dc.weight_val(rs)))]
+            _rewrite_pair(rw, grp, cp, rp, analysis)
+            done_sites += [(p.site.prefix, dc.nbytes(dc.weight_val(p.site))) for p in (cp, rp)]
         if done_sites:
-            note, extra = dc.resident_note(NAME, k, done_sites)
+            note, extra = dc.resident_note(NAME, grp.k, done_sites)
             rw.notes.append(note)
             rw.extra[NAME] = {**extra, "group": list(grp.ref.ranks), "equal_token_counts_required": True}
 
 
-def _quant_gate_up(rw: LayoutRewriter, g: fx.Graph, cs: Site, grp, checked: set, where: str, halves, width: int):
+def _tokens_times_k(rw: LayoutRewriter, k: int):
+    """K*T, defined once per graph right after T so every re-shaped buffer of the activation can
+    use it (an int for a static T)."""
+    state = rw.state(NAME)
+    if state.get("kT") is None:
+        T, g = rw.token_count_node(), rw.graph
+        if not isinstance(T, fx.Node):
+            state["kT"] = T * k
+        else:
+            where = T.next
+            while where.op == "placeholder":
+                where = where.next
+            with g.inserting_before(where):
+                state["kT"] = dc.tag(dc.mul_node(g, T, k), "tokens_times_k", NAME)
+    return state["kT"]
+
+
+def _halves(g: fx.Graph, M: int, lo: int, hi: int):
+    """halves(t, dim, width, role): this rank's features [lo, hi) of each of the width // M halves
+    of t along dim, side by side."""
+    def halves(t: fx.Node, dim: int, width: int, role: str) -> fx.Node:
+        parts = [dc.tag(g.call_function(aten.slice.Tensor, (t, dim, j * M + lo, j * M + hi)), role, NAME)
+                 for j in range(width // M)]
+        return parts[0] if len(parts) == 1 else dc.tag(g.call_function(aten.cat.default, (parts, dim)), role, NAME)
+    return halves
+
+
+def _rewrite_pair(rw: LayoutRewriter, grp, cp: SitePlan, rp: SitePlan, analysis) -> None:
+    """One gate_up/down pair: all_gather the input over the MLP-TP group, this rank's gate/up rows,
+    the activation on them, this rank's down columns, reduce_scatter back to the rank's tokens."""
+    g, s, k, group = rw.graph, grp.rank, grp.k, list(grp.ref.ranks)
+    checked = rw.state(dc.TOKEN_CHECK_STATE).setdefault("groups", set())
+    M, h = analysis.M, analysis.h
+    lo, hi = s * (M // k), (s + 1) * (M // k)
+    cs, rs = cp.site, rp.site
+    gu, dn = cs.matmul, rs.matmul
+    quant = dc.quantized_in_out(gu) is not None
+    halves = _halves(g, M, lo, hi)
+    with g.inserting_before(gu):
+        if quant:
+            new_gu, wire = _quant_gate_up(rw, cs, grp, checked, f"MLP TP at {cs.prefix}", halves, M * h)
+        else:
+            xin = dc.maybe_check_tokens(g, cs.input, grp.ref, rw.config, checked, f"MLP TP at {cs.prefix}", NAME)
+            gathered = rw.comm.all_gather(g, xin, grp.ref)
+            b = halves(cs.bias, 0, M * h, "bias_slice") if cs.bias is not None else None
+            new_gu = dc.emit_matmul(g, gathered, halves(cs.weight, 0, M * h, "weight_slice"), b, NAME)
+    gu.replace_all_uses_with(new_gu)
+    g.erase_node(gu)
+    for node, pos, value in analysis.edits:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    for node, name, vec in analysis.channel_slices:
+        with g.inserting_before(node):
+            op_forms.set_arg(node, name, halves(vec, 0, int(gf.val(vec).shape[0]), "channel_slice"))
+    with g.inserting_before(dn):
+        o = _down(g, rs, (lo, hi), s, quant)
+        y = rw.comm.reduce_scatter(g, o, grp.ref)
+    dn.replace_all_uses_with(y)
+    g.erase_node(dn)
+    bias_note = " (bias on group rank 0)" if rs.bias is not None else ""
+    if quant:
+        cp.done(f"{wire} over MLP-TP group {group} + int8 weight columns [{lo}, {hi}) of each of {h} "
+                "half(s), with their dequant scales" + (" and bias" if cs.bias is not None else ""))
+        how = ("its input quantised per token over this rank's I/K features, as vLLM's TP does per shard"
+               if _token_scale(o) is not None else
+               "its input quantisation's per-channel vectors sliced to this rank's I/K channels"
+               if analysis.channel_slices else "its input quantisation unchanged on this rank's I/K features")
+        rp.done(f"int8 weight rows [{lo}, {hi}) + reduce_scatter over {group}{bias_note}; {how}")
+    else:
+        cp.done(f"all_gather over MLP-TP group {group} + gate/up rows [{lo}, {hi}) of each of {h} half(s)")
+        rp.done(f"columns [{lo}, {hi}) + reduce_scatter over {group}{bias_note}")
+
+
+def _down(g: fx.Graph, rs: Site, span: tuple[int, int], s: int, quant: bool) -> fx.Node:
+    """down_proj on this rank's intermediate features [lo, hi): its weight's matching slice, the bias
+    on group rank 0 only; a partial sum over the group."""
+    dn, (lo, hi) = rs.matmul, span
+    if quant:
+        form = dc.quantized_in_out(dn)
+        wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 0, lo, hi)), "weight_slice", NAME)
+        over = {form.weight: wd}
+        if form.bias:
+            over[form.bias] = rs.bias if s == 0 else None
+        return dc.tag(op_forms.call_like(dn, g, **over), "matmul", NAME)
+    wd = dc.tag(g.call_function(aten.slice.Tensor, (rs.weight, 1, lo, hi)), "weight_slice", NAME)
+    return dc.emit_matmul(g, rs.input, wd, rs.bias if s == 0 else None, NAME)
+
+
+def _quant_gate_up(rw: LayoutRewriter, cs: Site, grp, checked: set, where: str, halves, width: int):
     """The quantised gate_up_proj on all K*B tokens of the group: (new matmul, wire description).
     The graph's own quantisation of x stays before the all_gather, which moves its int8 output
     (dynamic: with the float32 per-token scales as 4 more int8 columns, `rewriter.pack_int8_scales`)."""
-    gu = cs.matmul
+    g, gu = rw.graph, cs.matmul
     form = dc.quantized_in_out(gu)
     x = op_forms.arg(gu, form.x)
     pts = _token_scale(gu)

@@ -84,13 +84,13 @@ def _send_blocks(g, t: fx.Node, B, k: int, dk: int) -> fx.Node:
     return dc.tag(g.call_function(aten.view.default, (c, [dc.mul_node(g, B, k), dk])), "otp_send", NAME)
 
 
-def _quant_site(rw: LayoutRewriter, g, site, xin_of, grp, B, k: int, s: int, dk: int) -> tuple[fx.Node, str]:
+def _quant_site(rw: LayoutRewriter, site, xin_of, grp, B, dk: int) -> tuple[fx.Node, str]:
     """The quantised o_proj (`npu.npu_quant_matmul`, int8 [D, H] weight): the graph's quantisation of
     x stays before the all_to_all, which sends its int8 output. Dynamic: every block carries its
     token's float32 scale as 4 more int8 columns ([B, k, dk + 4]); the scale is per token over all D
     features, so each block's partial product dequantised with it sums to the TP=1 result exactly
     (the integer bias, if any, joins group rank 0's accumulator only). Returns (partial, wire)."""
-    mm = site.matmul
+    g, k, s, mm = rw.graph, grp.k, grp.rank, site.matmul
     form = dc.quantized_in_out(mm)
     q = xin_of(op_forms.arg(mm, form.x))
     pts = op_forms.arg(mm, form.token_args[0]) if form.token_args else None
@@ -156,7 +156,7 @@ class OProjTP(dc.DPAttentionStrategy):
 
             with g.inserting_before(mm):
                 if dc.quantized_in_out(mm) is not None:
-                    o, wire = _quant_site(rw, g, site, xin_of, grp, B, k, s, dk)
+                    o, wire = _quant_site(rw, site, xin_of, grp, B, dk)
                     cols = f"int8 weight rows [{s * dk}, {(s + 1) * dk})"
                 else:
                     recv = rw.comm.all_to_all(g, _send_blocks(g, xin_of(x), B, k, dk), grp.ref, B)

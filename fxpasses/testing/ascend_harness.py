@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from fxpasses.testing.harness import DTYPES, _tokens, compiled_against_eager
-from fxpasses.testing.models.attention_op import SPLITTING_OP
+from fxpasses.commands.tp_run.harness import DTYPES, _tokens, compiled_against_eager
+from fxpasses.commands.tp_run.attention_op import SPLITTING_OP
 
 GRAPH_MODES = ("whole", "piecewise")
 
 
 def build_model(spec: dict, dtype: str, seed: int, graph_mode: str):
-    from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
+    from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, build_tiny_decoder
 
     ds = DecoderSpec(**{**spec, "splitting_attention": graph_mode == "piecewise"})
     return ds, build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed)

@@ -152,7 +152,7 @@ def rank_lower(state: dict, key: str, backend: str, tokens: list[int] | None = N
     from fxpasses.lowering import groups
     from fxpasses.lowering.lower import lower_graph
     from fxpasses.lowering.match import FUSED_COLLECTIVES
-    from fxpasses.testing.harness import graph_args
+    from fxpasses.commands.tp_run.harness import graph_args
 
     ctx = TPContext.from_vllm()
     import logging

@@ -2,7 +2,7 @@
 
 Each mutant patches fxpasses' modules in the process that activates it (`activate(name)`); the
 library has no mutant switch. `FXPASSES_TESTING_MUTANT=<name>` activates one in a whole pytest run:
-`tests/conftest.py` activates it in the test process and `fxpasses.testing.pool` in every rank
+`tests/conftest.py` activates it in the test process and `fxpasses.commands.tp_run.pool` in every rank
 worker it spawns, so rank-side rewrites and runtime ops are mutated too; the test suite's vLLM plugin
 (tests/vllm_test_plugin) calls `activate_from_env` in every vLLM process, so an engine's pass is
 mutated too (`fxpasses check` against a mutant must exit 1). `tools/mutation_score.py`
@@ -335,7 +335,7 @@ def odp_weight_blocks_reversed():
 @mutant("the ODP weight is not gathered again after an in-place weight update (stale cache)", FC2_REGATHER)
 def odp_weight_not_regathered():
     from fxpasses import runtime_ops
-    runtime_ops._version = lambda t: None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype)
+    runtime_ops.tensor_version = lambda t: None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype)
 
 
 @mutant("FlashComm2's o_proj bias column counts every ODP peer's bias (the row bias added on every rank)",

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from fxpasses.testing.harness import DTYPES, _tokens, compiled_against_eager
-from fxpasses.testing.models.attention_op import SPLITTING_OP
-from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
+from fxpasses.commands.tp_run.harness import DTYPES, _tokens, compiled_against_eager
+from fxpasses.commands.tp_run.attention_op import SPLITTING_OP
+from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, build_tiny_decoder
 from fxpasses.vllm_pass import FxPassesInductorPass, compile_range_of_current_pass
 
 GRAPH_MODES = ("piecewise", "whole")

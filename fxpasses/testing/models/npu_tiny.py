@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpasses.testing.models.tiny import DecoderSpec, SeededWeights
+from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, SeededWeights
 from fxpasses.testing.npu_standin import ensure_npu_standin_ops
 
 QUANTS = ("none", "w8a8", "w8a8_dynamic")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpasses.errors import ConfigError
-from fxpasses.testing.models.attention_op import attend
+from fxpasses.commands.tp_run.attention_op import attend
 
 BUNDLED_CONFIG = Path(__file__).with_name("tiny_llama.json")
 
@@ -425,37 +425,17 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
 
     load(model.embed_tokens.weight, rnd(spec.vocab_size, h, scale=1.0))
 
-    def load_experts(experts):
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        i, r = experts.inter, get_tensor_model_parallel_rank()
-        for e in range(spec.num_experts):
-            gate, up, down = rnd(spec.intermediate_size, h), rnd(spec.intermediate_size, h), \
-                rnd(h, spec.intermediate_size)
-            experts.w13.data[e].copy_(torch.cat([gate[r * i:(r + 1) * i], up[r * i:(r + 1) * i]]))
-            experts.w2.data[e].copy_(down[:, r * i:(r + 1) * i])
-
-    def load_mla(att):
-        nh = spec.num_attention_heads
-        load(att.fused_qkv_a_proj.weight, rnd(att.q_lora, h), 0)
-        load(att.fused_qkv_a_proj.weight, rnd(att.kv_lora + att.rope, h), 1)
-        load(att.q_b_proj.weight, rnd(nh * (att.nope + att.rope), att.q_lora))
-        load(att.kv_b_proj.weight, rnd(nh * (att.nope + att.vd), att.kv_lora))
-        load(att.o_proj.weight, rnd(h, nh * att.vd))
-        for norm, d in ((att.q_a_layernorm, att.q_lora), (att.kv_a_layernorm, att.kv_lora)):
-            norm.weight.data.copy_(1.0 + rnd(d, scale=0.1))
-
     for layer in model.layers:
         att = layer.self_attn
         if spec.kv_lora_rank:
-            load_mla(att)
+            _load_mla(sw, att)
         else:
             sw.attention(att)
         if spec.shared_expert_intermediate_size:
             block = layer.mlp
             if spec.num_experts:
                 load(block.gate.weight, rnd(spec.num_experts, h))
-                load_experts(block.experts)
+                _load_experts(sw, spec, block.experts)
             else:
                 load_mlp(block.mlp, spec.intermediate_size)
             load_mlp(block.shared_expert, spec.shared_expert_intermediate_size)
@@ -471,6 +451,12 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
     if spec.learned_positions:  # drawn last: every other weight is as without the table
         model.embed_positions.weight.data.copy_(rnd(spec.learned_positions, h, scale=1.0))
 
+    _finish_linears(model, pack_weights)
+    return model.eval()
+
+
+def _finish_linears(model: torch.nn.Module, pack_weights: bool) -> None:
+    """vLLM's CPU GEMM dispatch (oneDNN packing) on every linear, or plain ATen matmuls."""
     for mod in model.modules():
         if hasattr(mod, "quant_method") and hasattr(mod, "weight") and mod.weight.ndim == 2 \
                 and not hasattr(mod, "num_embeddings_padded"):
@@ -478,4 +464,29 @@ def build_tiny_decoder(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
                 mod.quant_method.process_weights_after_loading(mod)
             else:
                 mod.cpu_linear = _plain_linear
-    return model.eval()
+
+
+def _load_experts(sw: "SeededWeights", spec: DecoderSpec, experts) -> None:
+    """Every expert's gate/up rows and down columns of this TP rank, drawn expert by expert."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    rnd, h = sw.rnd, spec.hidden_size
+    i, r = experts.inter, get_tensor_model_parallel_rank()
+    for e in range(spec.num_experts):
+        gate, up, down = rnd(spec.intermediate_size, h), rnd(spec.intermediate_size, h), \
+            rnd(h, spec.intermediate_size)
+        experts.w13.data[e].copy_(torch.cat([gate[r * i:(r + 1) * i], up[r * i:(r + 1) * i]]))
+        experts.w2.data[e].copy_(down[:, r * i:(r + 1) * i])
+
+
+def _load_mla(sw: "SeededWeights", att) -> None:
+    """An MLA attention's projections and latent norms."""
+    rnd, load, h = sw.rnd, sw.load, sw.spec.hidden_size
+    nh = sw.spec.num_attention_heads
+    load(att.fused_qkv_a_proj.weight, rnd(att.q_lora, h), 0)
+    load(att.fused_qkv_a_proj.weight, rnd(att.kv_lora + att.rope, h), 1)
+    load(att.q_b_proj.weight, rnd(nh * (att.nope + att.rope), att.q_lora))
+    load(att.kv_b_proj.weight, rnd(nh * (att.nope + att.vd), att.kv_lora))
+    load(att.o_proj.weight, rnd(h, nh * att.vd))
+    for norm, d in ((att.q_a_layernorm, att.q_lora), (att.kv_a_layernorm, att.kv_lora)):
+        norm.weight.data.copy_(1.0 + rnd(d, scale=0.1))

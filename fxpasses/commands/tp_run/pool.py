@@ -14,6 +14,7 @@ Python stack (faulthandler, all threads) is collected into the error, and the po
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import os
 import signal
 import tempfile
@@ -26,6 +27,9 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 ALLREDUCE_FORMS = ("c10d", "shm", "vllm")
+
+# "module:function" every rank process calls first, before vLLM's distributed state (none by default)
+RANK_INIT_ENV = "FXPASSES_RANK_INIT"
 
 
 def init_vllm_tp(world: int, rank: int, init_method: str, tp: int | None = None, allreduce_form: str = "c10d",
@@ -53,21 +57,26 @@ def init_vllm_tp(world: int, rank: int, init_method: str, tp: int | None = None,
         g = get_tp_group()
         g.use_custom_op_call = True
         # vLLM's CPU communicator all-reduces in place and returns its input, which a custom op may
-        # not do (torch rejects the alias; DESIGN.md saw wrong results under Inductor): clone first.
+        # not do (torch rejects the alias, and Inductor gave wrong results with it): clone first.
         out_place = g._all_reduce_out_place
         g._all_reduce_out_place = lambda x: out_place(x.clone())
     return ctx
 
 
-def _worker(rank: int, world: int, init_method: str, allreduce_form: str, ident: str, conn, tp: int | None = None,
-            stack_file: str | None = None):
+def _worker(rank: int, world: int, init_method: str, conn, setup: dict):
+    """One rank process: vLLM's distributed state, then the functions the pool sends, until closed.
+    `setup`: allreduce_form, ident, tp and stack_file (see `TPPool`)."""
+    allreduce_form, ident, tp, stack_file = (setup["allreduce_form"], setup["ident"], setup["tp"],
+                                            setup["stack_file"])
     state: dict[str, Any] = {"rank": rank, "world": world, "allreduce_form": allreduce_form}
     if stack_file:  # SIGUSR1 -> every thread's Python stack into this file (read by the parent on a hang)
         state["stack_fh"] = open(stack_file, "w")
         faulthandler.register(signal.SIGUSR1, file=state["stack_fh"], all_threads=True)
     try:
-        from fxpasses.testing.mutants import activate_from_env
-        state["mutant"] = activate_from_env()   # a named fault for the mutation score, or None
+        hook = os.environ.get(RANK_INIT_ENV)
+        if hook:  # e.g. the test suite's mutation harness, which patches the library in every rank
+            mod, _, fn = hook.partition(":")
+            getattr(importlib.import_module(mod), fn)()
         state["vllm_ctx"] = init_vllm_tp(world, rank, init_method, tp=tp, allreduce_form=allreduce_form, ident=ident)
         conn.send(("ok", None))
     except BaseException:
@@ -112,8 +121,8 @@ class TPPool:
         for r in range(world):
             parent, child = ctx.Pipe()
             stack_file = str(Path(self.tmp.name) / f"rank{r}.stack")
-            p = ctx.Process(target=_worker, args=(r, world, init_method, allreduce_form, ident, child, tp, stack_file),
-                            daemon=True)
+            setup = {"allreduce_form": allreduce_form, "ident": ident, "tp": tp, "stack_file": stack_file}
+            p = ctx.Process(target=_worker, args=(r, world, init_method, child, setup), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)

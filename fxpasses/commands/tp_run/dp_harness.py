@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpasses.testing.harness import compare_outputs, graph_args
+from fxpasses.commands.tp_run.harness import compare_outputs, graph_args
 
 
 def own_tokens(T: int, vocab: int, seed: int, rank: int) -> torch.Tensor:

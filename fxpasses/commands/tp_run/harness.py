@@ -8,39 +8,61 @@ every token count that follows. Used by the demo, the `fxpasses dump` CLI and th
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fxpasses.commands.tp_run.capture import compile_with_pass, rebind_token_args
+from fxpasses.commands.tp_run.tiny_decoder import DecoderSpec, build_tiny_decoder
 from fxpasses.config import FxPassesConfig
 from fxpasses.context import TPContext
 from fxpasses.dump import graph_text
-from fxpasses.worker_groups import prepare_process_groups
 from fxpasses.pipeline import run_passes
-from fxpasses.testing.capture import compile_with_pass, rebind_token_args
-from fxpasses.testing.models.tiny import DecoderSpec, build_tiny_decoder
+from fxpasses.worker_groups import prepare_process_groups
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def capture_key(spec: dict, config: dict, dtype: str, pack: bool, builder: str = "",
-                builder_kwargs: dict | None = None, ascend_fusions: bool = False) -> str:
-    parts = [spec, config, dtype, pack] + ([builder, builder_kwargs or {}] if builder else [])
-    parts += ["ascend_fusions"] if ascend_fusions else []
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How `rank_capture` builds and compiles its model (its keyword arguments).
+
+    `first_tokens`: the token count of the compiling call; `static=True` compiles for exactly that
+    count (no symbolic token count), as vLLM does for a compile size. `seed`: the weights' and
+    tokens' seed. `builder` / `builder_kwargs`: another model than the tiny decoder ("module:function",
+    called as fn(spec, dtype=, seed=, **builder_kwargs)). `pre_pass` ("module:function"): run on the
+    post-grad graph before fxpasses, as a platform's own passes run before it (vllm-ascend's fusions);
+    `before` is then their result."""
+
+    first_tokens: int = 7
+    seed: int = 0
+    static: bool = False
+    builder: str = ""
+    builder_kwargs: dict | None = None
+    pre_pass: str = ""
+
+
+def capture_key(spec: dict, config: dict, dtype: str, pack: bool, opts: CaptureOptions = CaptureOptions()) -> str:
+    parts = [spec, config, dtype, pack] + ([opts.builder, opts.builder_kwargs or {}] if opts.builder else [])
+    parts += [opts.pre_pass] if opts.pre_pass else []
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _build(ds: DecoderSpec, dtype: str, seed: int, pack: bool, builder: str, builder_kwargs: dict | None):
-    """The tiny decoder, or the model `builder` ("module:function", called as
-    fn(spec, dtype=, seed=, **builder_kwargs)) builds, e.g. the NPU-form decoder
-    `fxpasses.testing.models.npu_tiny:build_npu_decoder`."""
-    if not builder:
-        return build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=seed, pack_weights=pack)
-    import importlib
+def _named(fn: str):
+    """The function a "module:function" string names."""
+    mod, _, name = fn.partition(":")
+    return getattr(importlib.import_module(mod), name)
 
-    mod, _, fn = builder.partition(":")
-    return getattr(importlib.import_module(mod), fn)(ds, dtype=DTYPES[dtype], seed=seed, **(builder_kwargs or {}))
+
+def _build(ds: DecoderSpec, dtype: str, pack: bool, opts: CaptureOptions):
+    """The tiny decoder, or the model `opts.builder` builds, e.g. the NPU-form decoder
+    `fxpasses.testing.models.npu_tiny:build_npu_decoder`."""
+    if not opts.builder:
+        return build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=opts.seed, pack_weights=pack)
+    return _named(opts.builder)(ds, dtype=DTYPES[dtype], seed=opts.seed, **(opts.builder_kwargs or {}))
 
 
 def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
@@ -48,32 +70,25 @@ def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", pack: bool = False,
-                 first_tokens: int = 7, seed: int = 0, static: bool = False, builder: str = "",
-                 builder_kwargs: dict | None = None, ascend_fusions: bool = False) -> dict[str, Any]:
+                 **options) -> dict[str, Any]:
     """Build the model on this rank, compile it once with the pass, return the report and graphs.
-    `ascend_fusions`: vllm-ascend's default graph fusions run first (`fxpasses.testing.ascend_fusions`,
-    on the NPU-form decoder), as its pass manager runs them before fxpasses; `before` is their result.
-    `static=True` compiles for exactly `first_tokens` tokens (no symbolic token count), as vLLM does
-    for a compile size. `builder` / `builder_kwargs`: another model than the tiny decoder (`_build`)."""
-    key = capture_key(spec, config, dtype, pack, builder, builder_kwargs, ascend_fusions) + (
-        f"-static{first_tokens}" if static else "")
+    `options`: the fields of `CaptureOptions`."""
+    opts = CaptureOptions(**options)
+    key = capture_key(spec, config, dtype, pack, opts) + (f"-static{opts.first_tokens}" if opts.static else "")
     cache = state.setdefault("captures", {})
     if key in cache:
         return cache[key]["summary"]
     ds = DecoderSpec(**spec)
     cfg = FxPassesConfig.from_dict(config)
-    model = _build(ds, dtype, seed, pack, builder, builder_kwargs)
+    model = _build(ds, dtype, pack, opts)
     ctx = TPContext.from_vllm()
     prepare_process_groups(cfg, ctx)  # collective group creation before compiling, not inside it
     reports = []
-    pre = None
-    if ascend_fusions:
-        from fxpasses.testing.ascend_fusions import run_default_fusions
-        pre = run_default_fusions
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
-        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not static, pre=pre)
-    ids0 = _tokens(first_tokens, ds.vocab_size, seed)
-    if not static:
+        run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not opts.static,
+        pre=_named(opts.pre_pass) if opts.pre_pass else None)
+    ids0 = _tokens(opts.first_tokens, ds.vocab_size, opts.seed)
+    if not opts.static:
         torch._dynamo.mark_dynamic(ids0, 0)
     with torch.no_grad():
         compiled(ids0)
