@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxpasses.commands import DEMO_TOLERANCE
 from fxpasses.errors import FxPassesError
 
 def _parse_tokens(text: str) -> list[int]:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--tokens", type=_parse_tokens, default=[1, 2, 7, 64, 257],
                         help="token counts to compare, e.g. 1,7,300")
     common.add_argument("--out", default="fxpasses-out")
-    common.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default="float64")
+    common.add_argument("--dtype", choices=sorted(DEMO_TOLERANCE), default="float64")
     common.add_argument("--allreduce-form", choices=["c10d", "vllm"], default="c10d",
                         help="TP all-reduce form traced: torch functional (CPU) or vllm.all_reduce (as on "
                              "CUDA/NPU)")

@@ -30,7 +30,7 @@ with the platform's link costs) finds FlashComm1 no slower from 1 token to max_n
 Otherwise the boundaries stay replicated and each piece decides per range as before; the reason is
 logged and kept in `LAST_DECISION`.
 
-The seam (`fxpasses.split_seam.install`): vLLM has no hook before `split_graph`, so this module wraps
+The seam (`fxpasses.split_seam`, a vLLM adapter): vLLM has no hook before `split_graph`, so that module wraps
 `vllm.compilation.backends.split_graph`, after checking that the installed vLLM calls it from
 `VllmBackend.__call__` with the signature this code was written against; where it does not, the seam
 is not installed and a warning says that pieces keep replicated boundaries. The minimal upstream hook

@@ -87,10 +87,10 @@ def run_passes(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, **option
 
 
 def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, opts: PassOptions,
-                    left_out: dict[str, str] | None = None, backed_off: "BackOff | None" = None) -> PassReport:
-    """The rewrite of `run_passes`, without the lowering. `left_out`: enabled strategies an earlier
-    attempt dropped for this graph, with why; `backed_off`: the sites earlier attempts found costly,
-    left as they are (`BackOff`)."""
+                    attempt: "Attempt | None" = None) -> PassReport:
+    """The rewrite of `run_passes`, without the lowering; `attempt`: what earlier attempts at this
+    graph decided (`Attempt`)."""
+    attempt = attempt or Attempt()
     report = PassReport(ctx.rank, ctx.tp, list(config.strategies), before=collective_counts(graph),
                         global_rank=ctx.global_rank)
     report.after = report.before
@@ -104,17 +104,17 @@ def _run_strategies(graph: fx.Graph, config: FxPassesConfig, ctx: TPContext, opt
             opts = replace(opts, patterns=opts.patterns or load_patterns(config.patterns))
             sites = find_sites(work, opts.patterns, config.module_prefix)
         with report.timed("plan"):
-            report.sites = plans = plan_sites(sites, config, opts.patterns, left_out)
+            report.sites = plans = plan_sites(sites, config, opts.patterns, attempt.left_out)
             for p in plans:
-                if backed_off and p.status is SiteStatus.PLANNED and p.site.prefix in backed_off.sites:
-                    p.skip(backed_off.sites[p.site.prefix])
+                if p.status is SiteStatus.PLANNED and p.site.prefix in attempt.backed_off.sites:
+                    p.skip(attempt.backed_off.sites[p.site.prefix])
         why = _nothing_owned(plans, config, sites)
         if why:
             return _kept(report, why, graph, config, opts.tag)
         try:
             rw, ver = _rewrite_and_verify(graph, work, plans, config, ctx, opts, report)
         except WireBytesError as e:
-            return _refused_for_bytes(e, graph, config, ctx, opts, report, (plans, left_out, backed_off))
+            return _refused_for_bytes(e, graph, config, ctx, opts, report, attempt)
         except Exception as e:
             return _finish(report, _abandon(e, graph, report, plans, config, ctx, opts))
         if rw is None:
@@ -144,14 +144,14 @@ def _rewrite_and_verify(graph: fx.Graph, work: fx.Graph, plans: list[SitePlan], 
 
 
 def _refused_for_bytes(e: WireBytesError, graph: fx.Graph, config: FxPassesConfig, ctx: TPContext,
-                       opts: PassOptions, report: PassReport, attempt: tuple) -> PassReport:
+                       opts: PassOptions, report: PassReport, attempt: "Attempt") -> PassReport:
     """The rewrite would send more bytes (or is modelled slower): back off the costly sites and
     rewrite the rest, else leave out the layer-spanning strategy and let the others rewrite alone,
-    else keep the original graph. `attempt`: (plans, left_out, backed_off) of the refused try."""
-    plans, left_out, backed_off = attempt
+    else keep the original graph. `report.sites`: the refused attempt's plans."""
+    plans = report.sites
     retry = None if isinstance(e, ModelledSlowerError) else _back_off_costly_sites(
-        report, plans, config, backed_off or BackOff(),
-        lambda b: _run_strategies(graph, config, ctx, opts, left_out, b))
+        report, plans, config, attempt.backed_off,
+        lambda b: _run_strategies(graph, config, ctx, opts, replace(attempt, backed_off=b)))
     if retry is not None:
         return retry
     rest = [n for n in config.strategies if not strategies.get(n).spans_layers]
@@ -160,7 +160,8 @@ def _refused_for_bytes(e: WireBytesError, graph: fx.Graph, config: FxPassesConfi
     # the layer-spanning strategy costs the bytes (a piece's boundaries, excluded layers):
     # the others still pay on their own, decided from the same shapes on every rank
     dropped = [n for n in config.strategies if n not in rest]
-    retry = _run_strategies(graph, config.replace(strategies=rest), ctx, opts, {n: str(e) for n in dropped})
+    retry = _run_strategies(graph, config.replace(strategies=rest), ctx, opts,
+                            Attempt(left_out={n: str(e) for n in dropped}))
     retry.strategies = list(config.strategies)
     retry.extra["left_out"] = {n: str(e) for n in dropped}
     retry.notes.insert(0, f"{'+'.join(dropped)} left out: {e}")
@@ -223,6 +224,15 @@ class BackOff:
 
     sites: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What earlier attempts at one graph decided: the enabled strategies left out for it ({name:
+    why}) and the sites backed off (`BackOff`). The first attempt has neither."""
+
+    left_out: dict[str, str] = field(default_factory=dict)
+    backed_off: BackOff = field(default_factory=BackOff)
 
 
 def _back_off_costly_sites(report: PassReport, plans: list[SitePlan], config: FxPassesConfig,

@@ -6,12 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 from helpers import run_python_together
 
 REPO = Path(__file__).resolve().parents[1]
-PKG = REPO / "fxpasses"
 
 
 # the package's shape is measured by tools/arch_metrics.py; the test reads the import graph the same way

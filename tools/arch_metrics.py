@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -35,12 +34,12 @@ def package_modules(include_testing: bool = False) -> dict[str, Path]:
     return out
 
 
-def _resolve(name: str, node: ast.ImportFrom) -> str | None:
+def _resolve(name: str, is_package: bool, node: ast.ImportFrom) -> str | None:
+    """The absolute module a `from ... import` names (relative imports resolved against `name`)."""
     if node.level == 0:
         return node.module
-    base = name.split(".")
-    # a package's __init__ is its own package; a module's package is its parent
-    pkg = base[:-node.level] if not Path(str(REPO / "/".join(base)) + "/__init__.py").exists() else base[:len(base) - node.level + 1]
+    pkg = name.split(".") if is_package else name.split(".")[:-1]
+    pkg = pkg[:len(pkg) - (node.level - 1)]
     return ".".join(pkg + ([node.module] if node.module else []))
 
 
@@ -61,7 +60,7 @@ def imports(mods: dict[str, Path], *, lazy_only: bool = False) -> dict[str, set[
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
-                mod = _resolve(name, node)
+                mod = _resolve(name, path.name == "__init__.py", node)
                 if mod is None:
                     continue
                 subs = [f"{mod}.{a.name}" for a in node.names]

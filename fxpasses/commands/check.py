@@ -592,8 +592,8 @@ def _bench_rounds(run: _CheckRun, base: dict, got: dict, spec_p: dict) -> dict:
     rounds = [{"baseline": base.get("bench"), "pass": got.get("bench")}]
     for r in range(2, n + 1):
         row = {}
-        for side, sp, run_dir, fx in (("baseline", run.spec, run.run_base, None), ("pass", spec_p, run.run_pass,
-                                                                                    run.cfg)):
+        sides = (("baseline", run.spec, run.run_base, None), ("pass", spec_p, run.run_pass, run.cfg))
+        for side, sp, run_dir, fx in sides:
             d = run_dir / f"bench{r}"
             s.progress(f"      bench round {r}/{n}: {side} engine ...")
             out, _, _ = _launch(f"{side} (bench round {r})", {**sp, "measure": None},

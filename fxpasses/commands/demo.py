@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fxpasses import html_report
+from fxpasses.commands import DEMO_TOLERANCE
 from fxpasses.commands.tiny_checkpoints import CONFIG_CLASSES
 from fxpasses.commands.tp_run.dp_harness import rank_compare_own_tokens
 from fxpasses.commands.tp_run.harness import rank_capture, rank_compare
@@ -19,9 +20,6 @@ from fxpasses.commands.tp_run.tiny_decoder import BUNDLED_CONFIG, DecoderSpec
 from fxpasses.config import FxPassesConfig, parse_strategies
 from fxpasses.errors import ConfigError
 from fxpasses.strategies.tp_family import TP_GRAPHS
-
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}
-
 
 #: config.json keys of models the dense tiny-model builder of `dump` cannot build (MoE, MLA)
 _ENGINE_ONLY_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "kv_lora_rank", "q_lora_rank")
@@ -77,7 +75,7 @@ def run_dump(args: argparse.Namespace) -> int:
             results = pool.run(rank_compare_own_tokens, summaries[0]["key"], tokens)
         else:
             results = pool.run(rank_compare, summaries[0]["key"], tokens)
-    tol = TOLERANCE[dtype]
+    tol = DEMO_TOLERANCE[dtype]
     worst = 0.0
     for rank, (s, res) in enumerate(zip(summaries, results)):
         rep = s["report"]

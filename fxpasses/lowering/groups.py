@@ -66,8 +66,8 @@ def clear() -> None:
 
 def prepare(config, ctx, groups) -> None:
     """Record the HCCL names (npu) or enable symmetric memory (cuda) for `groups`, the (c10d name,
-    vLLM name) of every group `config` may fuse over, on this rank, now (worker start). Nothing on CPU, nothing with `lowering: off` or
-    `reference`. A failure is logged and leaves the group unregistered (its sites are then refused
+    vLLM name) of every group `config` may fuse over, on this rank, now (worker start). Nothing on
+    CPU, nothing with `lowering: off` or `reference`. A failure is logged and leaves the group unregistered (its sites are then refused
     with that reason)."""
     mode = getattr(config, "lowering", "off")
     if mode != "auto" or ctx.tp_group is None:

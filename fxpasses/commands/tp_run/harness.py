@@ -8,8 +8,8 @@ every token count that follows. Used by the demo, the `fxpasses dump` CLI and th
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import pkgutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,18 +51,12 @@ def capture_key(spec: dict, config: dict, dtype: str, pack: bool, opts: CaptureO
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _named(fn: str):
-    """The function a "module:function" string names."""
-    mod, _, name = fn.partition(":")
-    return getattr(importlib.import_module(mod), name)
-
-
 def _build(ds: DecoderSpec, dtype: str, pack: bool, opts: CaptureOptions):
     """The tiny decoder, or the model `opts.builder` builds, e.g. the NPU-form decoder
     `fxpasses.testing.models.npu_tiny:build_npu_decoder`."""
     if not opts.builder:
         return build_tiny_decoder(ds, dtype=DTYPES[dtype], seed=opts.seed, pack_weights=pack)
-    return _named(opts.builder)(ds, dtype=DTYPES[dtype], seed=opts.seed, **(opts.builder_kwargs or {}))
+    return pkgutil.resolve_name(opts.builder)(ds, dtype=DTYPES[dtype], seed=opts.seed, **(opts.builder_kwargs or {}))
 
 
 def _tokens(T: int, vocab: int, seed: int) -> torch.Tensor:
@@ -86,7 +80,7 @@ def rank_capture(state: dict, spec: dict, config: dict, dtype: str = "float64", 
     reports = []
     compiled, cap = compile_with_pass(model, lambda g: reports.append(
         run_passes(g, cfg, ctx, tag=f"graph{len(reports)}")), dynamic=not opts.static,
-        pre=_named(opts.pre_pass) if opts.pre_pass else None)
+        pre=pkgutil.resolve_name(opts.pre_pass) if opts.pre_pass else None)
     ids0 = _tokens(opts.first_tokens, ds.vocab_size, opts.seed)
     if not opts.static:
         torch._dynamo.mark_dynamic(ids0, 0)

@@ -14,8 +14,8 @@ Python stack (faulthandler, all threads) is collected into the error, and the po
 from __future__ import annotations
 
 import faulthandler
-import importlib
 import os
+import pkgutil
 import signal
 import tempfile
 import time
@@ -75,8 +75,7 @@ def _worker(rank: int, world: int, init_method: str, conn, setup: dict):
     try:
         hook = os.environ.get(RANK_INIT_ENV)
         if hook:  # e.g. the test suite's mutation harness, which patches the library in every rank
-            mod, _, fn = hook.partition(":")
-            getattr(importlib.import_module(mod), fn)()
+            pkgutil.resolve_name(hook)()
         state["vllm_ctx"] = init_vllm_tp(world, rank, init_method, tp=tp, allreduce_form=allreduce_form, ident=ident)
         conn.send(("ok", None))
     except BaseException:
